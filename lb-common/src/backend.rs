@@ -1,0 +1,44 @@
+//! Backends: `BACKENDS` (address and state), `BACKEND_CONNS` (live and total connections,
+//! updated atomically from every CPU) and `BACKEND_FLOWS` (per-CPU new-flow counters).
+
+use crate::service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
+
+pub const MAX_BACKENDS: u32 = MAX_SERVICES * MAX_BACKENDS_PER_SERVICE;
+
+/// `Backend::state` values. Only `STATE_UP` is chosen for new flows; existing flows keep
+/// their backend whatever its state.
+pub const STATE_EMPTY: u32 = 0;
+pub const STATE_UP: u32 = 1;
+pub const STATE_DOWN: u32 = 2;
+pub const STATE_DRAINING: u32 = 3;
+
+/// Value of `BACKENDS` (an array indexed by slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Backend {
+    /// Backend address; IPv4 in the first four bytes.
+    pub addr: crate::Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// One of the `STATE_*` values.
+    pub state: u32,
+    /// Owning service id.
+    pub service: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 28);
+
+/// Value of `BACKEND_CONNS` (an array indexed by slot).
+///
+/// `live` is incremented when a new flow picks the backend and decremented exactly once when
+/// the flow closes; the daemon also overwrites it every second with the count of matching
+/// sockets in the kernel's socket table. It is signed so that a decrement racing a reconcile
+/// can never wrap; readers clamp it at zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BackendConns {
+    pub live: i64,
+    pub total: u64,
+}
+const _: () = assert!(size_of::<BackendConns>() == 16);

@@ -1,0 +1,78 @@
+//! Connection tracking. `FLOWS` maps the client's 4-tuple towards the VIP to the chosen
+//! backend; `REPLIES` maps the backend's 4-tuple towards the client back to the VIP. Both are
+//! plain (non-LRU) hash maps: a live flow is never evicted; when they are full a new flow
+//! passes unmodified and is counted in `Stats::conntrack_full`.
+
+/// Default conntrack capacity (entries in each of `FLOWS` and `REPLIES`).
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
+
+/// Key of `FLOWS` (client → VIP) and `REPLIES` (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowKey {
+    pub src_addr: crate::Addr,
+    pub dst_addr: crate::Addr,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// `Flow::closed` values.
+pub const FLOW_OPEN: u64 = 0;
+/// A FIN or RST was seen and the backend's live count was decremented for this flow.
+pub const FLOW_CLOSED: u64 = 1;
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Flow {
+    pub backend_addr: crate::Addr,
+    /// Network byte order.
+    pub backend_port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// Slot in `BACKENDS` / `BACKEND_CONNS`.
+    pub backend: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the SYN was seen.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    pub last_seen_ns: u64,
+    /// `FLOW_OPEN` or `FLOW_CLOSED`; flipped with compare-and-swap so the live count is
+    /// decremented exactly once even when FINs cross on two CPUs.
+    pub closed: u64,
+}
+const _: () = assert!(size_of::<Flow>() == 48);
+
+/// Value of `REPLIES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ReplyNat {
+    pub vip_addr: crate::Addr,
+    /// Network byte order.
+    pub vip_port: u16,
+    pub _pad: u16,
+    /// Slot in `BACKENDS`.
+    pub backend: u32,
+}
+const _: () = assert!(size_of::<ReplyNat>() == 24);
+
+impl FlowKey {
+    /// The `FLOWS` key (client → VIP) of the flow a `REPLIES` entry belongs to.
+    #[inline(always)]
+    pub fn forward_of_reply(&self, nat: &ReplyNat) -> FlowKey {
+        FlowKey {
+            src_addr: self.dst_addr,
+            dst_addr: nat.vip_addr,
+            src_port: self.dst_port,
+            dst_port: nat.vip_port,
+            family: self.family,
+            proto: self.proto,
+            _pad: [0; 2],
+        }
+    }
+}

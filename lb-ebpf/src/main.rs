@@ -1,0 +1,290 @@
+//! xlb's data path.
+//!
+//! - `xlb_xdp` (XDP, ingress): a SYN to a VIP picks the least-loaded backend and creates a flow;
+//!   every packet of a tracked flow gets its destination rewritten to that backend.
+//! - `xlb_tc_egress` (TC, egress): the backend's replies get their source rewritten back to the
+//!   VIP.
+//! - Anything that is not a tracked flow or a SYN to a VIP passes byte-for-byte untouched.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "BPF_ATOMIC via core::intrinsics, see conntrack.rs")]
+
+mod conntrack;
+mod csum;
+mod maps;
+mod parse;
+mod select;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::warn;
+use lb_common::{
+    Addr, FAMILY_V4, PROTO_TCP,
+    flow::{FLOW_OPEN, Flow, ReplyNat},
+    service::ServiceKey,
+    stats::Stats,
+};
+
+use crate::{
+    conntrack::Insert,
+    maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS},
+    parse::{
+        IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, Parsed, TCP_ACK, TCP_CHECK,
+        TCP_DPORT, TCP_SPORT, TCP_SYN, Tcp,
+    },
+};
+
+#[inline(always)]
+fn stats() -> Option<&'static mut Stats> {
+    // SAFETY: a per-CPU value, only ever touched by this CPU while the program runs.
+    STATS.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
+#[xdp]
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let Some(stats) = stats() else { return xdp_action::XDP_PASS };
+    stats.xdp_packets += 1;
+    stats.xdp_bytes += (end - data) as u64;
+    let pkt = match parse::parse(data, end) {
+        Parsed::Tcp(pkt) => pkt,
+        Parsed::Other => return xdp_action::XDP_PASS,
+        Parsed::Malformed => {
+            stats.malformed += 1;
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::Fragment => {
+            stats.fragments += 1;
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::Ipv6Ext => {
+            stats.ipv6_ext += 1;
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let verdict = forward(&ctx, &pkt, stats);
+    if verdict == xdp_action::XDP_PASS && pkt.ip_options {
+        stats.ip_options += 1;
+    }
+    verdict
+}
+
+/// Client → VIP.
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
+    let key = pkt.key;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a live FLOWS value; concurrent writers only touch `closed` (atomically) and
+        // `last_seen_ns` (a plain timestamp where any recent value will do).
+        let f = unsafe { &mut *flow };
+        if !(syn_only && f.closed != FLOW_OPEN) {
+            f.last_seen_ns = now;
+            rewrite_dst(pkt, &f.backend_addr, f.backend_port);
+            stats.fwd_packets += 1;
+            stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
+            if conntrack::on_flags(&key, flow, pkt.flags) {
+                stats.closed_flows += 1;
+            }
+            return xdp_action::XDP_PASS;
+        }
+        // A SYN reusing the 4-tuple of a closed flow is a new connection (TIME-WAIT reuse):
+        // forget the old one and balance this one afresh.
+        let rev = conntrack::reply_key(&key, f);
+        let _ = REPLIES.remove(&rev);
+        let _ = FLOWS.remove(&key);
+    }
+    let svc_key = ServiceKey {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        family: key.family,
+        proto: PROTO_TCP,
+    };
+    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !syn_only {
+        stats.no_flow += 1;
+        return xdp_action::XDP_PASS;
+    }
+    let Some(slot) = select::least_conns(svc) else {
+        // Dropping (rather than passing to a port nothing listens on) lets the client's SYN
+        // retransmission reach a backend that comes back up a second later.
+        stats.drop_no_backend += 1;
+        if stats.drop_no_backend.is_power_of_two() {
+            warn!(ctx, "no backend up for a VIP: {} SYNs dropped on this CPU", stats.drop_no_backend);
+        }
+        return xdp_action::XDP_DROP;
+    };
+    let Some(backend) = BACKENDS.get(slot) else { return xdp_action::XDP_PASS };
+    let flow = Flow {
+        backend_addr: conntrack::copy_addr(&backend.addr),
+        backend_port: backend.port,
+        family: backend.family,
+        _pad: 0,
+        backend: slot,
+        created_ns: now,
+        last_seen_ns: now,
+        closed: FLOW_OPEN,
+    };
+    let nat = ReplyNat { vip_addr: key.dst_addr, vip_port: key.dst_port, _pad: 0, backend: slot };
+    let (addr, port) = match conntrack::insert(&key, &flow, &nat) {
+        Insert::Created => {
+            conntrack::add_live(slot, 1);
+            conntrack::add_total(slot);
+            if let Some(n) = BACKEND_FLOWS.get_ptr_mut(slot) {
+                unsafe { *n += 1 };
+            }
+            stats.new_flows += 1;
+            (flow.backend_addr, flow.backend_port)
+        }
+        Insert::Exists => match unsafe { FLOWS.get(&key) } {
+            Some(f) => (conntrack::copy_addr(&f.backend_addr), f.backend_port),
+            None => return xdp_action::XDP_PASS,
+        },
+        Insert::Full => {
+            stats.conntrack_full += 1;
+            if stats.conntrack_full.is_power_of_two() {
+                warn!(ctx, "conntrack full: {} new flows passed unmodified on this CPU", stats.conntrack_full);
+            }
+            return xdp_action::XDP_PASS;
+        }
+    };
+    rewrite_dst(pkt, &addr, port);
+    stats.fwd_packets += 1;
+    stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+unsafe fn rd<T: Copy>(addr: usize) -> T {
+    unsafe { (addr as *const T).read_unaligned() }
+}
+
+#[inline(always)]
+unsafe fn wr<T: Copy>(addr: usize, v: T) {
+    unsafe { (addr as *mut T).write_unaligned(v) }
+}
+
+/// Rewrites the destination of a client → VIP packet to the backend, patching the IPv4 header
+/// checksum and the TCP checksum (which covers the addresses through the pseudo-header)
+/// incrementally.
+///
+/// XDP sees what arrived on the wire, so the TCP checksum is complete and an incremental patch
+/// is exact. (A veth peer with TX checksum offload on would hand us CHECKSUM_PARTIAL packets
+/// whose checksum field holds only the pseudo-header sum; tests and benchmarks turn it off on
+/// the sending side, as a real NIC would deliver full checksums.)
+#[inline(always)]
+fn rewrite_dst(pkt: &Tcp, addr: &Addr, port: u16) {
+    let tcp_check = pkt.tcp + TCP_CHECK;
+    unsafe {
+        let mut check: u16 = rd(tcp_check);
+        let old_port: u16 = rd(pkt.tcp + TCP_DPORT);
+        if old_port != port {
+            wr(pkt.tcp + TCP_DPORT, port);
+            check = csum::replace16(check, old_port, port);
+        }
+        if pkt.key.family == FAMILY_V4 {
+            let old: u32 = rd(pkt.ip + IP4_DADDR);
+            let new = addr.word(0);
+            if old != new {
+                wr(pkt.ip + IP4_DADDR, new);
+                let ip_check: u16 = rd(pkt.ip + IP4_CHECK);
+                wr(pkt.ip + IP4_CHECK, csum::replace32(ip_check, old, new));
+                check = csum::replace32(check, old, new);
+            }
+        } else {
+            for i in 0..4 {
+                let at = pkt.ip + IP6_DADDR + i * 4;
+                let old: u32 = rd(at);
+                let new = addr.word(i);
+                if old != new {
+                    wr(at, new);
+                    check = csum::replace32(check, old, new);
+                }
+            }
+        }
+        wr(tcp_check, check);
+    }
+}
+
+#[classifier]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    let _ = try_tc_egress(&ctx);
+    TC_ACT_OK
+}
+
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+
+/// Backend → client: a packet of a tracked flow gets its source rewritten to the VIP.
+///
+/// Unlike XDP, locally generated packets here usually carry CHECKSUM_PARTIAL (the checksum is
+/// finished later by the NIC or the stack), and may be clones shared with the TCP retransmit
+/// queue. The skb helpers handle both: `bpf_l4_csum_replace` adjusts only what a partial
+/// checksum covers, and `bpf_skb_store_bytes` makes the header private before writing.
+#[inline(always)]
+fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
+    let Some(stats) = stats() else { return Ok(()) };
+    // Headers of locally generated packets are in the linear area; pull them if not.
+    let want = ctx.len().min(14 + 4 + 60 + 60);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        ctx.pull_data(want)?;
+        stats.tc_pull += 1;
+    }
+    let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
+        Parsed::Tcp(pkt) => pkt,
+        _ => return Ok(()),
+    };
+    let Some(nat) = (unsafe { REPLIES.get(&pkt.key) }) else { return Ok(()) };
+    let nat = *nat;
+    let fwd = pkt.key.forward_of_reply(&nat);
+    let flags = pkt.flags;
+    let tcp_check = pkt.tcp_off + TCP_CHECK;
+    let old_port = pkt.key.src_port;
+    // Everything the rewrite needs is read above: helper calls below invalidate packet pointers.
+    if old_port != nat.vip_port {
+        ctx.l4_csum_replace(tcp_check, u64::from(old_port), u64::from(nat.vip_port), 2)?;
+        ctx.store(pkt.tcp_off + TCP_SPORT, &nat.vip_port, 0)?;
+    }
+    if pkt.key.family == FAMILY_V4 {
+        let (old, new) = (pkt.key.src_addr.word(0), nat.vip_addr.word(0));
+        if old != new {
+            ctx.l3_csum_replace(pkt.ip_off + IP4_CHECK, u64::from(old), u64::from(new), 4)?;
+            ctx.l4_csum_replace(tcp_check, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | 4)?;
+            ctx.store(pkt.ip_off + IP4_SADDR, &new, 0)?;
+        }
+    } else if pkt.key.src_addr != nat.vip_addr {
+        for i in 0..4 {
+            let (old, new) = (pkt.key.src_addr.word(i), nat.vip_addr.word(i));
+            if old != new {
+                ctx.l4_csum_replace(tcp_check, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | 4)?;
+            }
+        }
+        ctx.store(pkt.ip_off + IP6_SADDR, &nat.vip_addr, 0)?;
+    }
+    stats.reply_packets += 1;
+    stats.reply_bytes += u64::from(ctx.len());
+    if let Some(flow) = FLOWS.get_ptr_mut(&fwd) {
+        unsafe { (*flow).last_seen_ns = bpf_ktime_get_ns() };
+        if conntrack::on_flags(&fwd, flow, flags) {
+            stats.closed_flows += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,612 @@
+//! The admin HTTP API. It has no authentication, so the config only lets it listen on loopback.
+//!
+//! `GET /api/status` serves the status as JSON (read by `xlb status`), `GET /metrics` the same
+//! snapshot as OpenMetrics text. Both take a fresh snapshot per request; nothing is cached.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+
+use crate::status::{BackendState, Status};
+
+/// Where the daemon's live state comes from; called once per request, off the async runtime
+/// (it may read BPF maps).
+pub trait StatusSource: Send + Sync + 'static {
+    fn status(&self) -> anyhow::Result<Status>;
+}
+
+/// A client that opens a connection and sends nothing must not hold it forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests in progress.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Far above any real status (64 services × 16 backends), small enough to not be a hazard.
+const MAX_CLIENT_BODY: usize = 16 << 20;
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+const INDEX: &str = "xlb admin API\n\nGET /api/status  status of services, backends and the data path (JSON)\n\
+                     GET /metrics     the same as Prometheus/OpenMetrics text\n";
+
+/// Serves until `shutdown` becomes true (or its sender is dropped), then lets requests in
+/// progress finish for up to 5 s.
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn StatusSource>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(connection(stream, source.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off rather than spin while descriptors are short.
+                    tracing::warn!("admin API: accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "admin API: {} connection(s) still open after {DRAIN_TIMEOUT:?}; closing them",
+            connections.len()
+        );
+    }
+    Ok(())
+}
+
+/// Resolves once shutdown is requested or can no longer be (the sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // Drop the borrowed value here: it must not be held across an await by the caller.
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+async fn connection(
+    stream: TcpStream,
+    source: Arc<dyn StatusSource>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |request| {
+        let source = source.clone();
+        async move { Ok::<_, Infallible>(route(&request, source).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("admin API connection: {e}");
+    }
+}
+
+async fn route(
+    request: &Request<Incoming>,
+    source: Arc<dyn StatusSource>,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (request.method(), request.uri().path());
+    if !matches!(path, "/" | "/api/status" | "/metrics") {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no route {method} {path}; try /api/status or /metrics"),
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed on {path}; use GET"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    if path == "/" {
+        return respond(StatusCode::OK, TEXT, INDEX);
+    }
+    let status = match tokio::task::spawn_blocking(move || source.status()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the status: {e:#}"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the status failed: {e}"),
+            );
+        }
+    };
+    let encoded = if path == "/metrics" {
+        encode_metrics(&status)
+            .map(|text| (OPENMETRICS, text.into_bytes()))
+            .map_err(|e| e.to_string())
+    } else {
+        serde_json::to_vec(&status)
+            .map(|json| (JSON, json))
+            .map_err(|e| e.to_string())
+    };
+    match encoded {
+        Ok((content_type, body)) => respond(StatusCode::OK, content_type, body),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the status: {e}"),
+        ),
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        JSON,
+        serde_json::json!({ "error": message }).to_string(),
+    )
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    service: String,
+    backend: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    interface: String,
+    xdp_mode: String,
+}
+
+/// `xlb_interface_info{interface,xdp_mode} 1` per interface. An info metric carries its labels
+/// itself, so a `Family` (one label set per entry, built by a constructor that cannot see it)
+/// does not fit; this collector writes one sample per interface under one descriptor.
+#[derive(Debug)]
+struct InterfaceInfo(Vec<InterfaceLabels>);
+
+impl Collector for InterfaceInfo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let help = "Interfaces the XDP program is attached to, and in which mode";
+        let mut metric =
+            encoder.encode_descriptor("xlb_interface", help, None, MetricType::Info)?;
+        self.0
+            .iter()
+            .try_for_each(|labels| metric.encode_info(labels))
+    }
+}
+
+/// The OpenMetrics exposition of one status snapshot. A fresh registry per scrape keeps the
+/// output exactly in step with the snapshot: backends that left the config leave the metrics.
+fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
+    let live = Family::<BackendLabels, Gauge>::default();
+    let total = Family::<BackendLabels, Counter>::default();
+    let up = Family::<StateLabels, Gauge>::default();
+    let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
+    for service in &status.services {
+        for backend in &service.backends {
+            let labels = BackendLabels {
+                service: service.name.clone(),
+                backend: backend.address.clone(),
+            };
+            live.get_or_create(&labels)
+                .set(saturating_i64(backend.live_connections));
+            total
+                .get_or_create(&labels)
+                .inc_by(backend.total_connections);
+            for (state, name) in [
+                (BackendState::Up, "up"),
+                (BackendState::Down, "down"),
+                (BackendState::Draining, "draining"),
+            ] {
+                let labels = StateLabels {
+                    service: labels.service.clone(),
+                    backend: labels.backend.clone(),
+                    state: name,
+                };
+                up.get_or_create(&labels)
+                    .set(i64::from(backend.state == state));
+            }
+            if let Some(ms) = backend.last_probe_ms {
+                probe.get_or_create(&labels).set(ms / 1000.0);
+            }
+        }
+    }
+    let mut registry = Registry::default();
+    registry.register(
+        "xlb_backend_live_connections",
+        "Connections open to the backend now",
+        live,
+    );
+    registry.register(
+        "xlb_backend_connections",
+        "Connections sent to the backend by the data path",
+        total,
+    );
+    registry.register(
+        "xlb_backend_up",
+        "1 for the backend's current state (up, down or draining), 0 for the others",
+        up,
+    );
+    registry.register_with_unit(
+        "xlb_backend_probe_duration",
+        "Duration of the last health probe of the backend",
+        Unit::Seconds,
+        probe,
+    );
+    let dataplane = &status.dataplane;
+    let interfaces = dataplane
+        .interfaces
+        .iter()
+        .map(|i| InterfaceLabels {
+            interface: i.name.clone(),
+            xdp_mode: i.xdp_mode.clone(),
+        })
+        .collect();
+    registry.register_collector(Box::new(InterfaceInfo(interfaces)));
+    let gauge = |value: u64| {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(saturating_i64(value));
+        gauge
+    };
+    registry.register(
+        "xlb_flows",
+        "Flows in the connection-tracking table",
+        gauge(dataplane.flows),
+    );
+    registry.register(
+        "xlb_flows_max",
+        "Capacity of the connection-tracking table",
+        gauge(dataplane.max_flows),
+    );
+    for (name, &value) in &dataplane.counters {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        registry.register(
+            format!("xlb_dataplane_{name}"),
+            format!("Data-path counter {name}, summed over CPUs"),
+            counter,
+        );
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// `GET /api/status` from a running daemon; used by `xlb status`.
+pub async fn fetch_status(addr: SocketAddr) -> anyhow::Result<Status> {
+    let response = tokio::time::timeout(CLIENT_TIMEOUT, get(addr, Method::GET, "/api/status"))
+        .await
+        .map_err(|_| anyhow!("no answer within {CLIENT_TIMEOUT:?}"))
+        .and_then(|r| r)
+        .map_err(|e| {
+            anyhow!("cannot reach the xlb admin API at {addr}: {e:#} — is `xlb run` running?")
+        })?;
+    let body = response.body();
+    if response.status() != StatusCode::OK {
+        let message = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        return Err(anyhow!(
+            "the xlb admin API at {addr} answered {}: {message}",
+            response.status()
+        ));
+    }
+    serde_json::from_slice(body).with_context(|| {
+        format!("the xlb admin API at {addr} sent a status this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
+async fn get(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<Response<Bytes>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())?;
+    let exchange = async {
+        let (parts, body) = sender.send_request(request).await?.into_parts();
+        let body = Limited::new(body, MAX_CLIENT_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow!(e))?
+            .to_bytes();
+        anyhow::Ok(Response::from_parts(parts, body))
+    };
+    // The connection must be driven while the exchange runs; with `Connection: close` it ends
+    // right after the response, and its own error is also the exchange's.
+    let (response, _) = tokio::join!(exchange, conn);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::status::{BackendStatus, DataplaneStatus, InterfaceStatus, ServiceStatus};
+
+    struct Fixed(anyhow::Result<Status, String>);
+
+    impl StatusSource for Fixed {
+        fn status(&self) -> anyhow::Result<Status> {
+            self.0
+                .clone()
+                .map_err(|e| anyhow!(e).context("reading BACKENDS"))
+        }
+    }
+
+    fn sample() -> Status {
+        let backend = |address: &str, state, live, total, probe: Option<f64>| BackendStatus {
+            address: address.into(),
+            state,
+            live_connections: live,
+            total_connections: total,
+            healthy: probe.map(|_| state == BackendState::Up),
+            last_probe_ms: probe,
+            last_error: (state == BackendState::Down)
+                .then(|| "HTTP 503 Service Unavailable".into()),
+        };
+        Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: "203.0.113.10:80".into(),
+                mode: "l4".into(),
+                backends: vec![
+                    backend("203.0.113.10:8001", BackendState::Up, 3, 120, Some(1.5)),
+                    backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),
+                    backend("203.0.113.10:8003", BackendState::Draining, 1, 9, None),
+                ],
+            }],
+            dataplane: DataplaneStatus {
+                interfaces: vec![InterfaceStatus {
+                    name: "eth0".into(),
+                    xdp_mode: "native".into(),
+                }],
+                pin_path: "/sys/fs/bpf/xlb".into(),
+                flows: 4,
+                max_flows: 1 << 20,
+                counters: BTreeMap::from([
+                    ("new_flows".into(), 136),
+                    ("drop_no_backend".into(), 0),
+                ]),
+            },
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(source: Fixed) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(source), stop_rx));
+        Server { addr, stop, task }
+    }
+
+    impl Server {
+        async fn shutdown(self) {
+            self.stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(2), self.task)
+                .await
+                .expect("serve did not stop")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    fn text(response: &Response<Bytes>) -> &str {
+        std::str::from_utf8(response.body()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn status_round_trips_through_fetch_status() {
+        let server = start(Fixed(Ok(sample()))).await;
+        assert_eq!(fetch_status(server.addr).await.unwrap(), sample());
+        let response = get(server.addr, Method::GET, "/api/status").await.unwrap();
+        assert_eq!(response.headers()[header::CONTENT_TYPE], JSON);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn metrics_expose_the_snapshot() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let response = get(server.addr, Method::GET, "/metrics").await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], OPENMETRICS);
+        let body = text(&response);
+        let b1 = r#"service="web",backend="203.0.113.10:8001""#;
+        let b2 = r#"service="web",backend="203.0.113.10:8002""#;
+        for line in [
+            "# TYPE xlb_backend_live_connections gauge".to_string(),
+            format!("xlb_backend_live_connections{{{b1}}} 3"),
+            "# TYPE xlb_backend_connections counter".into(),
+            format!("xlb_backend_connections_total{{{b1}}} 120"),
+            format!("xlb_backend_connections_total{{{b2}}} 7"),
+            format!("xlb_backend_up{{{b1},state=\"up\"}} 1"),
+            format!("xlb_backend_up{{{b1},state=\"down\"}} 0"),
+            format!("xlb_backend_up{{{b2},state=\"down\"}} 1"),
+            r#"xlb_backend_up{service="web",backend="203.0.113.10:8003",state="draining"} 1"#
+                .into(),
+            "# UNIT xlb_backend_probe_duration_seconds seconds".into(),
+            format!("xlb_backend_probe_duration_seconds{{{b1}}} 0.0015"),
+            format!("xlb_backend_probe_duration_seconds{{{b2}}} 0.25"),
+            r#"xlb_interface_info{interface="eth0",xdp_mode="native"} 1"#.into(),
+            "xlb_flows 4".into(),
+            "xlb_flows_max 1048576".into(),
+            "# TYPE xlb_dataplane_new_flows counter".into(),
+            "xlb_dataplane_new_flows_total 136".into(),
+            "xlb_dataplane_drop_no_backend_total 0".into(),
+        ] {
+            assert!(
+                body.lines().any(|l| l == line),
+                "missing `{line}` in:\n{body}"
+            );
+        }
+        assert!(
+            !body.contains("203.0.113.10:8003\"} 0."),
+            "no probe yet, so no probe duration:\n{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_get_json_errors() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let index = get(server.addr, Method::GET, "/").await.unwrap();
+        assert_eq!(
+            (
+                index.status(),
+                index.headers()[header::CONTENT_TYPE].to_str().unwrap()
+            ),
+            (StatusCode::OK, TEXT)
+        );
+        assert!(text(&index).contains("GET /api/status") && text(&index).contains("GET /metrics"));
+
+        let missing = get(server.addr, Method::GET, "/x?y=1").await.unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert_eq!(missing.headers()[header::CONTENT_TYPE], JSON);
+        assert_eq!(
+            text(&missing),
+            r#"{"error":"no route GET /x; try /api/status or /metrics"}"#
+        );
+
+        let post = get(server.addr, Method::POST, "/api/status").await.unwrap();
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+        assert_eq!(
+            text(&post),
+            r#"{"error":"method POST not allowed on /api/status; use GET"}"#
+        );
+
+        let head = get(server.addr, Method::HEAD, "/metrics").await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert!(head.body().is_empty());
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn source_errors_are_reported() {
+        let server = start(Fixed(Err("map gone".into()))).await;
+        let response = get(server.addr, Method::GET, "/metrics").await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            text(&response),
+            r#"{"error":"cannot read the status: reading BACKENDS: map gone"}"#
+        );
+        let e = fetch_status(server.addr).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the xlb admin API at {} answered 500 Internal Server Error: cannot read the status: reading \
+                 BACKENDS: map gone",
+                server.addr
+            )
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn fetch_status_explains_a_missing_daemon() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = fetch_status(addr).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot reach the xlb admin API at {addr}: ")),
+            "{e}"
+        );
+        assert!(
+            e.contains("refused") && e.ends_with(" — is `xlb run` running?"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections() {
+        let server = start(Fixed(Ok(sample()))).await;
+        // A client that connected but sent nothing must not keep the server from stopping.
+        let _idle = TcpStream::connect(server.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        server.shutdown().await;
+    }
+}

@@ -1,0 +1,1315 @@
+//! `xlb.toml`: parsing and validation.
+//!
+//! The file is deserialized into `Raw*` types that keep every value's byte span, then validated
+//! into the plain public types. Every error names the file, the line, the key, what is wrong and
+//! how to fix it, because the person reading it is editing that file.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{
+    flow::DEFAULT_MAX_FLOWS,
+    service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES},
+};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+const MAX_FLOWS_RANGE: std::ops::RangeInclusive<i64> = 1024..=(1 << 24);
+const MAX_NAME_LEN: usize = 64;
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+const MAX_IFNAME_LEN: usize = 15;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub dataplane: Dataplane,
+    pub admin: Admin,
+    pub services: Vec<Service>,
+    /// Where values checked by `check_system` sit in the file, so its errors can name the line.
+    lines: Lines,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Lines {
+    interfaces: Vec<usize>,
+    backends: Vec<Vec<usize>>,
+}
+
+/// Two configs are equal when they mean the same thing; where the values sit in the file (which
+/// moves with every comment edited) does not count.
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.path, &self.dataplane, &self.admin, &self.services)
+            == (&other.path, &other.dataplane, &other.admin, &other.services)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataplane {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub max_flows: u32,
+    pub pin_path: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic (skb) mode otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub mode: ServiceMode,
+    pub backends: Vec<SocketAddr>,
+    pub health: Health,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceMode {
+    L4,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub check: CheckKind,
+    /// Request path of HTTP checks; validated to be a valid origin-form request target.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: CheckKind::Http,
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+/// `path:line: message`, where the message names the key, the problem and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based; `None` when the problem is not at one place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    dataplane: Option<RawDataplane>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default, rename = "service")]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    xdp_mode: Option<Spanned<String>>,
+    max_flows: Option<Spanned<i64>>,
+    pin_path: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    backends: Spanned<Vec<Spanned<String>>>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+/// The file being validated: turns byte offsets into line numbers for errors.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn error(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(self.line(value.span().start)), message)
+    }
+
+    fn toml(&self, err: &toml::de::Error) -> ConfigError {
+        // toml's messages span several lines (`expected ..., found ...`); one line reads better
+        // after the `path:line:` prefix.
+        let mut message = err
+            .message()
+            .trim()
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("; ");
+        message = message.replace("expected i64", "expected an integer");
+        let line = err.span().map(|span| self.line(span.start));
+        // toml's messages name neither the key nor the table; quoting the line does.
+        let code = line
+            .and_then(|l| self.text.lines().nth(l - 1))
+            .map(str::trim)
+            .unwrap_or("");
+        if !code.is_empty() {
+            let code: String = code.chars().take(80).collect();
+            message += &format!(" (at `{code}`)");
+        }
+        if code.starts_with("[service]") {
+            message +=
+                "; write [[service]] with double brackets: there is one such table per service";
+        }
+        self.error(line, message)
+    }
+}
+
+impl Config {
+    /// Parse + validate. Does not touch kernel state (only read-only lookups of interfaces and
+    /// addresses).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            message: format!(
+                "cannot read the config file: {e}; check the path and its permissions"
+            ),
+        })?;
+        let config = Config::parse(path, &text)?;
+        config.check_system()?;
+        Ok(config)
+    }
+
+    /// Syntax and every check that needs no system lookup.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let src = Source { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml(&e))?;
+        let dataplane = raw.dataplane.ok_or_else(|| {
+            src.error(
+                None,
+                "missing [dataplane] section; add one with at least `interfaces = [\"eth0\"]`",
+            )
+        })?;
+        let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
+        let admin = parse_admin(&src, raw.admin)?;
+        let (services, backend_lines) = parse_services(&src, raw.services)?;
+        Ok(Config {
+            path: path.to_owned(),
+            dataplane,
+            admin,
+            services,
+            lines: Lines {
+                interfaces: interface_lines,
+                backends: backend_lines,
+            },
+        })
+    }
+
+    /// Every interface exists and every backend address is assigned on this host.
+    pub fn check_system(&self) -> Result<(), ConfigError> {
+        let error = |line: Option<&usize>, message: String| ConfigError {
+            path: self.path.clone(),
+            line: line.copied(),
+            message,
+        };
+        for (i, name) in self.dataplane.interfaces.iter().enumerate() {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                let existing = nix::net::if_::if_nameindex()
+                    .map(|list| {
+                        list.iter()
+                            .map(|i| i.name().to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                return Err(error(
+                    self.lines.interfaces.get(i),
+                    format!(
+                        "dataplane.interfaces: no network interface \"{name}\" on this host; \
+                         use one of: {} (see `ip link`)",
+                        existing.join(", ")
+                    ),
+                ));
+            }
+        }
+        let local = local_addresses().map_err(|e| {
+            error(
+                None,
+                format!("cannot list this host's addresses (getifaddrs): {e}"),
+            )
+        })?;
+        for (s, service) in self.services.iter().enumerate() {
+            for (b, backend) in service.backends.iter().enumerate() {
+                let ip = backend.ip();
+                if ip.is_loopback() || local.contains(&ip) {
+                    continue;
+                }
+                let mut have: Vec<String> = local.iter().map(IpAddr::to_string).collect();
+                have.sort();
+                return Err(error(
+                    self.lines.backends.get(s).and_then(|l| l.get(b)),
+                    format!(
+                        "service \"{}\" backend \"{backend}\": not an address of this host; xlb \
+                         balances to same-host backends only — use an address from `ip addr` \
+                         (this host has {})",
+                        service.name,
+                        have.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn local_addresses() -> nix::Result<HashSet<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            addr.as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        })
+        .collect())
+}
+
+fn parse_dataplane(
+    src: &Source,
+    raw: RawDataplane,
+) -> Result<(Dataplane, Vec<usize>), ConfigError> {
+    if raw.interfaces.get_ref().is_empty() {
+        return Err(src.at(
+            &raw.interfaces,
+            "dataplane.interfaces is empty; list the interfaces that receive traffic for the \
+             services, e.g. [\"eth0\"]",
+        ));
+    }
+    let mut interfaces: Vec<String> = Vec::new();
+    let mut lines = Vec::new();
+    for name in raw.interfaces.into_inner() {
+        let n = name.get_ref();
+        if n.is_empty() || n.len() > MAX_IFNAME_LEN || n.contains(['/', ' ', '\0']) {
+            return Err(src.at(
+                &name,
+                format!(
+                    "dataplane.interfaces: \"{n}\" is not a valid interface name (1 to \
+                     {MAX_IFNAME_LEN} characters, no '/' or spaces); see `ip link` for the names"
+                ),
+            ));
+        }
+        if interfaces.contains(n) {
+            return Err(src.at(
+                &name,
+                format!("dataplane.interfaces: \"{n}\" is listed twice; remove one"),
+            ));
+        }
+        lines.push(src.line(name.span().start));
+        interfaces.push(name.into_inner());
+    }
+    let xdp_mode = match &raw.xdp_mode {
+        None => XdpMode::Auto,
+        Some(mode) => match mode.get_ref().as_str() {
+            "auto" => XdpMode::Auto,
+            "native" => XdpMode::Native,
+            "generic" => XdpMode::Generic,
+            other => {
+                return Err(src.at(
+                    mode,
+                    format!(
+                        "dataplane.xdp_mode \"{other}\" is not a mode; use \"auto\" (native where \
+                         the driver supports it), \"native\" or \"generic\""
+                    ),
+                ));
+            }
+        },
+    };
+    let max_flows = match &raw.max_flows {
+        None => DEFAULT_MAX_FLOWS,
+        Some(n) if MAX_FLOWS_RANGE.contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            return Err(src.at(
+                n,
+                format!(
+                    "dataplane.max_flows {} is out of range; use {}..={} (default {DEFAULT_MAX_FLOWS})",
+                    n.get_ref(),
+                    MAX_FLOWS_RANGE.start(),
+                    MAX_FLOWS_RANGE.end()
+                ),
+            ));
+        }
+    };
+    let pin_path = match &raw.pin_path {
+        None => PathBuf::from(DEFAULT_PIN_PATH),
+        Some(p) if Path::new(p.get_ref()).is_absolute() => PathBuf::from(p.get_ref()),
+        Some(p) => {
+            return Err(src.at(
+                p,
+                format!(
+                    "dataplane.pin_path \"{}\" is not an absolute path; use a directory on the BPF \
+                     filesystem such as \"{DEFAULT_PIN_PATH}\"",
+                    p.get_ref()
+                ),
+            ));
+        }
+    };
+    Ok((
+        Dataplane {
+            interfaces,
+            xdp_mode,
+            max_flows,
+            pin_path,
+        },
+        lines,
+    ))
+}
+
+fn parse_admin(src: &Source, raw: RawAdmin) -> Result<Admin, ConfigError> {
+    let Some(listen) = raw.listen else {
+        return Ok(Admin {
+            listen: DEFAULT_ADMIN_LISTEN,
+        });
+    };
+    let addr = socket_addr(src, &listen, "admin.listen", "127.0.0.1:9100")?;
+    if !addr.ip().is_loopback() {
+        return Err(src.at(
+            &listen,
+            format!(
+                "admin.listen \"{addr}\" is not a loopback address; the admin API has no \
+                 authentication, so it only listens on 127.0.0.1 or [::1] (e.g. \"127.0.0.1:{}\")",
+                addr.port()
+            ),
+        ));
+    }
+    Ok(Admin { listen: addr })
+}
+
+fn parse_services(
+    src: &Source,
+    raw: Vec<Spanned<RawService>>,
+) -> Result<(Vec<Service>, Vec<Vec<usize>>), ConfigError> {
+    if raw.is_empty() {
+        return Err(src.error(
+            None,
+            "no services; add at least one [[service]] table with name, listen and backends",
+        ));
+    }
+    if let Some(extra) = raw.get(MAX_SERVICES as usize) {
+        return Err(src.at(
+            extra,
+            format!("too many services: xlb supports at most {MAX_SERVICES}; remove some [[service]] tables"),
+        ));
+    }
+    let mut services = Vec::with_capacity(raw.len());
+    let mut lines = Vec::with_capacity(raw.len());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut vips: HashMap<SocketAddr, String> = HashMap::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let raw = raw.into_inner();
+        let name = raw.name.get_ref();
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(valid) {
+            return Err(src.at(
+                &raw.name,
+                format!(
+                    "service #{} name \"{name}\" is not valid; use 1 to {MAX_NAME_LEN} letters, \
+                     digits, '_', '.' or '-'",
+                    i + 1
+                ),
+            ));
+        }
+        if let Some(first) = names.insert(name.clone(), src.line(raw.name.span().start)) {
+            return Err(src.at(
+                &raw.name,
+                format!("service name \"{name}\" is already used on line {first}; give each service its own name"),
+            ));
+        }
+        let what = format!("service \"{name}\"");
+        let listen_line = src.line(raw.listen.span().start);
+        let (service, backend_lines) = parse_service(src, raw, &what)?;
+        if let Some(other) = vips.insert(service.listen, service.name.clone()) {
+            return Err(src.error(
+                Some(listen_line),
+                format!(
+                    "{what} listen \"{}\": service \"{other}\" already listens there; each \
+                     service needs its own address:port",
+                    service.listen
+                ),
+            ));
+        }
+        services.push(service);
+        lines.push(backend_lines);
+    }
+    Ok((services, lines))
+}
+
+fn parse_service(
+    src: &Source,
+    raw: RawService,
+    what: &str,
+) -> Result<(Service, Vec<usize>), ConfigError> {
+    let listen = socket_addr(
+        src,
+        &raw.listen,
+        &format!("{what} listen"),
+        "203.0.113.10:80",
+    )?;
+    let mode = match &raw.mode {
+        None => ServiceMode::L4,
+        Some(mode) => match mode.get_ref().as_str() {
+            "l4" => ServiceMode::L4,
+            m @ ("https" | "redirect") => {
+                return Err(src.at(
+                    mode,
+                    format!(
+                        "{what} mode \"{m}\": not available in this version of xlb; only \"l4\" is"
+                    ),
+                ));
+            }
+            m => return Err(src.at(mode, format!("{what} mode \"{m}\": not a mode; use \"l4\""))),
+        },
+    };
+    let count = raw.backends.get_ref().len();
+    if count == 0 || count > MAX_BACKENDS_PER_SERVICE as usize {
+        return Err(src.at(
+            &raw.backends,
+            format!(
+                "{what} backends: {count} listed; a service needs 1 to {MAX_BACKENDS_PER_SERVICE} \
+                 backends (\"ip:port\" strings)"
+            ),
+        ));
+    }
+    let mut backends: Vec<SocketAddr> = Vec::with_capacity(count);
+    let mut lines = Vec::with_capacity(count);
+    for value in raw.backends.get_ref() {
+        let addr = socket_addr(src, value, &format!("{what} backend"), "203.0.113.10:8001")?;
+        let problem = if backends.contains(&addr) {
+            "listed twice; remove one".to_string()
+        } else if addr.is_ipv4() != listen.is_ipv4() {
+            let (b, l) = if addr.is_ipv4() {
+                ("IPv4", "IPv6")
+            } else {
+                ("IPv6", "IPv4")
+            };
+            format!(
+                "an {b} backend for an {l} listen address; xlb does not translate between IPv4 \
+                 and IPv6, so use an {l} backend address"
+            )
+        } else if addr == listen {
+            "is the service's own listen address; run the backend on another port".to_string()
+        } else if addr.ip().is_loopback() && !listen.ip().is_loopback() {
+            format!(
+                "a loopback backend for the non-loopback listen address {listen}; packets from \
+                 other hosts cannot be rewritten to a loopback address (the kernel drops them), \
+                 so have the backend listen on a host address such as \"{}:{}\"",
+                listen.ip().to_canonical(),
+                addr.port()
+            )
+        } else if !addr.ip().is_loopback() && listen.ip().is_loopback() {
+            format!(
+                "not a loopback address, but the service listens on loopback address {listen}; \
+                 use loopback backends or a non-loopback listen address"
+            )
+        } else {
+            lines.push(src.line(value.span().start));
+            backends.push(addr);
+            continue;
+        };
+        return Err(src.at(value, format!("{what} backend \"{addr}\": {problem}")));
+    }
+    let health = parse_health(src, raw.health, what)?;
+    let name = raw.name.into_inner();
+    Ok((
+        Service {
+            name,
+            listen,
+            mode,
+            backends,
+            health,
+        },
+        lines,
+    ))
+}
+
+fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Health, ConfigError> {
+    let mut health = Health::default();
+    let Some(raw) = raw else { return Ok(health) };
+    if let Some(check) = &raw.check {
+        health.check = match check.get_ref().as_str() {
+            "http" => CheckKind::Http,
+            "tcp" => CheckKind::Tcp,
+            other => {
+                return Err(src.at(
+                    check,
+                    format!(
+                        "{what} health.check \"{other}\": not a check; use \"http\" (GET \
+                         health.path answers 2xx or 3xx) or \"tcp\" (a connection is accepted)"
+                    ),
+                ));
+            }
+        };
+    }
+    if let Some(path) = &raw.path {
+        let p = path.get_ref();
+        let printable = p.bytes().all(|b| b.is_ascii_graphic());
+        if !p.starts_with('/') || !printable || p.parse::<hyper::Uri>().is_err() {
+            return Err(src.at(
+                path,
+                format!(
+                    "{what} health.path \"{}\": not a request path; it must start with '/' and \
+                     contain no spaces, control or non-ASCII characters (percent-encode them), \
+                     e.g. \"/health\"",
+                    p.escape_debug()
+                ),
+            ));
+        }
+        health.path.clone_from(p);
+    }
+    if let Some(v) = &raw.interval {
+        health.interval = duration(src, v, &format!("{what} health.interval"))?;
+        if health.interval < Duration::from_millis(100) {
+            return Err(src.at(
+                v,
+                format!(
+                    "{what} health.interval \"{}\": too short; use at least \"100ms\"",
+                    v.get_ref()
+                ),
+            ));
+        }
+    }
+    if let Some(v) = &raw.timeout {
+        health.timeout = duration(src, v, &format!("{what} health.timeout"))?;
+        if health.timeout.is_zero() {
+            return Err(src.at(
+                v,
+                format!("{what} health.timeout is zero; use e.g. \"500ms\""),
+            ));
+        }
+    }
+    if health.timeout >= health.interval {
+        let line = raw
+            .timeout
+            .as_ref()
+            .or(raw.interval.as_ref())
+            .map(|v| src.line(v.span().start));
+        return Err(src.error(
+            line,
+            format!(
+                "{what} health.timeout ({}) must be shorter than health.interval ({}) so that a \
+                 probe ends before the next starts; lower the timeout or raise the interval",
+                humantime::format_duration(health.timeout),
+                humantime::format_duration(health.interval)
+            ),
+        ));
+    }
+    for (value, key, slot) in [
+        (&raw.rise, "rise", &mut health.rise),
+        (&raw.fall, "fall", &mut health.fall),
+    ] {
+        let Some(value) = value else { continue };
+        match u32::try_from(*value.get_ref()) {
+            Ok(n @ 1..=100) => *slot = n,
+            _ => {
+                return Err(src.at(
+                    value,
+                    format!(
+                        "{what} health.{key} = {}: out of range; use 1..=100 consecutive probes",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(health)
+}
+
+fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.get_ref()).map_err(|e| {
+        src.at(
+            value,
+            format!(
+                "{key} \"{}\": not a duration ({e}); write e.g. \"1s\" or \"500ms\"",
+                value.get_ref()
+            ),
+        )
+    })
+}
+
+/// An `ip:port` that can be a destination: unicast IP, non-zero port.
+fn socket_addr(
+    src: &Source,
+    value: &Spanned<String>,
+    key: &str,
+    example: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let text = value.get_ref();
+    let fail = |problem: String| Err(src.at(value, format!("{key} \"{text}\": {problem}")));
+    let Ok(addr) = text.parse::<SocketAddr>() else {
+        return fail(format!(
+            "not an ip:port address; write e.g. \"{example}\" (IPv6 in brackets: \
+             \"[2001:db8::10]:80\"; host names are not resolved)"
+        ));
+    };
+    let ip = addr.ip();
+    if addr.port() == 0 {
+        fail("port 0 is not a usable port; give the port that is listened on".into())
+    } else if ip.is_unspecified()
+        || ip.is_multicast()
+        || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+    {
+        fail(format!(
+            "{ip} is not a unicast address; give one specific address of this host, e.g. \"{example}\""
+        ))
+    } else if let SocketAddr::V6(v6) = addr
+        && let Some(v4) = v6.ip().to_ipv4_mapped()
+    {
+        fail(format!(
+            "an IPv4-mapped IPv6 address; write it as IPv4: \"{v4}:{}\"",
+            addr.port()
+        ))
+    } else if let SocketAddr::V6(v6) = addr
+        && v6.scope_id() != 0
+    {
+        fail("IPv6 scope ids (link-local addresses) are not supported; use a global address".into())
+    } else {
+        Ok(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/etc/xlb/xlb.toml";
+    const EXAMPLE: &str = r#"[dataplane]
+interfaces = ["eth0"]        # XDP ingress + TC egress
+xdp_mode = "auto"            # auto | native | generic
+max_flows = 1048576          # conntrack capacity
+pin_path = "/sys/fs/bpf/xlb" # optional
+
+[admin]
+listen = "127.0.0.1:9100"
+
+[[service]]
+name = "web"
+listen = "203.0.113.10:80"
+mode = "l4"
+backends = ["203.0.113.10:8001", "203.0.113.10:8002", "203.0.113.10:8003"]
+
+[service.health]
+check = "http"
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 2
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new(PATH), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    /// `[dataplane]` on lines 1-2, then a service "web" whose first body line is line 6.
+    fn service(body: &str) -> String {
+        format!("[dataplane]\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"web\"\n{body}\n")
+    }
+
+    fn web(backends: &str, health: &str) -> String {
+        service(&format!(
+            "listen = \"203.0.113.10:80\"\nbackends = [{backends}]\n{health}"
+        ))
+    }
+
+    #[test]
+    fn example_parses_to_expected_values() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.path, Path::new(PATH));
+        assert_eq!(
+            config.dataplane,
+            Dataplane {
+                interfaces: vec!["eth0".into()],
+                xdp_mode: XdpMode::Auto,
+                max_flows: 1_048_576,
+                pin_path: "/sys/fs/bpf/xlb".into(),
+            }
+        );
+        assert_eq!(config.admin.listen, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(
+            config.services,
+            vec![Service {
+                name: "web".into(),
+                listen: "203.0.113.10:80".parse().unwrap(),
+                mode: ServiceMode::L4,
+                backends: [
+                    "203.0.113.10:8001",
+                    "203.0.113.10:8002",
+                    "203.0.113.10:8003"
+                ]
+                .map(|b| b.parse().unwrap())
+                .to_vec(),
+                health: Health {
+                    check: CheckKind::Http,
+                    path: "/health".into(),
+                    interval: Duration::from_secs(1),
+                    timeout: Duration::from_millis(500),
+                    rise: 2,
+                    fall: 2,
+                },
+            }]
+        );
+        assert_eq!(config.lines.interfaces, vec![2]);
+        assert_eq!(config.lines.backends, vec![vec![14, 14, 14]]);
+    }
+
+    #[test]
+    fn optional_keys_default() {
+        let config = parse(&web("\"203.0.113.10:8001\"", "")).unwrap();
+        assert_eq!(config.dataplane.xdp_mode, XdpMode::Auto);
+        assert_eq!(config.dataplane.max_flows, DEFAULT_MAX_FLOWS);
+        assert_eq!(config.dataplane.pin_path, Path::new(DEFAULT_PIN_PATH));
+        assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert_eq!(config.services[0].mode, ServiceMode::L4);
+        assert_eq!(config.services[0].health, Health::default());
+        // A partial health table keeps the defaults of the keys it leaves out.
+        let config = parse(&web(
+            "\"203.0.113.10:8001\"",
+            "[service.health]\ncheck = \"tcp\"\nfall = 5",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.services[0].health,
+            Health {
+                check: CheckKind::Tcp,
+                fall: 5,
+                ..Health::default()
+            }
+        );
+    }
+
+    #[test]
+    fn other_values_parse() {
+        let text = "[dataplane]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"generic\"\n\
+                    max_flows = 1024\npin_path = \"/sys/fs/bpf/other\"\n[admin]\nlisten = \"[::1]:9200\"\n\
+                    [[service]]\nname = \"v6.svc-1_a\"\nlisten = \"[2001:db8::10]:443\"\n\
+                    backends = [\"[2001:db8::10]:8443\", \"[2001:db8::11]:443\"]\n\
+                    [service.health]\ninterval = \"2s 500ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 100\n\
+                    [[service]]\nname = \"local\"\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.2:80\"]\n";
+        let config = parse(text).unwrap();
+        assert_eq!(config.dataplane.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.dataplane.xdp_mode, XdpMode::Generic);
+        assert_eq!(config.dataplane.max_flows, 1024);
+        assert_eq!(config.admin.listen, "[::1]:9200".parse().unwrap());
+        let v6 = &config.services[0];
+        assert_eq!(v6.name, "v6.svc-1_a");
+        assert_eq!(v6.backends[1], "[2001:db8::11]:443".parse().unwrap());
+        assert_eq!(v6.health.interval, Duration::from_millis(2500));
+        assert_eq!((v6.health.rise, v6.health.fall), (1, 100));
+        assert_eq!(
+            config.services[1].backends,
+            ["127.0.0.2:80".parse().unwrap()]
+        );
+        assert_eq!(config.lines.backends, vec![vec![11, 11], vec![20]]);
+        assert_eq!(
+            parse(&text.replace("generic", "native"))
+                .unwrap()
+                .dataplane
+                .xdp_mode,
+            XdpMode::Native
+        );
+    }
+
+    #[test]
+    fn equality_ignores_layout() {
+        let a = parse(EXAMPLE).unwrap();
+        let b = parse(&format!("# a comment\n\n{EXAMPLE}")).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, parse(&EXAMPLE.replace("rise = 2", "rise = 3")).unwrap());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let text = EXAMPLE.replace("xdp_mode = \"auto\"", "xdp_mode = auto");
+        let e = err(&text);
+        assert!(e.starts_with("/etc/xlb/xlb.toml:3: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = err(&EXAMPLE.replace("[admin]", "[admin"));
+        assert!(e.starts_with("/etc/xlb/xlb.toml:7: "), "{e}");
+        let e = err(&EXAMPLE.replace("rise = 2", "rise = \"2\""));
+        assert!(
+            e.starts_with("/etc/xlb/xlb.toml:21: ")
+                && e.ends_with("expected an integer (at `rise = \"2\"`)"),
+            "{e}"
+        );
+        let e = err(
+            &service("listen = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]")
+                .replace("[[service]]", "[service]"),
+        );
+        assert!(
+            e.starts_with("/etc/xlb/xlb.toml:4: ")
+                && e.ends_with("(at `[service]`); write [[service]] with double brackets: there is one such table per service"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_everywhere() {
+        for (from, to, line) in [
+            ("pin_path", "pin_pth", 5),
+            ("[admin]", "[admn]", 7),
+            ("listen = \"127.0.0.1:9100\"", "port = 9100", 8),
+            ("mode = \"l4\"", "mode = \"l4\"\nweight = 1", 14),
+            ("rise = 2", "rise = 2\nhealthy = 2", 22),
+        ] {
+            let e = err(&EXAMPLE.replace(from, to));
+            assert!(
+                e.starts_with(&format!("/etc/xlb/xlb.toml:{line}: unknown field")),
+                "{to}: {e}"
+            );
+        }
+        let e = err(&EXAMPLE.replace("pin_path", "pin_pth"));
+        assert!(e.contains("`pin_pth`") && e.contains("`pin_path`"), "{e}");
+    }
+
+    #[test]
+    fn missing_sections_and_keys() {
+        assert_eq!(
+            err(
+                "[[service]]\nname = \"web\"\nlisten = \"203.0.113.10:80\"\nbackends = [\"203.0.113.10:81\"]\n"
+            ),
+            "/etc/xlb/xlb.toml: missing [dataplane] section; add one with at least `interfaces = [\"eth0\"]`"
+        );
+        assert_eq!(
+            err("[dataplane]\ninterfaces = [\"lo\"]\n"),
+            "/etc/xlb/xlb.toml: no services; add at least one [[service]] table with name, listen and backends"
+        );
+        let e = err(&service("listen = \"203.0.113.10:80\""));
+        assert!(e.contains("missing field `backends`"), "{e}");
+        let e = err("[dataplane]\nxdp_mode = \"auto\"\n");
+        assert!(e.contains("missing field `interfaces`"), "{e}");
+    }
+
+    #[test]
+    fn dataplane_errors() {
+        let e = err(&EXAMPLE.replace("[\"eth0\"]", "[]"));
+        assert!(
+            e.starts_with("/etc/xlb/xlb.toml:2: dataplane.interfaces is empty;"),
+            "{e}"
+        );
+        assert_eq!(
+            err(&EXAMPLE.replace("[\"eth0\"]", "[\"eth0\",\n  \"eth0\"]")),
+            "/etc/xlb/xlb.toml:3: dataplane.interfaces: \"eth0\" is listed twice; remove one"
+        );
+        let e = err(&EXAMPLE.replace("[\"eth0\"]", "[\"a-very-long-interface-name\"]"));
+        assert!(e.starts_with("/etc/xlb/xlb.toml:2: dataplane.interfaces: \"a-very-long-interface-name\" is not a valid interface name"), "{e}");
+        assert_eq!(
+            err(&EXAMPLE.replace("\"auto\" ", "\"fast\" ")),
+            "/etc/xlb/xlb.toml:3: dataplane.xdp_mode \"fast\" is not a mode; use \"auto\" (native where the \
+             driver supports it), \"native\" or \"generic\""
+        );
+        assert_eq!(
+            err(&EXAMPLE.replace("1048576 ", "1023 ")),
+            "/etc/xlb/xlb.toml:4: dataplane.max_flows 1023 is out of range; use 1024..=16777216 (default 1048576)"
+        );
+        assert!(
+            err(&EXAMPLE.replace("1048576 ", "16777217 "))
+                .contains("max_flows 16777217 is out of range")
+        );
+        assert!(parse(&EXAMPLE.replace("1048576 ", "16777216 ")).is_ok());
+        assert_eq!(
+            err(&EXAMPLE.replace("\"/sys/fs/bpf/xlb\"", "\"xlb\"")),
+            "/etc/xlb/xlb.toml:5: dataplane.pin_path \"xlb\" is not an absolute path; use a directory on the \
+             BPF filesystem such as \"/sys/fs/bpf/xlb\""
+        );
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        assert_eq!(
+            err(&EXAMPLE.replace("127.0.0.1:9100", "0.0.0.0:9100")),
+            "/etc/xlb/xlb.toml:8: admin.listen \"0.0.0.0:9100\": 0.0.0.0 is not a unicast address; give one \
+             specific address of this host, e.g. \"127.0.0.1:9100\""
+        );
+        assert_eq!(
+            err(&EXAMPLE.replace("127.0.0.1:9100", "192.0.2.1:9100")),
+            "/etc/xlb/xlb.toml:8: admin.listen \"192.0.2.1:9100\" is not a loopback address; the admin API has \
+             no authentication, so it only listens on 127.0.0.1 or [::1] (e.g. \"127.0.0.1:9100\")"
+        );
+        assert!(
+            err(&EXAMPLE.replace("127.0.0.1:9100", "localhost:9100"))
+                .contains("host names are not resolved")
+        );
+    }
+
+    #[test]
+    fn address_errors() {
+        let e = err(&EXAMPLE.replace("203.0.113.10:80\"", "203.0.113.10\""));
+        assert_eq!(
+            e,
+            "/etc/xlb/xlb.toml:12: service \"web\" listen \"203.0.113.10\": not an ip:port address; write e.g. \
+             \"203.0.113.10:80\" (IPv6 in brackets: \"[2001:db8::10]:80\"; host names are not resolved)"
+        );
+        assert!(
+            err(&EXAMPLE.replace("203.0.113.10:80\"", "2001:db8::10:80\""))
+                .contains("IPv6 in brackets")
+        );
+        assert_eq!(
+            err(&EXAMPLE.replace("203.0.113.10:80\"", "203.0.113.10:0\"")),
+            "/etc/xlb/xlb.toml:12: service \"web\" listen \"203.0.113.10:0\": port 0 is not a usable port; give \
+             the port that is listened on"
+        );
+        assert!(
+            err(&EXAMPLE.replace("203.0.113.10:80\"", "224.0.0.1:80\""))
+                .contains("224.0.0.1 is not a unicast address")
+        );
+        assert!(
+            err(&EXAMPLE.replace("203.0.113.10:80\"", "255.255.255.255:80\""))
+                .contains("not a unicast")
+        );
+        let e = err(&EXAMPLE.replace("\"203.0.113.10:8002\"", "\"[::ffff:203.0.113.10]:8002\""));
+        assert!(e.ends_with("backend \"[::ffff:203.0.113.10]:8002\": an IPv4-mapped IPv6 address; write it as IPv4: \"203.0.113.10:8002\""), "{e}");
+        let e = err(&EXAMPLE.replace("\"203.0.113.10:8003\"", "\"203.0.113.10:99999\""));
+        assert!(e.starts_with("/etc/xlb/xlb.toml:14: service \"web\" backend \"203.0.113.10:99999\": not an ip:port"), "{e}");
+    }
+
+    #[test]
+    fn service_name_errors() {
+        for bad in ["", "we b", "web/1", &"x".repeat(65)] {
+            let e = err(&EXAMPLE.replace("name = \"web\"", &format!("name = \"{bad}\"")));
+            assert_eq!(
+                e,
+                format!(
+                    "/etc/xlb/xlb.toml:11: service #1 name \"{bad}\" is not valid; use 1 to 64 letters, digits, \
+                     '_', '.' or '-'"
+                )
+            );
+        }
+        let second = "\n[[service]]\nname = \"web\"\nlisten = \"203.0.113.10:81\"\nbackends = [\"203.0.113.10:8001\"]\n";
+        assert_eq!(
+            err(&format!("{EXAMPLE}{second}")),
+            "/etc/xlb/xlb.toml:25: service name \"web\" is already used on line 11; give each service its own name"
+        );
+    }
+
+    #[test]
+    fn duplicate_vip_names_both_services() {
+        let second = "\n[[service]]\nname = \"api\"\nlisten = \"203.0.113.10:80\"\nbackends = [\"203.0.113.10:9001\"]\n";
+        assert_eq!(
+            err(&format!("{EXAMPLE}{second}")),
+            "/etc/xlb/xlb.toml:26: service \"api\" listen \"203.0.113.10:80\": service \"web\" already listens \
+             there; each service needs its own address:port"
+        );
+        // Same address, other port: a different VIP.
+        assert!(parse(&format!("{EXAMPLE}{}", second.replace(":80\"", ":81\""))).is_ok());
+    }
+
+    #[test]
+    fn service_count_limit() {
+        let mut text = String::from("[dataplane]\ninterfaces = [\"lo\"]\n");
+        for i in 0..=MAX_SERVICES {
+            text += &format!(
+                "[[service]]\nname = \"s{i}\"\nlisten = \"203.0.113.10:{}\"\nbackends = [\"203.0.113.10:1\"]\n",
+                i + 2
+            );
+        }
+        assert_eq!(
+            err(&text),
+            format!(
+                "/etc/xlb/xlb.toml:{}: too many services: xlb supports at most 64; remove some [[service]] tables",
+                3 + 64 * 4
+            )
+        );
+        let (upto_limit, _) = text.rsplit_once("[[service]]").unwrap();
+        assert_eq!(parse(upto_limit).unwrap().services.len(), 64);
+    }
+
+    #[test]
+    fn mode_errors() {
+        for mode in ["https", "redirect"] {
+            assert_eq!(
+                err(&EXAMPLE.replace("\"l4\"", &format!("\"{mode}\""))),
+                format!(
+                    "/etc/xlb/xlb.toml:13: service \"web\" mode \"{mode}\": not available in this version of xlb; \
+                     only \"l4\" is"
+                )
+            );
+        }
+        assert_eq!(
+            err(&EXAMPLE.replace("\"l4\"", "\"L4\"")),
+            "/etc/xlb/xlb.toml:13: service \"web\" mode \"L4\": not a mode; use \"l4\""
+        );
+    }
+
+    #[test]
+    fn backend_errors() {
+        let e = err(&web("", ""));
+        assert_eq!(
+            e,
+            "/etc/xlb/xlb.toml:7: service \"web\" backends: 0 listed; a service needs 1 to 16 backends (\"ip:port\" strings)"
+        );
+        let many: Vec<String> = (1..=17).map(|p| format!("\"203.0.113.10:{p}\"")).collect();
+        assert!(err(&web(&many.join(", "), "")).contains("backends: 17 listed"));
+        assert!(parse(&web(&many[..16].join(", "), "")).is_ok());
+        let cases = [
+            (
+                "\"203.0.113.10:81\", \"203.0.113.10:81\"",
+                "\"203.0.113.10:81\": listed twice; remove one",
+            ),
+            (
+                "\"[2001:db8::1]:80\"",
+                "\"[2001:db8::1]:80\": an IPv6 backend for an IPv4 listen address; xlb does not translate \
+                 between IPv4 and IPv6, so use an IPv4 backend address",
+            ),
+            (
+                "\"203.0.113.10:80\"",
+                "\"203.0.113.10:80\": is the service's own listen address; run the backend on another port",
+            ),
+            (
+                "\"127.0.0.1:8001\"",
+                "\"127.0.0.1:8001\": a loopback backend for the non-loopback listen address 203.0.113.10:80; \
+                 packets from other hosts cannot be rewritten to a loopback address (the kernel drops them), \
+                 so have the backend listen on a host address such as \"203.0.113.10:8001\"",
+            ),
+        ];
+        for (backends, expected) in cases {
+            assert_eq!(
+                err(&web(backends, "")),
+                format!("/etc/xlb/xlb.toml:7: service \"web\" backend {expected}")
+            );
+        }
+        let e = err(&service(
+            "listen = \"[2001:db8::10]:80\"\nbackends = [\"203.0.113.10:80\"]",
+        ));
+        assert!(
+            e.contains("an IPv4 backend for an IPv6 listen address"),
+            "{e}"
+        );
+        let e = err(&service(
+            "listen = \"127.0.0.1:80\"\nbackends = [\"203.0.113.10:80\"]",
+        ));
+        assert!(e.ends_with("not a loopback address, but the service listens on loopback address 127.0.0.1:80; use loopback backends or a non-loopback listen address"), "{e}");
+        assert!(parse(&service("listen = \"[::1]:80\"\nbackends = [\"[::1]:81\"]")).is_ok());
+    }
+
+    #[test]
+    fn health_errors() {
+        let backends = "\"203.0.113.10:8001\"";
+        let health = |body: &str| err(&web(backends, &format!("[service.health]\n{body}")));
+        assert_eq!(
+            health("check = \"icmp\""),
+            "/etc/xlb/xlb.toml:9: service \"web\" health.check \"icmp\": not a check; use \"http\" (GET \
+             health.path answers 2xx or 3xx) or \"tcp\" (a connection is accepted)"
+        );
+        for path in ["health", "/a b", "/caf\u{e9}", "/x\\ty"] {
+            let e = health(&format!("path = \"{path}\""));
+            assert!(
+                e.starts_with("/etc/xlb/xlb.toml:9: service \"web\" health.path ")
+                    && e.contains("not a request path"),
+                "{e}"
+            );
+        }
+        let e = health("interval = \"1x\"");
+        assert!(
+            e.starts_with("/etc/xlb/xlb.toml:9: service \"web\" health.interval \"1x\": not a duration (unknown time unit \"x\"")
+                && e.ends_with("); write e.g. \"1s\" or \"500ms\""),
+            "{e}"
+        );
+        assert!(health("timeout = \"soon\"").contains("health.timeout \"soon\": not a duration"));
+        assert_eq!(
+            health("interval = \"50ms\"\ntimeout = \"10ms\""),
+            "/etc/xlb/xlb.toml:9: service \"web\" health.interval \"50ms\": too short; use at least \"100ms\""
+        );
+        assert_eq!(
+            health("timeout = \"0s\""),
+            "/etc/xlb/xlb.toml:9: service \"web\" health.timeout is zero; use e.g. \"500ms\""
+        );
+        assert_eq!(
+            health("interval = \"2s\"\ntimeout = \"2s\""),
+            "/etc/xlb/xlb.toml:10: service \"web\" health.timeout (2s) must be shorter than health.interval (2s) \
+             so that a probe ends before the next starts; lower the timeout or raise the interval"
+        );
+        // With the default timeout, the interval is the key to blame.
+        assert!(
+            health("interval = \"300ms\"")
+                .starts_with("/etc/xlb/xlb.toml:9: service \"web\" health.timeout (500ms)")
+        );
+        for (key, value) in [
+            ("rise", 0),
+            ("rise", 101),
+            ("fall", -1),
+            ("fall", 1_i64 << 40),
+        ] {
+            assert_eq!(
+                health(&format!("{key} = {value}")),
+                format!(
+                    "/etc/xlb/xlb.toml:9: service \"web\" health.{key} = {value}: out of range; use 1..=100 consecutive probes"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn check_system_accepts_loopback_and_rejects_foreign() {
+        let ok = parse(&service(
+            "listen = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]",
+        ))
+        .unwrap();
+        ok.check_system().unwrap();
+
+        let e = parse(&EXAMPLE.replace("eth0", "xlb-nonexist0"))
+            .unwrap()
+            .check_system()
+            .unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.to_string().starts_with(
+                "/etc/xlb/xlb.toml:2: dataplane.interfaces: no network interface \"xlb-nonexist0\" on this host; use one of: "
+            ),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("lo") && e.message.ends_with("(see `ip link`)"),
+            "{e}"
+        );
+
+        let local = local_addresses().unwrap();
+        let foreign = ["192.0.2.9", "198.51.100.9", "203.0.113.9"]
+            .map(|a| a.parse::<IpAddr>().unwrap())
+            .into_iter()
+            .find(|a| !local.contains(a))
+            .expect("this host has every documentation address");
+        // The VIP itself need not be local; only backends are checked.
+        let host = local
+            .iter()
+            .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+            .copied()
+            .unwrap_or(foreign);
+        let text = format!(
+            "[dataplane]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nlisten = \"{foreign}:80\"\n\
+             backends = [\n  \"{host}:8001\",\n  \"{foreign}:8002\",\n]\n"
+        );
+        let e = parse(&text)
+            .unwrap()
+            .check_system()
+            .unwrap_err()
+            .to_string();
+        let (line, bad) = if host == foreign {
+            (7, 8001)
+        } else {
+            (8, 8002)
+        };
+        assert!(
+            e.starts_with(&format!(
+                "/etc/xlb/xlb.toml:{line}: service \"web\" backend \"{foreign}:{bad}\": not an address of this \
+                 host; xlb balances to same-host backends only — use an address from `ip addr` (this host has "
+            )),
+            "{e}"
+        );
+        assert!(e.contains("127.0.0.1"), "{e}");
+    }
+
+    #[test]
+    fn load_reads_and_checks_the_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("xlb.toml");
+        std::fs::write(
+            &path,
+            service("listen = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]"),
+        )
+        .unwrap();
+        assert_eq!(Config::load(&path).unwrap().path, path);
+        std::fs::write(&path, EXAMPLE.replace("eth0", "xlb-nonexist0")).unwrap();
+        assert!(
+            Config::load(&path)
+                .unwrap_err()
+                .message
+                .contains("xlb-nonexist0")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: cannot read the config file: No such file or directory",
+                path.display()
+            )),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,566 @@
+//! The only module that loads programs and touches BPF maps.
+//!
+//! Everything lives under `pin_path`:
+//! - `SERVICES`, `BACKENDS`, … — every map, pinned by name (see `lb_common::maps`);
+//! - `prog_xdp`, `prog_tc_egress` — the loaded programs;
+//! - `link_xdp_<mode>_<ifname>`, `link_tc_<ifname>` — the bpf_links attaching them.
+//!
+//! Pinned links keep the programs attached after the daemon exits, and pinned maps keep the
+//! flows. A new daemon loads its programs against the same maps and swaps them into the
+//! existing links atomically (`BPF_LINK_UPDATE`), so traffic never sees a gap.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{
+    Addr, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION, Meta, PROTO_TCP,
+    backend::{Backend, BackendConns, MAX_BACKENDS, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_UP},
+    flow::{Flow, FlowKey, ReplyNat},
+    maps, programs,
+    service::{MAX_BACKENDS_PER_SERVICE, Service, ServiceKey},
+    stats::Stats,
+};
+use tracing::{info, warn};
+
+use crate::{config, status::BackendState};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// How an interface got its XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+pub struct Dataplane {
+    pin_path: PathBuf,
+    max_flows: u32,
+    // Keeps the programs loaded while we run (the pins keep them after we exit).
+    _ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    conns: Array<MapData, BackendConns>,
+    backend_flows: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    replies: HashMap<MapData, FlowKey, ReplyNat>,
+    stats: PerCpuArray<MapData, Stats>,
+    interfaces: Vec<(String, AttachedMode)>,
+    /// Whether maps pinned by an earlier run were adopted (flows preserved).
+    pub adopted: bool,
+}
+
+/// Slot of backend `backend` of service `service` in `BACKENDS`.
+pub const fn slot(service: usize, backend: usize) -> u32 {
+    service as u32 * MAX_BACKENDS_PER_SERVICE + backend as u32
+}
+
+/// Address, port and family of a socket address in map form (network byte order).
+pub fn map_addr(addr: SocketAddr) -> (Addr, u16, u8) {
+    match addr.ip() {
+        IpAddr::V4(ip) => (Addr::v4(ip.octets()), addr.port().to_be(), FAMILY_V4),
+        IpAddr::V6(ip) => (Addr(ip.octets()), addr.port().to_be(), FAMILY_V6),
+    }
+}
+
+/// The socket address behind a map address.
+pub fn sock_addr(addr: &Addr, port_be: u16, family: u8) -> SocketAddr {
+    let a = &addr.0;
+    let ip = if family == FAMILY_V4 { IpAddr::from([a[0], a[1], a[2], a[3]]) } else { IpAddr::from(*a) };
+    SocketAddr::new(ip, u16::from_be(port_be))
+}
+
+fn state_value(state: BackendState) -> u32 {
+    match state {
+        BackendState::Up => STATE_UP,
+        BackendState::Down => STATE_DOWN,
+        BackendState::Draining => STATE_DRAINING,
+    }
+}
+
+fn state_of(value: u32) -> Option<BackendState> {
+    match value {
+        STATE_UP => Some(BackendState::Up),
+        STATE_DOWN => Some(BackendState::Down),
+        STATE_DRAINING => Some(BackendState::Draining),
+        _ => None,
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when the pin path lives there and nothing is mounted yet
+/// (systemd mounts it at boot; minimal systems and containers may not).
+fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_path.starts_with(root) {
+        return Ok(());
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mounted = mountinfo
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .context("mounting bpffs on /sys/fs/bpf (needs CAP_SYS_ADMIN; or mount it yourself: `mount -t bpf bpf /sys/fs/bpf`)")?;
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+struct Expected {
+    name: &'static str,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+}
+
+fn expected_maps(max_flows: u32) -> [Expected; 8] {
+    let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
+    [
+        e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
+        e(maps::BACKENDS, 4, size_of::<Backend>(), MAX_BACKENDS),
+        e(maps::BACKEND_CONNS, 4, size_of::<BackendConns>(), MAX_BACKENDS),
+        e(maps::BACKEND_FLOWS, 4, 8, MAX_BACKENDS),
+        e(maps::FLOWS, size_of::<FlowKey>(), size_of::<Flow>(), max_flows),
+        e(maps::REPLIES, size_of::<FlowKey>(), size_of::<ReplyNat>(), max_flows),
+        e(maps::STATS, 4, size_of::<Stats>(), 1),
+        e(maps::META, 4, size_of::<Meta>(), 1),
+    ]
+}
+
+/// Refuses pinned maps this build cannot use as they are, before anything is loaded: silently
+/// reinterpreting another layout's bytes would corrupt flows.
+fn check_pinned_layout(pin_path: &Path, max_flows: u32) -> anyhow::Result<bool> {
+    let mut found = 0;
+    for Expected { name, key, value, max_entries } in expected_maps(max_flows) {
+        let path = pin_path.join(name);
+        let info = match MapInfo::from_pin(&path) {
+            Ok(info) => info,
+            Err(_) if !path.exists() => continue,
+            Err(e) => bail!("cannot open pinned map {}: {e}", path.display()),
+        };
+        found += 1;
+        let fix = format!(
+            "the state under {} was written by another xlb version or configuration; restore the previous setting, or run `xlb detach --config FILE` to remove it (this drops tracked flows)",
+            pin_path.display()
+        );
+        if info.key_size() != key || info.value_size() != value {
+            bail!(
+                "pinned map {} has {}-byte keys and {}-byte values, this xlb uses {key} and {value}: {fix}",
+                path.display(), info.key_size(), info.value_size()
+            );
+        }
+        if info.max_entries() != max_entries {
+            let what = if name == maps::FLOWS || name == maps::REPLIES {
+                format!("dataplane.max_flows is {max_flows} but the pinned conntrack holds {}", info.max_entries())
+            } else {
+                format!("pinned map {} has {} entries, this xlb uses {max_entries}", path.display(), info.max_entries())
+            };
+            bail!("{what}: {fix}");
+        }
+    }
+    if found > 0 {
+        let meta: Array<MapData, Meta> = Array::try_from(aya::maps::Map::Array(
+            MapData::from_pin(pin_path.join(maps::META)).context("opening pinned META map")?,
+        ))?;
+        let Meta { layout_version, .. } = meta.get(&0, 0)?;
+        // 0: an earlier start created the maps but failed before finishing (sizes matched above).
+        if layout_version != LAYOUT_VERSION && layout_version != 0 {
+            bail!(
+                "the maps pinned under {} have layout version {layout_version}, this xlb uses {LAYOUT_VERSION}; run `xlb detach --config FILE` to remove them (this drops tracked flows)",
+                pin_path.display()
+            );
+        }
+    }
+    Ok(found > 0)
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Replaces a pin with a fresh one of `pin` (programs are re-pinned on every start).
+fn repin(path: &Path, pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing old pin {}", path.display())),
+    }
+    pin(path).with_context(|| format!("pinning {}", path.display()))
+}
+
+fn open_pinned_link(path: &Path) -> anyhow::Result<Option<FdLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let link = PinnedLink::from_pin(path).with_context(|| format!("opening pinned link {}", path.display()))?;
+    Ok(Some(FdLink::from(link)))
+}
+
+fn xdp_link_path(pin_path: &Path, mode: AttachedMode, iface: &str) -> PathBuf {
+    pin_path.join(format!("link_xdp_{}_{iface}", mode.as_str()))
+}
+
+impl Dataplane {
+    /// Loads the programs and maps and attaches them to every configured interface, or adopts
+    /// what an earlier run left pinned (keeping its flows and attachment mode).
+    pub fn open(cfg: &config::Dataplane) -> anyhow::Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this xlb binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask build`");
+        }
+        let pin_path = cfg.pin_path.clone();
+        ensure_bpffs(&pin_path)?;
+        let adopted = check_pinned_layout(&pin_path, cfg.max_flows)?;
+        fs::create_dir_all(&pin_path).with_context(|| format!("creating pin directory {}", pin_path.display()))?;
+
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = maps::PINNED.iter().map(|&m| (m, pin_path.join(m))).collect();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(maps::FLOWS, cfg.max_flows).map_max_entries(maps::REPLIES, cfg.max_flows);
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                warn!("data path log messages will not be shown: {e}");
+                None
+            }
+        };
+
+        let xdp: &mut Xdp = ebpf.program_mut(programs::XDP).context("XDP program missing")?.try_into()?;
+        xdp.load().context("loading the XDP program (verifier)")?;
+        repin(&pin_path.join("prog_xdp"), |p| xdp.pin(p))?;
+        let mut interfaces = Vec::new();
+        for iface in &cfg.interfaces {
+            interfaces.push((iface.clone(), attach_xdp(xdp, &pin_path, iface, cfg.xdp_mode)?));
+        }
+        let tc: &mut SchedClassifier =
+            ebpf.program_mut(programs::TC_EGRESS).context("TC program missing")?.try_into()?;
+        tc.load().context("loading the TC egress program (verifier)")?;
+        repin(&pin_path.join("prog_tc_egress"), |p| tc.pin(p))?;
+        for iface in &cfg.interfaces {
+            attach_tc(tc, &pin_path, iface)?;
+        }
+        remove_stale_links(&pin_path, &cfg.interfaces)?;
+
+        let mut meta: Array<MapData, Meta> = take(&mut ebpf, maps::META)?;
+        meta.set(0, Meta { layout_version: LAYOUT_VERSION, max_flows: cfg.max_flows }, 0)?;
+        Ok(Self {
+            pin_path,
+            max_flows: cfg.max_flows,
+            services: take(&mut ebpf, maps::SERVICES)?,
+            backends: take(&mut ebpf, maps::BACKENDS)?,
+            conns: take(&mut ebpf, maps::BACKEND_CONNS)?,
+            backend_flows: take(&mut ebpf, maps::BACKEND_FLOWS)?,
+            flows: take(&mut ebpf, maps::FLOWS)?,
+            replies: take(&mut ebpf, maps::REPLIES)?,
+            stats: take(&mut ebpf, maps::STATS)?,
+            _ebpf: ebpf,
+            logger,
+            interfaces,
+            adopted,
+        })
+    }
+
+    pub fn interfaces(&self) -> &[(String, AttachedMode)] {
+        &self.interfaces
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+
+    pub fn max_flows(&self) -> u32 {
+        self.max_flows
+    }
+
+    /// The aya-log ring buffer, to be drained into `tracing` whenever it is readable.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// The backend states currently in the maps for `services` (as laid out by
+    /// `apply_services`), or `None` for a backend whose slot holds something else.
+    pub fn current_states(&self, services: &[config::Service]) -> Vec<Vec<Option<BackendState>>> {
+        services
+            .iter()
+            .enumerate()
+            .map(|(s, svc)| {
+                svc.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, addr)| {
+                        let cur = self.backends.get(&slot(s, b), 0).ok()?;
+                        let (a, port, family) = map_addr(*addr);
+                        (cur.addr == a && cur.port == port && cur.family == family)
+                            .then(|| state_of(cur.state))
+                            .flatten()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Writes services and backends. `states[s][b]` is each backend's state. Backends are
+    /// written before the services that point at them, and slots no longer used are emptied
+    /// after, so the data path never sees a service pointing at a half-written backend.
+    /// Live/total counts are kept for slots whose backend did not change.
+    pub fn apply_services(&mut self, services: &[config::Service], states: &[Vec<BackendState>]) -> anyhow::Result<()> {
+        let mut keep = std::collections::HashSet::new();
+        for (s, svc) in services.iter().enumerate() {
+            for (b, addr) in svc.backends.iter().enumerate() {
+                let slot = slot(s, b);
+                let (a, port, family) = map_addr(*addr);
+                let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: s as u32 };
+                let old = self.backends.get(&slot, 0)?;
+                if (old.addr, old.port, old.family) != (new.addr, new.port, new.family) {
+                    self.conns.set(slot, BackendConns::default(), 0)?;
+                }
+                self.backends.set(slot, new, 0)?;
+            }
+            let (addr, port, family) = map_addr(svc.listen);
+            let key = ServiceKey { addr, port, family, proto: PROTO_TCP };
+            let value = Service {
+                id: s as u32,
+                first_backend: slot(s, 0),
+                backend_count: svc.backends.len() as u32,
+                flags: 0,
+            };
+            self.services.insert(key, value, 0)?;
+            keep.insert(key);
+        }
+        let stale: Vec<ServiceKey> = self.services.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+        for key in stale {
+            self.services.remove(&key)?;
+        }
+        for slot in 0..MAX_BACKENDS {
+            let (s, b) = ((slot / MAX_BACKENDS_PER_SERVICE) as usize, (slot % MAX_BACKENDS_PER_SERVICE) as usize);
+            let used = services.get(s).is_some_and(|svc| b < svc.backends.len());
+            if !used && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
+                self.backends.set(slot, Backend::default(), 0)?;
+                self.conns.set(slot, BackendConns::default(), 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
+        let slot = slot(service, backend);
+        let mut b = self.backends.get(&slot, 0)?;
+        b.state = state_value(state);
+        self.backends.set(slot, b, 0)?;
+        Ok(())
+    }
+
+    pub fn conns(&self, service: usize, backend: usize) -> anyhow::Result<BackendConns> {
+        Ok(self.conns.get(&slot(service, backend), 0)?)
+    }
+
+    /// Overwrites a backend's live count with the truth from the socket table. A flow opening
+    /// or closing between our read and this write is corrected on the next reconcile.
+    pub fn set_live(&mut self, slot: u32, live: i64) -> anyhow::Result<()> {
+        let mut c = self.conns.get(&slot, 0)?;
+        if c.live != live {
+            c.live = live;
+            self.conns.set(slot, c, 0)?;
+        }
+        Ok(())
+    }
+
+    /// New flows per backend slot, summed over CPUs.
+    pub fn backend_flows(&self, slot: u32) -> anyhow::Result<u64> {
+        let v: PerCpuValues<u64> = self.backend_flows.get(&slot, 0)?;
+        Ok(v.iter().sum())
+    }
+
+    /// `STATS` summed over CPUs, by field name.
+    pub fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let per_cpu = self.stats.get(&0, 0)?;
+        let mut sum = Stats::default();
+        for s in per_cpu.iter() {
+            let Stats {
+                xdp_packets, xdp_bytes, fwd_packets, fwd_bytes, new_flows, reply_packets, reply_bytes,
+                closed_flows, conntrack_full, drop_no_backend, no_flow, malformed, fragments, ipv6_ext,
+                ip_options, tc_pull,
+            } = *s;
+            sum.xdp_packets += xdp_packets;
+            sum.xdp_bytes += xdp_bytes;
+            sum.fwd_packets += fwd_packets;
+            sum.fwd_bytes += fwd_bytes;
+            sum.new_flows += new_flows;
+            sum.reply_packets += reply_packets;
+            sum.reply_bytes += reply_bytes;
+            sum.closed_flows += closed_flows;
+            sum.conntrack_full += conntrack_full;
+            sum.drop_no_backend += drop_no_backend;
+            sum.no_flow += no_flow;
+            sum.malformed += malformed;
+            sum.fragments += fragments;
+            sum.ipv6_ext += ipv6_ext;
+            sum.ip_options += ip_options;
+            sum.tc_pull += tc_pull;
+        }
+        let s = sum;
+        Ok([
+            ("xdp_packets", s.xdp_packets), ("xdp_bytes", s.xdp_bytes), ("fwd_packets", s.fwd_packets),
+            ("fwd_bytes", s.fwd_bytes), ("new_flows", s.new_flows), ("reply_packets", s.reply_packets),
+            ("reply_bytes", s.reply_bytes), ("closed_flows", s.closed_flows), ("conntrack_full", s.conntrack_full),
+            ("drop_no_backend", s.drop_no_backend), ("no_flow", s.no_flow), ("malformed", s.malformed),
+            ("fragments", s.fragments), ("ipv6_ext", s.ipv6_ext), ("ip_options", s.ip_options), ("tc_pull", s.tc_pull),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect())
+    }
+
+    /// Every tracked flow as (reply key, reply NAT, forward flow if present).
+    pub fn flows(&self) -> Vec<(FlowKey, ReplyNat, Option<Flow>)> {
+        self.replies
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(rev, nat)| {
+                let fwd = rev.forward_of_reply(&nat);
+                (rev, nat, self.flows.get(&fwd, 0).ok())
+            })
+            .collect()
+    }
+
+    /// Forgets a flow in both directions.
+    pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat) {
+        let fwd = rev.forward_of_reply(nat);
+        let _ = self.flows.remove(&fwd);
+        let _ = self.replies.remove(rev);
+    }
+}
+
+/// Attaches XDP to `iface`, or swaps the program into the link a previous run pinned.
+fn attach_xdp(xdp: &mut Xdp, pin_path: &Path, iface: &str, want: config::XdpMode) -> anyhow::Result<AttachedMode> {
+    for mode in [AttachedMode::Native, AttachedMode::Generic] {
+        let path = xdp_link_path(pin_path, mode, iface);
+        if let Some(link) = open_pinned_link(&path)? {
+            let wanted = match want {
+                config::XdpMode::Auto => true,
+                config::XdpMode::Native => mode == AttachedMode::Native,
+                config::XdpMode::Generic => mode == AttachedMode::Generic,
+            };
+            if !wanted {
+                bail!(
+                    "{iface} already has xlb's XDP program attached in {} mode but xdp_mode asks for another; run `xlb detach --config FILE` first (this drops tracked flows) or set xdp_mode = \"auto\"",
+                    mode.as_str()
+                );
+            }
+            let id = xdp.attach_to_link(XdpLink::try_from(link)?).with_context(|| format!("replacing the XDP program on {iface}"))?;
+            // The pin still refers to this link; drop our handle without detaching.
+            let _ = xdp.take_link(id)?;
+            info!(interface = iface, mode = mode.as_str(), "XDP program replaced in the existing link");
+            return Ok(mode);
+        }
+    }
+    let tries: &[(XdpMode, AttachedMode)] = match want {
+        config::XdpMode::Auto => &[(XdpMode::Driver, AttachedMode::Native), (XdpMode::Skb, AttachedMode::Generic)],
+        config::XdpMode::Native => &[(XdpMode::Driver, AttachedMode::Native)],
+        config::XdpMode::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
+    };
+    let mut last_err = None;
+    for &(flags, mode) in tries {
+        match xdp.attach(iface, flags) {
+            Ok(id) => {
+                let link: FdLink = xdp.take_link(id)?.try_into().context("XDP attached without a bpf_link (kernel too old?)")?;
+                link.pin(xdp_link_path(pin_path, mode, iface)).context("pinning the XDP link")?;
+                info!(interface = iface, mode = mode.as_str(), "XDP program attached");
+                return Ok(mode);
+            }
+            Err(e) => {
+                if want == config::XdpMode::Auto {
+                    info!(interface = iface, "native XDP unavailable ({e}); trying generic");
+                }
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.expect("at least one mode tried")).with_context(|| format!("attaching XDP to {iface}"))
+}
+
+fn attach_tc(tc: &mut SchedClassifier, pin_path: &Path, iface: &str) -> anyhow::Result<()> {
+    let path = pin_path.join(format!("link_tc_{iface}"));
+    if let Some(link) = open_pinned_link(&path)? {
+        let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?).with_context(|| format!("replacing the TC program on {iface}"))?;
+        let _ = tc.take_link(id)?;
+        return Ok(());
+    }
+    let id = tc
+        .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| format!("attaching TC egress (tcx) to {iface}"))?;
+    let link: FdLink = tc.take_link(id)?.try_into()?;
+    link.pin(&path).context("pinning the TC link")?;
+    Ok(())
+}
+
+/// Unpins links to interfaces no longer configured, which detaches them.
+fn remove_stale_links(pin_path: &Path, interfaces: &[String]) -> anyhow::Result<()> {
+    for entry in fs::read_dir(pin_path)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let iface = name
+            .strip_prefix("link_xdp_native_")
+            .or_else(|| name.strip_prefix("link_xdp_generic_"))
+            .or_else(|| name.strip_prefix("link_tc_"));
+        if let Some(iface) = iface
+            && !interfaces.iter().any(|i| i == iface)
+        {
+            fs::remove_file(pin_path.join(&name))?;
+            info!(interface = iface, "detached from an interface no longer configured");
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything `open` created: unpinning the links detaches the programs, unpinning
+/// the maps frees them (and every tracked flow) once no program uses them.
+pub fn detach(pin_path: &Path) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(pin_path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pin_path.display())),
+    };
+    let mut names: Vec<String> = entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // Links first, so no packet runs a program whose maps are being removed.
+    names.sort_by_key(|n| !n.starts_with("link_"));
+    for name in names {
+        let path = pin_path.join(&name);
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        removed.push(name);
+    }
+    fs::remove_dir(pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
+    Ok(removed)
+}

@@ -1,0 +1,8 @@
+//! The xlb daemon and CLI. One module per job; only `dataplane` loads programs and touches maps.
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod health;
+pub mod sockdiag;
+pub mod status;

@@ -1,0 +1,114 @@
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use xlb::{admin, config::Config, daemon, dataplane, status};
+
+/// xlb: an XDP least-connections load balancer for same-host backends.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load (or adopt) the data path, apply the config, probe backends and serve the admin API.
+    /// SIGINT/SIGTERM stop the daemon but leave the data path attached; see `detach`.
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file without touching the kernel.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show services, backends, live connections and data-path counters of a running daemon.
+    Status {
+        /// The daemon's config (its admin.listen is queried).
+        #[arg(long, short, value_name = "FILE", required_unless_present = "admin")]
+        config: Option<PathBuf>,
+        /// Admin API address, instead of reading it from the config.
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        admin: Option<SocketAddr>,
+        /// Print the JSON of GET /api/status instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the programs and remove every pinned map and link (drops all tracked flows).
+    Detach {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `init` also routes the `log` records of aya and aya-log into tracing.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xlb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            init_tracing();
+            let config = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(config))
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: ok ({} service(s), {backends} backend(s), interfaces {})",
+                config.path.display(),
+                config.services.len(),
+                config.dataplane.interfaces.join(", ")
+            );
+            Ok(())
+        }
+        Command::Status { config, admin: addr, json } => {
+            let addr = match (addr, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => Config::parse(&path, &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?.admin.listen,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = rt.block_on(admin::fetch_status(addr))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render_table(&status));
+            }
+            Ok(())
+        }
+        Command::Detach { config } => {
+            let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+            let config = Config::parse(&config, &text)?;
+            let pin_path = &config.dataplane.pin_path;
+            let removed = dataplane::detach(pin_path)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}; nothing to detach", pin_path.display());
+            } else {
+                println!("detached xlb: removed {} from {}", removed.join(", "), pin_path.display());
+            }
+            Ok(())
+        }
+    }
+}

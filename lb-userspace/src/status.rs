@@ -1,0 +1,256 @@
+//! The status model served by `GET /api/status`, rendered by `xlb status` and `GET /metrics`.
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    Down,
+    Draining,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// `ip:port` as configured.
+    pub address: String,
+    pub state: BackendState,
+    /// Flows open to this backend now (reconciled with the kernel socket table every second).
+    pub live_connections: u64,
+    /// Flows ever sent to this backend through the data path.
+    pub total_connections: u64,
+    /// Result of the last health probe; `None` before the first one.
+    pub healthy: Option<bool>,
+    /// Duration of the last probe in milliseconds.
+    pub last_probe_ms: Option<f64>,
+    /// Why the last probe failed, if it did.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listen: String,
+    pub mode: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// "native" or "generic".
+    pub xdp_mode: String,
+}
+
+/// Data-path counters summed over CPUs (see `lb_common::stats::Stats`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataplaneStatus {
+    pub interfaces: Vec<InterfaceStatus>,
+    pub pin_path: String,
+    pub flows: u64,
+    pub max_flows: u64,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+    #[serde(default)]
+    pub dataplane: DataplaneStatus,
+}
+
+/// The text `xlb status` prints: one table per service, then the data path.
+pub fn render_table(status: &Status) -> String {
+    let mut out = String::new();
+    for service in &status.services {
+        out += &format!(
+            "service {}  listen {}  mode {}\n",
+            service.name, service.listen, service.mode
+        );
+        let mut rows = vec![
+            [
+                "BACKEND",
+                "STATE",
+                "LIVE",
+                "TOTAL",
+                "HEALTHY",
+                "PROBE",
+                "LAST ERROR",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for b in &service.backends {
+            let state = match b.state {
+                BackendState::Up => "up",
+                BackendState::Down => "down",
+                BackendState::Draining => "draining",
+            };
+            let healthy = match b.healthy {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            };
+            rows.push(vec![
+                b.address.clone(),
+                state.into(),
+                b.live_connections.to_string(),
+                b.total_connections.to_string(),
+                healthy.into(),
+                b.last_probe_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                // Errors come from the network; keep one backend on one line whatever they hold.
+                b.last_error
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |e| e.replace(char::is_control, " ")),
+            ]);
+        }
+        if service.backends.is_empty() {
+            out += "  (no backends)\n";
+        } else {
+            out += &align(&rows, &[false, false, true, true, false, true, false]);
+        }
+        out.push('\n');
+    }
+    let dp = &status.dataplane;
+    let interfaces: Vec<String> = dp
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({})", i.name, i.xdp_mode))
+        .collect();
+    let interfaces = if interfaces.is_empty() {
+        "-".into()
+    } else {
+        interfaces.join(", ")
+    };
+    out += &format!(
+        "dataplane  interfaces {interfaces}  flows {}/{}\n",
+        dp.flows, dp.max_flows
+    );
+    let counters: Vec<Vec<String>> = dp
+        .counters
+        .iter()
+        .filter(|&(_, &v)| v != 0)
+        .map(|(k, v)| vec![k.clone(), v.to_string()])
+        .collect();
+    out += &align(&counters, &[false, true]);
+    out
+}
+
+/// Two-space-indented columns two spaces apart; `right[i]` right-aligns column `i`.
+fn align(rows: &[Vec<String>], right: &[bool]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        widths.resize(widths.len().max(row.len()), 0);
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for ((cell, &width), &right) in row
+            .iter()
+            .zip(&widths)
+            .zip(right.iter().chain(std::iter::repeat(&false)))
+        {
+            line += &if right {
+                format!("  {cell:>width$}")
+            } else {
+                format!("  {cell:<width$}")
+            };
+        }
+        out += line.trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(address: &str, state: BackendState) -> BackendStatus {
+        BackendStatus {
+            address: address.into(),
+            state,
+            live_connections: 0,
+            total_connections: 0,
+            healthy: None,
+            last_probe_ms: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn table_aligns_backends_and_lists_nonzero_counters() {
+        let status = Status {
+            services: vec![
+                ServiceStatus {
+                    name: "web".into(),
+                    listen: "203.0.113.10:80".into(),
+                    mode: "l4".into(),
+                    backends: vec![
+                        BackendStatus {
+                            live_connections: 3,
+                            total_connections: 12045,
+                            healthy: Some(true),
+                            last_probe_ms: Some(1.25),
+                            ..backend("203.0.113.10:8001", BackendState::Up)
+                        },
+                        BackendStatus {
+                            total_connections: 7,
+                            healthy: Some(false),
+                            last_probe_ms: Some(500.0),
+                            last_error: Some("invalid HTTP response:\nx".into()),
+                            ..backend("203.0.113.10:8002", BackendState::Down)
+                        },
+                        backend("[2001:db8::10]:8003", BackendState::Draining),
+                    ],
+                },
+                ServiceStatus {
+                    name: "empty".into(),
+                    listen: "[::1]:80".into(),
+                    mode: "l4".into(),
+                    backends: vec![],
+                },
+            ],
+            dataplane: DataplaneStatus {
+                interfaces: vec![
+                    InterfaceStatus {
+                        name: "eth0".into(),
+                        xdp_mode: "native".into(),
+                    },
+                    InterfaceStatus {
+                        name: "eth1".into(),
+                        xdp_mode: "generic".into(),
+                    },
+                ],
+                pin_path: "/sys/fs/bpf/xlb".into(),
+                flows: 3,
+                max_flows: 1048576,
+                counters: [
+                    ("new_flows", 12052),
+                    ("drop_no_backend", 0),
+                    ("malformed", 2),
+                ]
+                .map(|(k, v)| (k.to_string(), v))
+                .into(),
+            },
+        };
+        let expected = "\
+service web  listen 203.0.113.10:80  mode l4
+  BACKEND              STATE     LIVE  TOTAL  HEALTHY    PROBE  LAST ERROR
+  203.0.113.10:8001    up           3  12045  yes        1.2ms  -
+  203.0.113.10:8002    down         0      7  no       500.0ms  invalid HTTP response: x
+  [2001:db8::10]:8003  draining     0      0  -              -  -
+
+service empty  listen [::1]:80  mode l4
+  (no backends)
+
+dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
+  malformed      2
+  new_flows  12052
+";
+        assert_eq!(render_table(&status), expected);
+    }
+}

@@ -1,0 +1,216 @@
+//! `xlb-demo-backend`: a small HTTP/1.1 server that says which instance answered, for the demo,
+//! the scenario tests and the benchmarks.
+//!
+//! `GET /` → `served by <name>`; `/health`, `/health/ready`, `/health/live` → JSON status
+//! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
+//! N ms (≤ 60 s) first, to hold a connection open.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+
+const MAX_SLOW: Duration = Duration::from_secs(60);
+
+#[derive(Parser)]
+#[command(about = "Demo HTTP backend that names the instance answering")]
+struct Args {
+    /// Addresses to listen on, comma separated (e.g. 198.18.0.1:8001,[2001:2::1]:8001).
+    #[arg(long, value_delimiter = ',', required = true)]
+    listen: Vec<SocketAddr>,
+    /// Instance name, returned in every answer.
+    #[arg(long)]
+    name: String,
+    /// Start with the health endpoints answering 503; SIGUSR1 toggles this.
+    #[arg(long)]
+    fail_health: bool,
+}
+
+struct State {
+    name: String,
+    listen: Vec<SocketAddr>,
+    started: Instant,
+    served: AtomicU64,
+    fail_health: AtomicBool,
+}
+
+// One thread: the load balancer is what the tests exercise, and benchmarks pin each backend to
+// a core anyway.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let Args {
+        listen,
+        name,
+        fail_health,
+    } = Args::parse();
+    let mut listeners = Vec::with_capacity(listen.len());
+    let mut bound = Vec::with_capacity(listen.len());
+    for addr in listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        bound.push(listener.local_addr()?);
+        listeners.push(listener);
+    }
+    let state = Arc::new(State {
+        name,
+        listen: bound.clone(),
+        started: Instant::now(),
+        served: AtomicU64::new(0),
+        fail_health: AtomicBool::new(fail_health),
+    });
+    for (listener, addr) in listeners.into_iter().zip(&bound) {
+        // Printed once bound (port 0 resolved): tests wait for this line.
+        println!("listening on {addr}");
+        tokio::spawn(accept_loop(listener, state.clone()));
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => {
+                let failing = !state.fail_health.fetch_xor(true, Ordering::Relaxed);
+                println!("fail-health {}", if failing { "on" } else { "off" });
+            }
+        }
+    }
+    // Open connections are simply dropped with the runtime: clients see them reset, like a
+    // backend going away.
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            // Errors are clients going away (resets are routine in the tests): not worth a line.
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    state.served.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_owned();
+    let slow_ms = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("ms="))
+            .and_then(|ms| ms.parse::<u64>().ok())
+    });
+    // Read the whole body (POSTs from the tests) so that the connection stays reusable.
+    let _ = req.into_body().collect().await;
+    let response = match path.as_str() {
+        "/" => served_by(&state),
+        "/slow" => {
+            let wait = Duration::from_millis(slow_ms.unwrap_or(1000)).min(MAX_SLOW);
+            tokio::time::sleep(wait).await;
+            served_by(&state)
+        }
+        "/health" | "/health/ready" | "/health/live" => health(
+            &state,
+            serde_json::json!({ "status": health_word(&state), "instance": state.name }),
+        ),
+        "/health/detailed" => health(
+            &state,
+            serde_json::json!({
+                "status": health_word(&state),
+                "instance": state.name,
+                "uptime_seconds": state.started.elapsed().as_secs(),
+                "requests_served": state.served.load(Ordering::Relaxed),
+                "pid": std::process::id(),
+                "listen": state.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            }),
+        ),
+        _ => respond(
+            &state,
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".into(),
+        ),
+    };
+    Ok(response)
+}
+
+fn served_by(state: &State) -> Response<Full<Bytes>> {
+    respond(
+        state,
+        StatusCode::OK,
+        "text/plain",
+        format!("served by {}\n", state.name),
+    )
+}
+
+fn health_word(state: &State) -> &'static str {
+    if state.fail_health.load(Ordering::Relaxed) {
+        "failing"
+    } else {
+        "ok"
+    }
+}
+
+fn health(state: &State, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let status = if state.fail_health.load(Ordering::Relaxed) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    respond(state, status, "application/json", format!("{body}\n"))
+}
+
+fn respond(
+    state: &State,
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(name) = HeaderValue::from_str(&state.name) {
+        headers.insert("x-served-by", name);
+    }
+    response
+}

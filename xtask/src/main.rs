@@ -1,0 +1,180 @@
+//! Developer tasks: `cargo xtask setup | build | test | run` (alias in .cargo/config.toml).
+mod demo;
+mod setup;
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for xlb"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, test tools).
+    Setup,
+    /// Set up, then build (the eBPF object is built by lb-userspace's build.rs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test one at a time (the scenario tests need root).
+    Test {
+        /// Also run the long reliability tests (`#[ignore]`d by default); sets XLB_RELIABILITY=1.
+        #[arg(long)]
+        reliability: bool,
+        /// Passed to `cargo test`; after a further `--`, to the test binaries.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// With arguments: build and run `xlb run <args>` (e.g. `-- --config xlb.toml`).
+    /// Without: a self-contained demo in private network namespaces.
+    Run {
+        /// Stop the demo by itself after this many seconds (default: at Ctrl-C).
+        #[arg(long, value_name = "N")]
+        demo_seconds: Option<u64>,
+        /// Arguments for `xlb run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build(release).map(drop),
+        Task::Test { reliability, args } => test(reliability, &args),
+        Task::Run { demo_seconds, args } if args.is_empty() => {
+            demo::run(demo_seconds.map(Duration::from_secs))
+        }
+        Task::Run {
+            demo_seconds: Some(_),
+            ..
+        } => {
+            bail!("--demo-seconds is for the demo (`cargo xtask run` without arguments)")
+        }
+        Task::Run { args, .. } => {
+            build(false)?;
+            let xlb = xlb_tests::xlb_bin();
+            // Replace this process: signals (Ctrl-C, SIGTERM) then go straight to the daemon.
+            use std::os::unix::process::CommandExt as _;
+            Err(Command::new(&xlb).arg("run").args(&args).exec())
+                .with_context(|| format!("executing {}", xlb.display()))
+        }
+    }
+}
+
+/// Setup + `cargo build` of the default members; returns how long the build took.
+///
+/// Never `--workspace`: that would include lb-ebpf, which only builds for the BPF target (from
+/// lb-userspace's build.rs); the workspace's `default-members` leave it out.
+fn build(release: bool) -> anyhow::Result<Duration> {
+    setup::setup()?;
+    let start = Instant::now();
+    let mut cmd = cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(start.elapsed())
+}
+
+fn test(reliability: bool, args: &[String]) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`cargo xtask test` must run as root: the scenario tests create network namespaces \
+             and load XDP programs (CAP_NET_ADMIN, CAP_BPF). CI runs it as root; locally use \
+             `sudo -E cargo xtask test`"
+        );
+    }
+    let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    // Built first, separately: integration tests find the `xlb` and `xlb-demo-backend`
+    // binaries next to themselves, and `cargo test` alone does not build other packages' bins.
+    let build_time = build(cargo_args.iter().any(|a| a == "--release"))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"]).args(cargo_args);
+    // One test at a time: they share kernel state (bpffs, XDP attachment, CPU for timing).
+    cmd.args(["--", "--test-threads=1"])
+        .env("RUST_BACKTRACE", "1");
+    if reliability {
+        cmd.env("XLB_RELIABILITY", "1").arg("--include-ignored");
+    }
+    cmd.args(harness_args);
+    let start = Instant::now();
+    let result = run(&mut cmd);
+    let test_time = start.elapsed();
+    println!(
+        "xtask: build took {:.1} s, tests took {:.1} s",
+        build_time.as_secs_f64(),
+        test_time.as_secs_f64()
+    );
+    result
+}
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+}
+
+/// The cargo that started us (`$CARGO`), run from the workspace root.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd`, echoing it first; an error names it if it fails.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    println!("xtask: $ {}", shown(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", shown(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", shown(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its stdout, or `None` if it cannot start or fails.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn shown(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program());
+    let program = program.file_name().map_or(program.as_os_str(), OsStr::new);
+    std::iter::once(program)
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `name` on `$PATH` (or in the sbin directories, which a non-login root shell may lack).
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
