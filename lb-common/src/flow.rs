@@ -38,15 +38,21 @@ pub struct Flow {
     pub _pad: u8,
     /// Slot in `BACKENDS` / `BACKEND_CONNS`.
     pub backend: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the SYN was seen.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the SYN was seen. Packets of established
+    /// flows do not touch the entry: the daemon judges flows by the kernel's socket table.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet in either direction.
-    pub last_seen_ns: u64,
-    /// `FLOW_OPEN` or `FLOW_CLOSED`; flipped with compare-and-swap so the live count is
-    /// decremented exactly once even when FINs cross on two CPUs.
+    /// `FLOW_OPEN` or `FLOW_CLOSED`. Written by whichever CPU won the flow's `CLOSED` entry
+    /// (see there); informational for readers.
     pub closed: u64,
 }
-const _: () = assert!(size_of::<Flow>() == 48);
+const _: () = assert!(size_of::<Flow>() == 40);
+
+/// Value of `CLOSED`, keyed by the flow's `FLOWS` key. The first FIN or RST of a flow inserts it
+/// with `BPF_NOEXIST`; the kernel lets exactly one insert succeed even when the client's and the
+/// backend's FINs are processed on two CPUs at once, and only that CPU decrements the backend's
+/// live count. (A compare-and-swap on the flow would need BPF ISA v3 atomics; this works on
+/// every ISA level.) Removed together with the flow.
+pub type Closed = u8;
 
 /// Value of `REPLIES`.
 #[repr(C)]

@@ -38,17 +38,21 @@ pub mod maps {
     pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
     pub const FLOWS: &str = "FLOWS";
     pub const REPLIES: &str = "REPLIES";
+    pub const CLOSED: &str = "CLOSED";
     pub const STATS: &str = "STATS";
     pub const META: &str = "META";
     /// Every map that is pinned under `pin_path` and adopted by a restarted daemon.
-    pub const PINNED: [&str; 8] =
-        [SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, STATS, META];
+    pub const PINNED: [&str; 9] =
+        [SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, CLOSED, STATS, META];
 }
 
 /// Program names in the object file.
 pub mod programs {
     pub const XDP: &str = "xlb_xdp";
     pub const TC_EGRESS: &str = "xlb_tc_egress";
+    /// Passes every packet: the baseline for program cost, and the "same XDP tax" program of
+    /// benchmark arms that bypass xlb.
+    pub const NOOP: &str = "xlb_noop";
 }
 
 /// An IPv4 or IPv6 address as it appears in packets; IPv4 in the first four bytes, the rest

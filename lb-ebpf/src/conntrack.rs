@@ -1,17 +1,17 @@
 //! Flow lifecycle: creation on SYN, exactly-once close on FIN/RST, removal on RST.
 
 // The BPF target has no `core::sync::atomic` read-modify-write methods (they are gated on
-// compare-and-swap support the target spec does not declare), but LLVM lowers these intrinsics
-// to BPF_ATOMIC instructions when targeting ISA v3 (see build.rs).
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
+// compare-and-swap support the target spec does not declare). An atomic add whose result is
+// unused lowers to BPF's XADD, which every ISA level has.
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use lb_common::{
     Addr,
-    flow::{FLOW_CLOSED, FLOW_OPEN, Flow, FlowKey, ReplyNat},
+    flow::{FLOW_CLOSED, Flow, FlowKey, ReplyNat},
 };
 
 use crate::{
-    maps::{BACKEND_CONNS, FLOWS, REPLIES},
+    maps::{BACKEND_CONNS, CLOSED, FLOWS, REPLIES},
     parse::{TCP_FIN, TCP_RST},
 };
 
@@ -66,37 +66,43 @@ pub fn add_total(slot: u32) {
     }
 }
 
-/// Marks the flow closed if it is not yet, and decrements its backend's live count. Returns
-/// whether this call did it. Compare-and-swap makes the decrement happen once even when the
-/// client's and the backend's FINs are processed on two CPUs at the same time.
+/// Closes the flow if nobody has yet, decrementing its backend's live count. Returns whether
+/// this call did it: exactly one insert into `CLOSED` succeeds (see `lb_common::flow::Closed`).
 #[inline(always)]
-pub fn close(flow: *mut Flow) -> bool {
-    // SAFETY: `flow` points into a FLOWS value; the u64 is 8-aligned.
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(&raw mut (*flow).closed, FLOW_OPEN, FLOW_CLOSED)
-    };
-    if swapped {
-        add_live(unsafe { (*flow).backend }, -1);
-        true
-    } else {
-        false
+pub fn close(fwd: &FlowKey, flow: *mut Flow) -> bool {
+    match CLOSED.insert(fwd, &1, 1 /* BPF_NOEXIST */) {
+        Ok(()) => {}
+        Err(e) if -e == EEXIST => return false,
+        // Full (it is as large as FLOWS, so only when nearly every flow is closing): count the
+        // close anyway; the daemon's reconcile corrects a double decrement within a second.
+        Err(_) => {}
     }
+    unsafe { (*flow).closed = FLOW_CLOSED };
+    add_live(unsafe { (*flow).backend }, -1);
+    true
+}
+
+/// Forgets a flow: both NAT entries and its close marker.
+#[inline(always)]
+pub fn remove(fwd: &FlowKey, rev: &FlowKey) {
+    let _ = REPLIES.remove(rev);
+    let _ = FLOWS.remove(fwd);
+    let _ = CLOSED.remove(fwd);
 }
 
 /// What a FIN or RST does to a tracked flow, given its forward key. Returns whether it closed
-/// the flow now. After an RST both entries go: nothing more will come on this 4-tuple. After a
-/// FIN they stay, because the rest of the teardown (the peer's FIN, the last ACKs) must still
-/// be rewritten; the daemon removes them once the kernel's socket is gone.
+/// the flow now. After an RST everything goes: nothing more will come on this 4-tuple. After a
+/// FIN the entries stay, because the rest of the teardown (the peer's FIN, the last ACKs) must
+/// still be rewritten; the daemon removes them once the kernel's socket is gone.
 #[inline(always)]
 pub fn on_flags(fwd: &FlowKey, flow: *mut Flow, flags: u8) -> bool {
     if flags & (TCP_FIN | TCP_RST) == 0 {
         return false;
     }
-    let closed_now = close(flow);
+    let closed_now = close(fwd, flow);
     if flags & TCP_RST != 0 {
         let rev = reply_key(fwd, unsafe { &*flow });
-        let _ = REPLIES.remove(&rev);
-        let _ = FLOWS.remove(fwd);
+        remove(fwd, &rev);
     }
     closed_now
 }

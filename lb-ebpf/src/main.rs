@@ -35,7 +35,7 @@ use crate::{
     maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS},
     parse::{
         IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, Parsed, TCP_ACK, TCP_CHECK,
-        TCP_DPORT, TCP_SPORT, TCP_SYN, Tcp,
+        TCP_DPORT, TCP_FIN, TCP_RST, TCP_SPORT, TCP_SYN, Tcp,
     },
 };
 
@@ -78,14 +78,11 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
     let key = pkt.key;
-    let now = unsafe { bpf_ktime_get_ns() };
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a live FLOWS value; concurrent writers only touch `closed` (atomically) and
-        // `last_seen_ns` (a plain timestamp where any recent value will do).
-        let f = unsafe { &mut *flow };
+        // SAFETY: a live FLOWS value; concurrent writers only touch `closed`, atomically.
+        let f = unsafe { &*flow };
         if !(syn_only && f.closed != FLOW_OPEN) {
-            f.last_seen_ns = now;
             rewrite_dst(pkt, &f.backend_addr, f.backend_port);
             stats.fwd_packets += 1;
             stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
@@ -97,8 +94,7 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         // A SYN reusing the 4-tuple of a closed flow is a new connection (TIME-WAIT reuse):
         // forget the old one and balance this one afresh.
         let rev = conntrack::reply_key(&key, f);
-        let _ = REPLIES.remove(&rev);
-        let _ = FLOWS.remove(&key);
+        conntrack::remove(&key, &rev);
     }
     let svc_key = ServiceKey {
         addr: key.dst_addr,
@@ -123,6 +119,7 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let Some(backend) = BACKENDS.get(slot) else { return xdp_action::XDP_PASS };
+    let now = unsafe { bpf_ktime_get_ns() };
     let flow = Flow {
         backend_addr: conntrack::copy_addr(&backend.addr),
         backend_port: backend.port,
@@ -130,7 +127,6 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         _pad: 0,
         backend: slot,
         created_ns: now,
-        last_seen_ns: now,
         closed: FLOW_OPEN,
     };
     let nat = ReplyNat { vip_addr: key.dst_addr, vip_port: key.dst_port, _pad: 0, backend: slot };
@@ -214,6 +210,12 @@ fn rewrite_dst(pkt: &Tcp, addr: &Addr, port: u16) {
     }
 }
 
+/// Passes every packet untouched (see `lb_common::programs::NOOP`).
+#[xdp]
+pub fn xlb_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
     let _ = try_tc_egress(&ctx);
@@ -270,11 +272,11 @@ fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
     }
     stats.reply_packets += 1;
     stats.reply_bytes += u64::from(ctx.len());
-    if let Some(flow) = FLOWS.get_ptr_mut(&fwd) {
-        unsafe { (*flow).last_seen_ns = bpf_ktime_get_ns() };
-        if conntrack::on_flags(&fwd, flow, flags) {
-            stats.closed_flows += 1;
-        }
+    if flags & (TCP_FIN | TCP_RST) != 0
+        && let Some(flow) = FLOWS.get_ptr_mut(&fwd)
+        && conntrack::on_flags(&fwd, flow, flags)
+    {
+        stats.closed_flows += 1;
     }
     Ok(())
 }

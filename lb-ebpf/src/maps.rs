@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     Meta,
     backend::{Backend, BackendConns, MAX_BACKENDS},
-    flow::{DEFAULT_MAX_FLOWS, Flow, FlowKey, ReplyNat},
+    flow::{Closed, DEFAULT_MAX_FLOWS, Flow, FlowKey, ReplyNat},
     service::{MAX_SERVICES, Service, ServiceKey},
     stats::Stats,
 };
@@ -39,6 +39,9 @@ pub static FLOWS: HashMap<FlowKey, Flow, MAX_FLOWS_, NO_PREALLOC> = HashMap::new
 
 #[btf_map]
 pub static REPLIES: HashMap<FlowKey, ReplyNat, MAX_FLOWS_, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static CLOSED: HashMap<FlowKey, Closed, MAX_FLOWS_, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
 pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();

@@ -20,8 +20,9 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    TestRunOptions,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -30,7 +31,7 @@ use aya::{
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION, Meta, PROTO_TCP,
     backend::{Backend, BackendConns, MAX_BACKENDS, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_UP},
-    flow::{Flow, FlowKey, ReplyNat},
+    flow::{Closed, Flow, FlowKey, ReplyNat},
     maps, programs,
     service::{MAX_BACKENDS_PER_SERVICE, Service, ServiceKey},
     stats::Stats,
@@ -57,11 +58,22 @@ impl AttachedMode {
     }
 }
 
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Debug)]
+pub struct TestRunOutput {
+    /// The program's return value (XDP action or TC action).
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+    /// Average run time per repetition, as measured by the kernel.
+    pub duration: std::time::Duration,
+}
+
 pub struct Dataplane {
     pin_path: PathBuf,
     max_flows: u32,
     // Keeps the programs loaded while we run (the pins keep them after we exit).
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
@@ -69,6 +81,7 @@ pub struct Dataplane {
     backend_flows: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, ReplyNat>,
+    closed: HashMap<MapData, FlowKey, Closed>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
@@ -138,7 +151,7 @@ struct Expected {
     max_entries: u32,
 }
 
-fn expected_maps(max_flows: u32) -> [Expected; 8] {
+fn expected_maps(max_flows: u32) -> [Expected; 9] {
     let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
     [
         e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
@@ -147,6 +160,7 @@ fn expected_maps(max_flows: u32) -> [Expected; 8] {
         e(maps::BACKEND_FLOWS, 4, 8, MAX_BACKENDS),
         e(maps::FLOWS, size_of::<FlowKey>(), size_of::<Flow>(), max_flows),
         e(maps::REPLIES, size_of::<FlowKey>(), size_of::<ReplyNat>(), max_flows),
+        e(maps::CLOSED, size_of::<FlowKey>(), size_of::<Closed>(), max_flows),
         e(maps::STATS, 4, size_of::<Stats>(), 1),
         e(maps::META, 4, size_of::<Meta>(), 1),
     ]
@@ -234,31 +248,13 @@ impl Dataplane {
     /// Loads the programs and maps and attaches them to every configured interface, or adopts
     /// what an earlier run left pinned (keeping its flows and attachment mode).
     pub fn open(cfg: &config::Dataplane) -> anyhow::Result<Self> {
-        if OBJECT.is_empty() {
-            bail!("this xlb binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask build`");
-        }
         let pin_path = cfg.pin_path.clone();
         ensure_bpffs(&pin_path)?;
         let adopted = check_pinned_layout(&pin_path, cfg.max_flows)?;
         fs::create_dir_all(&pin_path).with_context(|| format!("creating pin directory {}", pin_path.display()))?;
-
-        let mut loader = EbpfLoader::new();
-        let map_pins: Vec<(&str, PathBuf)> = maps::PINNED.iter().map(|&m| (m, pin_path.join(m))).collect();
-        for (name, path) in &map_pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        loader.map_max_entries(maps::FLOWS, cfg.max_flows).map_max_entries(maps::REPLIES, cfg.max_flows);
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(logger),
-            Err(e) => {
-                warn!("data path log messages will not be shown: {e}");
-                None
-            }
-        };
+        let mut ebpf = load_object(cfg.max_flows, Some(&pin_path))?;
 
         let xdp: &mut Xdp = ebpf.program_mut(programs::XDP).context("XDP program missing")?.try_into()?;
-        xdp.load().context("loading the XDP program (verifier)")?;
         repin(&pin_path.join("prog_xdp"), |p| xdp.pin(p))?;
         let mut interfaces = Vec::new();
         for iface in &cfg.interfaces {
@@ -266,30 +262,96 @@ impl Dataplane {
         }
         let tc: &mut SchedClassifier =
             ebpf.program_mut(programs::TC_EGRESS).context("TC program missing")?.try_into()?;
-        tc.load().context("loading the TC egress program (verifier)")?;
         repin(&pin_path.join("prog_tc_egress"), |p| tc.pin(p))?;
         for iface in &cfg.interfaces {
             attach_tc(tc, &pin_path, iface)?;
         }
         remove_stale_links(&pin_path, &cfg.interfaces)?;
+        Self::new(ebpf, pin_path, cfg.max_flows, interfaces, adopted)
+    }
 
+    /// Loads the programs with fresh, unpinned maps and attaches nothing: for running them
+    /// with `BPF_PROG_TEST_RUN` (packet tests, benchmarks). Everything is freed on drop.
+    pub fn load_detached(max_flows: u32) -> anyhow::Result<Self> {
+        let ebpf = load_object(max_flows, None)?;
+        Self::new(ebpf, PathBuf::new(), max_flows, Vec::new(), false)
+    }
+
+    fn new(
+        mut ebpf: Ebpf,
+        pin_path: PathBuf,
+        max_flows: u32,
+        interfaces: Vec<(String, AttachedMode)>,
+        adopted: bool,
+    ) -> anyhow::Result<Self> {
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                warn!("data path log messages will not be shown: {e}");
+                None
+            }
+        };
         let mut meta: Array<MapData, Meta> = take(&mut ebpf, maps::META)?;
-        meta.set(0, Meta { layout_version: LAYOUT_VERSION, max_flows: cfg.max_flows }, 0)?;
+        meta.set(0, Meta { layout_version: LAYOUT_VERSION, max_flows }, 0)?;
         Ok(Self {
             pin_path,
-            max_flows: cfg.max_flows,
+            max_flows,
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
             conns: take(&mut ebpf, maps::BACKEND_CONNS)?,
             backend_flows: take(&mut ebpf, maps::BACKEND_FLOWS)?,
             flows: take(&mut ebpf, maps::FLOWS)?,
             replies: take(&mut ebpf, maps::REPLIES)?,
+            closed: take(&mut ebpf, maps::CLOSED)?,
             stats: take(&mut ebpf, maps::STATS)?,
-            _ebpf: ebpf,
+            ebpf,
             logger,
             interfaces,
             adopted,
         })
+    }
+
+    /// Runs the XDP program on `packet` (`repeat` times; map updates persist across repeats).
+    pub fn test_run_xdp(&self, packet: &[u8], repeat: u32) -> anyhow::Result<TestRunOutput> {
+        self.test_run(programs::XDP, packet, repeat)
+    }
+
+    /// Runs the TC egress program on `packet`.
+    pub fn test_run_tc(&self, packet: &[u8], repeat: u32) -> anyhow::Result<TestRunOutput> {
+        self.test_run(programs::TC_EGRESS, packet, repeat)
+    }
+
+    /// Runs the object's no-op XDP program: the baseline program cost is measured against.
+    pub fn test_run_noop(&self, packet: &[u8], repeat: u32) -> anyhow::Result<TestRunOutput> {
+        self.test_run(programs::NOOP, packet, repeat)
+    }
+
+    fn test_run(&self, name: &str, packet: &[u8], repeat: u32) -> anyhow::Result<TestRunOutput> {
+        let program = self.ebpf.program(name).with_context(|| format!("program {name} missing"))?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), repeat, ..Default::default() };
+        let result = match program {
+            aya::programs::Program::Xdp(p) => p.test_run(opts),
+            aya::programs::Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("program {name} cannot be test-run"),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput { verdict: result.return_value, data: out, duration: result.duration })
+    }
+
+    /// The `FLOWS` entry of a client → VIP 4-tuple.
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// The `REPLIES` entry of a backend → client 4-tuple.
+    pub fn reply(&self, key: &FlowKey) -> Option<ReplyNat> {
+        self.replies.get(key, 0).ok()
+    }
+
+    pub fn set_conns(&mut self, service: usize, backend: usize, conns: BackendConns) -> anyhow::Result<()> {
+        Ok(self.conns.set(slot(service, backend), conns, 0)?)
     }
 
     pub fn interfaces(&self) -> &[(String, AttachedMode)] {
@@ -458,9 +520,38 @@ impl Dataplane {
     /// Forgets a flow in both directions.
     pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat) {
         let fwd = rev.forward_of_reply(nat);
-        let _ = self.flows.remove(&fwd);
         let _ = self.replies.remove(rev);
+        let _ = self.flows.remove(&fwd);
+        let _ = self.closed.remove(&fwd);
     }
+}
+
+/// Parses the object, creating its maps (or opening those pinned under `pin_path`), and loads
+/// both programs into the kernel (the verifier runs here).
+fn load_object(max_flows: u32, pin_path: Option<&Path>) -> anyhow::Result<Ebpf> {
+    if OBJECT.is_empty() {
+        bail!("this xlb binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask build`");
+    }
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = match pin_path {
+        Some(dir) => maps::PINNED.iter().map(|&m| (m, dir.join(m))).collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries(maps::FLOWS, max_flows)
+        .map_max_entries(maps::REPLIES, max_flows)
+        .map_max_entries(maps::CLOSED, max_flows);
+    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    for name in [programs::XDP, programs::NOOP] {
+        let xdp: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
+        xdp.load().with_context(|| format!("loading {name} (verifier)"))?;
+    }
+    let tc: &mut SchedClassifier = ebpf.program_mut(programs::TC_EGRESS).context("TC program missing")?.try_into()?;
+    tc.load().context("loading the TC egress program (verifier)")?;
+    Ok(ebpf)
 }
 
 /// Attaches XDP to `iface`, or swaps the program into the link a previous run pinned.

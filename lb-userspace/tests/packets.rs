@@ -1,0 +1,616 @@
+//! Packet table: bytes in → verdict and exact bytes out, through the real XDP and TC programs
+//! loaded in the kernel (`BPF_PROG_TEST_RUN`), with maps preset through the daemon's own
+//! `Dataplane` API. Also backend selection and conntrack capacity. Needs root (CAP_BPF).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{
+    Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    backend::BackendConns,
+    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
+};
+use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+
+/// Service 0: a VIP on its own address (address and port rewritten); service 1: a VIP on the
+/// backends' address, as on a one-address VPS (port rewritten only); service 2: IPv6.
+const CONFIG: &str = r#"
+[dataplane]
+interfaces = ["lo"]
+[[service]]
+name = "vip"
+listen = "198.18.0.10:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "same-address"
+listen = "198.18.0.1:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "v6"
+listen = "[2001:2::10]:80"
+backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// A small packet builder with correct checksums, and variations for the malformed classes.
+
+#[derive(Clone, Debug)]
+struct Pkt {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: Vec<u8>,
+    vlan: Option<u16>,
+    /// IPv4 options (a multiple of 4 bytes).
+    ip_options: Vec<u8>,
+    /// IPv4 flags + fragment offset field.
+    frag: u16,
+    /// An IPv6 hop-by-hop header before TCP.
+    hop_by_hop: bool,
+    /// Overrides the TCP data offset (in 32-bit words).
+    doff: Option<u8>,
+    /// Added to the TCP checksum after computing it (0: valid).
+    bad_csum: u16,
+}
+
+fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Pkt {
+    Pkt {
+        src,
+        dst,
+        sport,
+        dport,
+        flags,
+        payload: if flags & PSH != 0 { b"GET / HTTP/1.1\r\n\r\n".to_vec() } else { Vec::new() },
+        vlan: None,
+        ip_options: Vec::new(),
+        frag: 0x4000, // DF
+        hop_by_hop: false,
+        doff: None,
+        bad_csum: 0,
+    }
+}
+
+fn v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Pkt {
+    tcp(src.into(), sport, dst.into(), dport, flags)
+}
+
+fn v6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Pkt {
+    tcp(src.into(), sport, dst.into(), dport, flags)
+}
+
+fn csum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+impl Pkt {
+    fn bytes(&self) -> Vec<u8> {
+        let mut tcp = Vec::new();
+        tcp.extend(self.sport.to_be_bytes());
+        tcp.extend(self.dport.to_be_bytes());
+        tcp.extend(1000u32.to_be_bytes());
+        tcp.extend(if self.flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
+        tcp.push(self.doff.unwrap_or(5) << 4);
+        tcp.push(self.flags);
+        tcp.extend(64240u16.to_be_bytes());
+        tcp.extend([0, 0, 0, 0]); // checksum, urgent pointer
+        tcp.extend(&self.payload);
+        let tcp_len = (tcp.len() as u16).to_be_bytes();
+        let check = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => csum(&[&s.octets(), &d.octets(), &[0, 6], &tcp_len, &tcp]),
+            (IpAddr::V6(s), IpAddr::V6(d)) => csum(&[&s.octets(), &d.octets(), &[0, 0], &tcp_len, &[0, 0, 0, 6], &tcp]),
+            _ => unreachable!(),
+        };
+        tcp[16..18].copy_from_slice(&check.wrapping_add(self.bad_csum).to_be_bytes());
+
+        let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        if let Some(vid) = self.vlan {
+            out.extend([0x81, 0x00]);
+            out.extend(vid.to_be_bytes());
+        }
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                out.extend([0x08, 0x00]);
+                let ihl = 5 + self.ip_options.len() / 4;
+                let mut ip = vec![0x40 | ihl as u8, 0];
+                ip.extend(((ihl * 4 + tcp.len()) as u16).to_be_bytes());
+                ip.extend([0x12, 0x34]);
+                ip.extend(self.frag.to_be_bytes());
+                ip.extend([64, 6, 0, 0]);
+                ip.extend(s.octets());
+                ip.extend(d.octets());
+                ip.extend(&self.ip_options);
+                let c = csum(&[&ip]);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                out.extend(ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                out.extend([0x86, 0xdd]);
+                let ext_len = if self.hop_by_hop { 8 } else { 0 };
+                out.extend([0x60, 0, 0, 0]);
+                out.extend(((tcp.len() + ext_len) as u16).to_be_bytes());
+                out.push(if self.hop_by_hop { 0 } else { 6 });
+                out.push(64);
+                out.extend(s.octets());
+                out.extend(d.octets());
+                if self.hop_by_hop {
+                    out.extend([6, 0, 1, 4, 0, 0, 0, 0]); // next=TCP, len 0, PadN
+                }
+            }
+            _ => unreachable!(),
+        }
+        out.extend(tcp);
+        out
+    }
+
+    fn with_dst(&self, dst: IpAddr, dport: u16) -> Pkt {
+        Pkt { dst, dport, ..self.clone() }
+    }
+
+    fn with_src(&self, src: IpAddr, sport: u16) -> Pkt {
+        Pkt { src, sport, ..self.clone() }
+    }
+
+    fn key(&self) -> FlowKey {
+        let map = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => (Addr::v4(a.octets()), FAMILY_V4),
+            IpAddr::V6(a) => (Addr(a.octets()), FAMILY_V6),
+        };
+        let ((src_addr, family), (dst_addr, _)) = (map(self.src), map(self.dst));
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port: self.sport.to_be(),
+            dst_port: self.dport.to_be(),
+            family,
+            proto: PROTO_TCP,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Does the TCP checksum of a built IPv4/IPv6 packet (no VLAN, no options) verify?
+fn tcp_checksum_ok(bytes: &[u8]) -> bool {
+    let ethertype = u16::from_be_bytes([bytes[12], bytes[13]]);
+    let (l3, l4) = if ethertype == 0x0800 { (14, 14 + usize::from(bytes[14] & 0xf) * 4) } else { (14, 54) };
+    let seg = &bytes[l4..];
+    let len = (seg.len() as u16).to_be_bytes();
+    let sum = if ethertype == 0x0800 {
+        csum(&[&bytes[l3 + 12..l3 + 20], &[0, 6], &len, seg])
+    } else {
+        csum(&[&bytes[l3 + 8..l3 + 40], &[0, 0], &len, &[0, 0, 0, 6], seg])
+    };
+    sum == 0
+}
+
+fn ipv4_header_ok(bytes: &[u8]) -> bool {
+    let ihl = usize::from(bytes[14] & 0xf) * 4;
+    csum(&[&bytes[14..14 + ihl]]) == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn setup(states: &[&[BackendState]]) -> Dataplane {
+    xlb_require_root();
+    let config = Config::parse("packets.toml".as_ref(), CONFIG).expect("test config parses");
+    let mut dp = Dataplane::load_detached(4096).expect("programs load and pass the verifier");
+    let states: Vec<Vec<BackendState>> = config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(s, svc)| (0..svc.backends.len()).map(|b| states.get(s).and_then(|v| v.get(b)).copied().unwrap_or(BackendState::Up)).collect())
+        .collect();
+    dp.apply_services(&config.services, &states).expect("services written");
+    dp
+}
+
+fn xlb_require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "packet tests load BPF programs: run them as root (`cargo xtask test`)");
+}
+
+fn set_live(dp: &mut Dataplane, service: usize, live: &[i64]) {
+    for (b, &l) in live.iter().enumerate() {
+        dp.set_conns(service, b, BackendConns { live: l, total: 0 }).unwrap();
+    }
+}
+
+fn live(dp: &Dataplane, service: usize, backend: usize) -> i64 {
+    dp.conns(service, backend).unwrap().live
+}
+
+fn counter(dp: &Dataplane, name: &str) -> u64 {
+    dp.counters().unwrap()[name]
+}
+
+fn xdp(dp: &Dataplane, p: &Pkt) -> (u32, Vec<u8>) {
+    let out = dp.test_run_xdp(&p.bytes(), 1).expect("XDP test run");
+    assert!(out.verdict == XDP_PASS || out.verdict == XDP_DROP, "verdict {} for {p:?}: never XDP_ABORTED", out.verdict);
+    (out.verdict, out.data)
+}
+
+fn tc(dp: &Dataplane, p: &Pkt) -> (u32, Vec<u8>) {
+    let out = dp.test_run_tc(&p.bytes(), 1).expect("TC test run");
+    (out.verdict, out.data)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flow lifecycle.
+
+#[test]
+fn syn_to_vip_is_dnated_to_the_least_loaded_backend() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[3, 1, 2]);
+    let syn = v4(CLIENT, 40000, VIP, 80, SYN);
+    let (verdict, out) = xdp(&dp, &syn);
+    assert_eq!(verdict, XDP_PASS);
+    let expected = syn.with_dst(HOST.into(), 8002).bytes();
+    assert_eq!(out, expected, "destination rewritten to 198.18.0.1:8002 with both checksums patched");
+    assert!(tcp_checksum_ok(&out) && ipv4_header_ok(&out));
+    let flow = dp.flow(&syn.key()).expect("flow recorded");
+    assert_eq!((flow.backend, flow.closed), (1, FLOW_OPEN));
+    assert_eq!(live(&dp, 0, 1), 2, "live count incremented");
+    assert_eq!(dp.conns(0, 1).unwrap().total, 1);
+    assert_eq!(counter(&dp, "new_flows"), 1);
+    let reply_key = syn.with_dst(HOST.into(), 8002).key();
+    let rev = FlowKey { src_addr: reply_key.dst_addr, dst_addr: reply_key.src_addr, src_port: reply_key.dst_port, dst_port: reply_key.src_port, ..reply_key };
+    let nat = dp.reply(&rev).expect("reverse entry recorded");
+    assert_eq!((nat.vip_addr, u16::from_be(nat.vip_port)), (Addr::v4(VIP.octets()), 80));
+}
+
+#[test]
+fn established_packets_follow_their_flow_and_replies_come_back_from_the_vip() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 1, &[5, 5, 0]);
+    let syn = v4(CLIENT, 40001, HOST, 80, SYN);
+    let (_, out) = xdp(&dp, &syn);
+    assert_eq!(out, syn.with_dst(HOST.into(), 8003).bytes(), "same-address VIP: only the port changes");
+    // Loads change, the flow stays.
+    set_live(&mut dp, 1, &[0, 0, 9]);
+    let data = v4(CLIENT, 40001, HOST, 80, ACK | PSH);
+    let (verdict, out) = xdp(&dp, &data);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, data.with_dst(HOST.into(), 8003).bytes());
+    assert_eq!(live(&dp, 1, 2), 9, "an established packet does not count again");
+
+    let reply = v4(HOST, 8003, CLIENT, 40001, ACK | PSH);
+    let (verdict, out) = tc(&dp, &reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, reply.with_src(HOST.into(), 80).bytes(), "reply source rewritten to the VIP port");
+    assert_eq!(counter(&dp, "reply_packets"), 1);
+
+    // A VIP on another address: the reply's source address changes too.
+    set_live(&mut dp, 0, &[0, 1, 1]);
+    let syn = v4(CLIENT, 40002, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    let reply = v4(HOST, 8001, CLIENT, 40002, SYN | ACK);
+    let (_, out) = tc(&dp, &reply);
+    assert_eq!(out, reply.with_src(VIP.into(), 80).bytes());
+    assert!(tcp_checksum_ok(&out) && ipv4_header_ok(&out));
+}
+
+#[test]
+fn fin_closes_a_flow_once_and_keeps_it_for_the_teardown() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    let syn = v4(CLIENT, 40010, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    assert_eq!(live(&dp, 0, 0), 1);
+    let fin = v4(CLIENT, 40010, VIP, 80, FIN | ACK);
+    let (verdict, out) = xdp(&dp, &fin);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, fin.with_dst(HOST.into(), 8001).bytes(), "the FIN itself is rewritten");
+    assert_eq!(live(&dp, 0, 0), 0, "decremented on the first FIN");
+    assert_eq!(dp.flow(&syn.key()).unwrap().closed, FLOW_CLOSED);
+    // The backend's FIN and the last ACK still need NAT, and must not decrement again.
+    let back_fin = v4(HOST, 8001, CLIENT, 40010, FIN | ACK);
+    let (_, out) = tc(&dp, &back_fin);
+    assert_eq!(out, back_fin.with_src(VIP.into(), 80).bytes());
+    let last_ack = v4(CLIENT, 40010, VIP, 80, ACK);
+    let (_, out) = xdp(&dp, &last_ack);
+    assert_eq!(out, last_ack.with_dst(HOST.into(), 8001).bytes());
+    assert_eq!(live(&dp, 0, 0), 0, "exactly once");
+    assert_eq!(counter(&dp, "closed_flows"), 1);
+    // The same 4-tuple reused for a new connection is balanced afresh and counted.
+    set_live(&mut dp, 0, &[4, 0, 4]);
+    let (_, out) = xdp(&dp, &syn);
+    assert_eq!(out, syn.with_dst(HOST.into(), 8002).bytes());
+    assert_eq!(dp.flow(&syn.key()).unwrap().closed, FLOW_OPEN);
+    assert_eq!(live(&dp, 0, 1), 1);
+}
+
+#[test]
+fn rst_in_either_direction_removes_the_flow() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    let syn = v4(CLIENT, 40020, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    let rst = v4(CLIENT, 40020, VIP, 80, RST);
+    let (_, out) = xdp(&dp, &rst);
+    assert_eq!(out, rst.with_dst(HOST.into(), 8001).bytes(), "the RST reaches the backend");
+    assert!(dp.flow(&syn.key()).is_none(), "forward entry removed");
+    assert_eq!(live(&dp, 0, 0), 0);
+
+    let syn = v4(CLIENT, 40021, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    assert_eq!(live(&dp, 0, 0), 1);
+    let rst = v4(HOST, 8001, CLIENT, 40021, RST | ACK);
+    let (_, out) = tc(&dp, &rst);
+    assert_eq!(out, rst.with_src(VIP.into(), 80).bytes());
+    assert!(dp.flow(&syn.key()).is_none());
+    assert_eq!(live(&dp, 0, 0), 0, "backend RST decrements");
+    // Nothing is left to rewrite: a late reply passes untouched.
+    let late = v4(HOST, 8001, CLIENT, 40021, ACK);
+    assert_eq!(tc(&dp, &late).1, late.bytes());
+}
+
+#[test]
+fn ipv6_flows_are_dnated_and_reverse_natted() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 2, &[1, 0]);
+    let syn = v6(CLIENT6, 50000, VIP6, 80, SYN);
+    let (verdict, out) = xdp(&dp, &syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn.with_dst(HOST6.into(), 8002).bytes());
+    assert!(tcp_checksum_ok(&out));
+    let reply = v6(HOST6, 8002, CLIENT6, 50000, SYN | ACK);
+    let (_, out) = tc(&dp, &reply);
+    assert_eq!(out, reply.with_src(VIP6.into(), 80).bytes());
+    assert!(tcp_checksum_ok(&out));
+    let fin = v6(CLIENT6, 50000, VIP6, 80, FIN | ACK);
+    xdp(&dp, &fin);
+    assert_eq!(live(&dp, 2, 1), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Everything that is not ours, or is malformed: a documented verdict, a counter, bytes untouched.
+
+#[test]
+fn non_vip_and_malformed_packets_pass_untouched_and_are_counted() {
+    let dp = setup(&[]);
+    let syn = v4(CLIENT, 40100, VIP, 80, SYN);
+    let truncate = |n: usize| {
+        let mut b = syn.bytes();
+        b.truncate(n);
+        b
+    };
+    let ihl4 = {
+        let mut b = syn.bytes();
+        b[14] = 0x44;
+        b
+    };
+    let arp = {
+        let mut b = vec![0xff; 6];
+        b.extend([0x02, 0, 0, 0, 0, 2, 0x08, 0x06]);
+        b.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+        b.extend([0u8; 20]);
+        b
+    };
+    let udp = {
+        let mut b = syn.bytes();
+        b[23] = 17;
+        b
+    };
+    let rows: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("not a VIP (other port)", v4(CLIENT, 40100, HOST, 22, SYN).bytes(), None),
+        ("not a VIP (other address)", v4(CLIENT, 40100, Ipv4Addr::new(198, 18, 0, 99), 80, SYN).bytes(), None),
+        ("non-SYN to a VIP without a flow", v4(CLIENT, 40101, VIP, 80, ACK).bytes(), Some("no_flow")),
+        ("ARP", arp, None),
+        ("UDP to the VIP", udp, None),
+        // (Frames shorter than an Ethernet header cannot be fed to BPF_PROG_TEST_RUN; the
+        // program's first bounds check covers them.)
+        ("truncated IPv4 header", truncate(14 + 12), Some("malformed")),
+        ("truncated TCP header", truncate(14 + 20 + 10), Some("malformed")),
+        ("IPv4 ihl < 5", ihl4, Some("malformed")),
+        ("TCP doff < 5", Pkt { doff: Some(4), ..syn.clone() }.bytes(), Some("malformed")),
+        ("TCP doff past the end", Pkt { doff: Some(15), ..syn.clone() }.bytes(), Some("malformed")),
+        ("IPv4 fragment (MF)", Pkt { frag: 0x2000, ..syn.clone() }.bytes(), Some("fragments")),
+        ("IPv4 fragment (offset)", Pkt { frag: 0x0010, ..syn.clone() }.bytes(), Some("fragments")),
+        ("IPv6 extension header", Pkt { hop_by_hop: true, ..v6(CLIENT6, 50100, VIP6, 80, SYN) }.bytes(), Some("ipv6_ext")),
+        ("truncated IPv6 header", v6(CLIENT6, 50100, VIP6, 80, SYN).bytes()[..14 + 30].to_vec(), Some("malformed")),
+    ];
+    for (name, bytes, counter_name) in rows {
+        let before = counter_name.map(|c| counter(&dp, c));
+        let out = dp.test_run_xdp(&bytes, 1).unwrap();
+        assert_eq!(out.verdict, XDP_PASS, "{name}: XDP_PASS");
+        assert_eq!(out.data, bytes, "{name}: bytes untouched");
+        if let (Some(c), Some(before)) = (counter_name, before) {
+            assert_eq!(counter(&dp, c), before + 1, "{name}: counted in {c}");
+        }
+        let tc_out = dp.test_run_tc(&bytes, 1);
+        if let Ok(out) = tc_out {
+            assert_eq!(out.verdict, TC_ACT_OK, "{name}: TC passes");
+            assert_eq!(out.data, bytes, "{name}: TC leaves bytes untouched");
+        }
+    }
+    assert_eq!(counter(&dp, "new_flows"), 0, "none of these created a flow");
+}
+
+#[test]
+fn vlan_tags_and_ipv4_options_are_handled() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[1, 0, 1]);
+    let tagged = Pkt { vlan: Some(42), ..v4(CLIENT, 40200, VIP, 80, SYN) };
+    let (_, out) = xdp(&dp, &tagged);
+    assert_eq!(out, tagged.with_dst(HOST.into(), 8002).bytes(), "VLAN tag kept, inner packet rewritten");
+    let reply = Pkt { vlan: Some(42), ..v4(HOST, 8002, CLIENT, 40200, SYN | ACK) };
+    assert_eq!(tc(&dp, &reply).1, reply.with_src(VIP.into(), 80).bytes());
+
+    set_live(&mut dp, 0, &[1, 1, 0]);
+    // NOP NOP NOP EOL: a 24-byte IPv4 header.
+    let opts = Pkt { ip_options: vec![1, 1, 1, 0], ..v4(CLIENT, 40201, VIP, 80, SYN) };
+    let (verdict, out) = xdp(&dp, &opts);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, opts.with_dst(HOST.into(), 8003).bytes(), "TCP found after the options and rewritten");
+    assert!(tcp_checksum_ok(&out) && ipv4_header_ok(&out));
+    assert_eq!(counter(&dp, "ip_options"), 1);
+}
+
+#[test]
+fn a_bad_checksum_stays_bad_after_rewriting() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 1, 1]);
+    let bad = Pkt { bad_csum: 0x1111, ..v4(CLIENT, 40300, VIP, 80, SYN) };
+    assert!(!tcp_checksum_ok(&bad.bytes()));
+    let (verdict, out) = xdp(&dp, &bad);
+    assert_eq!(verdict, XDP_PASS);
+    assert!(!tcp_checksum_ok(&out), "the receiver must still see a bad checksum and drop it");
+    assert_eq!(out, bad.with_dst(HOST.into(), 8001).bytes(), "the error is carried over unchanged");
+    let bad_reply = Pkt { bad_csum: 0x2222, ..v4(HOST, 8001, CLIENT, 40300, SYN | ACK) };
+    let (_, out) = tc(&dp, &bad_reply);
+    assert!(!tcp_checksum_ok(&out));
+    assert_eq!(out, bad_reply.with_src(VIP.into(), 80).bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selection.
+
+#[test]
+fn selection_follows_counts_and_states() {
+    use BackendState::{Down, Draining, Up};
+    // Preset counts → the least loaded.
+    let mut dp = setup(&[]);
+    for (live, expected) in [([5, 2, 7], 8002), ([0, 3, 3], 8001), ([9, 9, 8], 8003), ([-3, 1, 1], 8001)] {
+        set_live(&mut dp, 0, &live);
+        let syn = v4(CLIENT, 41000 + expected, VIP, 80, SYN);
+        assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST.into(), expected).bytes(), "counts {live:?}");
+    }
+    // Draining and down backends are never chosen, however idle.
+    let mut dp = setup(&[&[Up, Draining, Down]]);
+    for port in 0..50 {
+        set_live(&mut dp, 0, &[100, 0, 0]);
+        let syn = v4(CLIENT, 42000 + port, VIP, 80, SYN);
+        assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST.into(), 8001).bytes());
+    }
+    // Existing flows keep their backend when it goes down or drains.
+    let syn = v4(CLIENT, 42000, VIP, 80, SYN);
+    let dp = {
+        let mut dp = dp;
+        let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+        let states: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![Down; s.backends.len()]).collect();
+        dp.apply_services(&config.services, &states).unwrap();
+        dp
+    };
+    let ack = v4(CLIENT, 42000, VIP, 80, ACK);
+    assert_eq!(xdp(&dp, &ack).1, ack.with_dst(HOST.into(), 8001).bytes(), "established flow kept");
+    // All down: new SYNs are dropped (the client retransmits) and counted.
+    let new = v4(CLIENT, 43000, VIP, 80, SYN);
+    let (verdict, out) = xdp(&dp, &new);
+    assert_eq!((verdict, out), (XDP_DROP, new.bytes()));
+    assert_eq!(counter(&dp, "drop_no_backend"), 1);
+    let _ = syn;
+}
+
+#[test]
+fn ties_are_broken_evenly() {
+    let mut dp = setup(&[]);
+    let mut hits = [0u32; 3];
+    for port in 0..600u16 {
+        set_live(&mut dp, 0, &[7, 7, 7]);
+        let syn = v4(CLIENT, 20000 + port, VIP, 80, SYN);
+        let (_, out) = xdp(&dp, &syn);
+        let dport = u16::from_be_bytes([out[36], out[37]]);
+        hits[usize::from(dport - 8001)] += 1;
+    }
+    // Expected 200 each; a fair coin stays within ±25 % with overwhelming probability.
+    assert!(hits.iter().all(|&h| (150..=250).contains(&h)), "tied backends chosen {hits:?} times out of 600");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conntrack capacity.
+
+#[test]
+fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
+    xlb_require_root();
+    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+    let mut dp = Dataplane::load_detached(1024).unwrap();
+    let states: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
+    dp.apply_services(&config.services, &states).unwrap();
+    for port in 0..1024u16 {
+        let (verdict, _) = xdp(&dp, &v4(CLIENT, 10000 + port, VIP, 80, SYN));
+        assert_eq!(verdict, XDP_PASS);
+    }
+    assert_eq!(counter(&dp, "new_flows"), 1024, "every flow up to capacity is tracked");
+    assert_eq!(counter(&dp, "conntrack_full"), 0);
+    let over = v4(CLIENT, 30000, VIP, 80, SYN);
+    let (verdict, out) = xdp(&dp, &over);
+    assert_eq!((verdict, out), (XDP_PASS, over.bytes()), "the flow past capacity passes unmodified");
+    assert_eq!(counter(&dp, "conntrack_full"), 1);
+    assert!(dp.flow(&over.key()).is_none());
+    let total: i64 = (0..3).map(|b| live(&dp, 0, b)).sum();
+    assert_eq!(total, 1024, "the untracked flow is not counted");
+    for port in [0u16, 511, 1023] {
+        let ack = v4(CLIENT, 10000 + port, VIP, 80, ACK);
+        let (_, out) = xdp(&dp, &ack);
+        assert_ne!(out, ack.bytes(), "existing flow {port} still rewritten");
+        assert!(tcp_checksum_ok(&out));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Program cost, printed for the record (targets are checked by `cargo xtask bench`, not here).
+
+#[test]
+fn report_test_run_cost() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 0, 0]);
+    const REPEAT: u32 = 1_000_000;
+    let ack = v4(CLIENT, 45000, VIP, 80, ACK | PSH);
+    let syn = v4(CLIENT, 45000, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    let noop = dp.test_run_noop(&ack.bytes(), REPEAT).unwrap();
+    assert_eq!(noop.verdict, XDP_PASS);
+    let est = dp.test_run_xdp(&ack.bytes(), REPEAT).unwrap();
+    assert_eq!(est.data, ack.with_dst(HOST.into(), 8001).bytes());
+    let reply = v4(HOST, 8001, CLIENT, 45000, ACK | PSH);
+    let rep = dp.test_run_tc(&reply.bytes(), REPEAT).unwrap();
+    assert_eq!(rep.data, reply.with_src(VIP.into(), 80).bytes());
+    let non_vip = v4(CLIENT, 45000, HOST, 22, ACK);
+    let other = dp.test_run_xdp(&non_vip.bytes(), REPEAT).unwrap();
+    // A new flow each time: distinct source ports, one run each, averaged.
+    let n = 4_000u32;
+    let mut total = std::time::Duration::ZERO;
+    for i in 0..n {
+        let syn = v4(CLIENT, 1024 + i as u16, VIP, 80, SYN);
+        let out = dp.test_run_xdp(&syn.bytes(), 1).unwrap();
+        assert_eq!(out.verdict, XDP_PASS);
+        total += out.duration;
+    }
+    let ns = |d: std::time::Duration| d.as_nanos();
+    eprintln!(
+        "test_run cost (ns/packet): no-op XDP {} | new-flow SYN {} | established {} | non-VIP {} | TC reply {}",
+        ns(noop.duration),
+        ns(total / n),
+        ns(est.duration),
+        ns(other.duration),
+        ns(rep.duration)
+    );
+    assert_eq!(counter(&dp, "new_flows"), u64::from(n) + 1);
+}
+
