@@ -579,7 +579,7 @@ fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
 #[test]
 fn report_test_run_cost() {
     let mut dp = setup(&[]);
-    set_live(&mut dp, 0, &[0, 0, 0]);
+    set_live(&mut dp, 0, &[0, 5, 5]);
     const REPEAT: u32 = 1_000_000;
     let ack = v4(CLIENT, 45000, VIP, 80, ACK | PSH);
     let syn = v4(CLIENT, 45000, VIP, 80, SYN);
