@@ -32,7 +32,7 @@ pub struct Stats {
     pub ipv6_ext: u64,
     /// IPv4 packets with options that were handled.
     pub ip_options: u64,
-    /// Other TCP packets rewritten on egress that needed a header pull.
+    /// Egress packets whose headers had to be pulled into the linear area before parsing.
     pub tc_pull: u64,
 }
 const _: () = assert!(size_of::<Stats>() == 16 * 8);

@@ -34,9 +34,6 @@ enum Task {
     },
     /// Set up, build, and run every test one at a time (the scenario tests need root).
     Test {
-        /// Also run the long reliability tests (`#[ignore]`d by default); sets XLB_RELIABILITY=1.
-        #[arg(long)]
-        reliability: bool,
         /// Passed to `cargo test`; after a further `--`, to the test binaries.
         #[arg(last = true)]
         args: Vec<String>,
@@ -57,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Build { release } => build(release).map(drop),
-        Task::Test { reliability, args } => test(reliability, &args),
+        Task::Test { args } => test(&args),
         Task::Run { demo_seconds, args } if args.is_empty() => {
             demo::run(demo_seconds.map(Duration::from_secs))
         }
@@ -94,7 +91,7 @@ fn build(release: bool) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn test(reliability: bool, args: &[String]) -> anyhow::Result<()> {
+fn test(args: &[String]) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "`cargo xtask test` must run as root: the scenario tests create network namespaces \
@@ -114,9 +111,6 @@ fn test(reliability: bool, args: &[String]) -> anyhow::Result<()> {
     // One test at a time: they share kernel state (bpffs, XDP attachment, CPU for timing).
     cmd.args(["--", "--test-threads=1"])
         .env("RUST_BACKTRACE", "1");
-    if reliability {
-        cmd.env("XLB_RELIABILITY", "1").arg("--include-ignored");
-    }
     cmd.args(harness_args);
     let start = Instant::now();
     let result = run(&mut cmd);
