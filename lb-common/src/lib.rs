@@ -41,9 +41,12 @@ pub mod maps {
     pub const CLOSED: &str = "CLOSED";
     pub const STATS: &str = "STATS";
     pub const META: &str = "META";
+    pub const VIP_PORTS: &str = "VIP_PORTS";
     /// Every map that is pinned under `pin_path` and adopted by a restarted daemon.
-    pub const PINNED: [&str; 9] =
-        [SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, CLOSED, STATS, META];
+    pub const PINNED: [&str; 10] = [
+        SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, CLOSED, STATS, META,
+        VIP_PORTS,
+    ];
 }
 
 /// Program names in the object file.

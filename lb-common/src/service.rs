@@ -4,6 +4,10 @@
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 16;
 pub const MAX_SERVICES: u32 = 64;
 
+/// `VIP_PORTS` has one byte per TCP port (host byte order index): 1 if some VIP uses the port.
+/// An array lookup costs next to nothing, so packets to other ports skip both hash lookups.
+pub const VIP_PORTS_LEN: u32 = 65536;
+
 /// Key of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]

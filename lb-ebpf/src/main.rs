@@ -32,7 +32,7 @@ use lb_common::{
 
 use crate::{
     conntrack::Insert,
-    maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS},
+    maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS, VIP_PORTS},
     parse::{
         IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, Parsed, TCP_ACK, TCP_CHECK,
         TCP_DPORT, TCP_FIN, TCP_RST, TCP_SPORT, TCP_SYN, Tcp,
@@ -78,6 +78,10 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
     let key = pkt.key;
+    // Established flows and new ones alike go to a VIP port; everything else leaves here.
+    if VIP_PORTS.get(u32::from(u16::from_be(key.dst_port))).is_none_or(|&p| p == 0) {
+        return xdp_action::XDP_PASS;
+    }
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a live FLOWS value; concurrent writers only touch `closed`, atomically.

@@ -10,7 +10,7 @@ use lb_common::{
     Meta,
     backend::{Backend, BackendConns, MAX_BACKENDS},
     flow::{Closed, DEFAULT_MAX_FLOWS, Flow, FlowKey, ReplyNat},
-    service::{MAX_SERVICES, Service, ServiceKey},
+    service::{MAX_SERVICES, Service, ServiceKey, VIP_PORTS_LEN},
     stats::Stats,
 };
 
@@ -48,3 +48,6 @@ pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static META: Array<Meta, 1> = Array::new();
+
+#[btf_map]
+pub static VIP_PORTS: Array<u8, { VIP_PORTS_LEN as usize }> = Array::new();

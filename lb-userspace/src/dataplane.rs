@@ -82,6 +82,7 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, ReplyNat>,
     closed: HashMap<MapData, FlowKey, Closed>,
+    vip_ports: Array<MapData, u8>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
@@ -151,7 +152,7 @@ struct Expected {
     max_entries: u32,
 }
 
-fn expected_maps(max_flows: u32) -> [Expected; 9] {
+fn expected_maps(max_flows: u32) -> [Expected; 10] {
     let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
     [
         e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
@@ -163,6 +164,7 @@ fn expected_maps(max_flows: u32) -> [Expected; 9] {
         e(maps::CLOSED, size_of::<FlowKey>(), size_of::<Closed>(), max_flows),
         e(maps::STATS, 4, size_of::<Stats>(), 1),
         e(maps::META, 4, size_of::<Meta>(), 1),
+        e(maps::VIP_PORTS, 4, 1, lb_common::service::VIP_PORTS_LEN),
     ]
 }
 
@@ -303,6 +305,7 @@ impl Dataplane {
             flows: take(&mut ebpf, maps::FLOWS)?,
             replies: take(&mut ebpf, maps::REPLIES)?,
             closed: take(&mut ebpf, maps::CLOSED)?,
+            vip_ports: take(&mut ebpf, maps::VIP_PORTS)?,
             stats: take(&mut ebpf, maps::STATS)?,
             ebpf,
             logger,
@@ -399,6 +402,12 @@ impl Dataplane {
     /// Live/total counts are kept for slots whose backend did not change.
     pub fn apply_services(&mut self, services: &[config::Service], states: &[Vec<BackendState>]) -> anyhow::Result<()> {
         let mut keep = std::collections::HashSet::new();
+        // Ports first: a VIP port marked early only costs a hash lookup; one marked late would
+        // let the first SYNs through unbalanced.
+        let ports: std::collections::HashSet<u16> = services.iter().map(|s| s.listen.port()).collect();
+        for &port in &ports {
+            self.vip_ports.set(u32::from(port), 1, 0)?;
+        }
         for (s, svc) in services.iter().enumerate() {
             for (b, addr) in svc.backends.iter().enumerate() {
                 let slot = slot(s, b);
@@ -424,6 +433,10 @@ impl Dataplane {
         let stale: Vec<ServiceKey> = self.services.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
         for key in stale {
             self.services.remove(&key)?;
+            let port = u16::from_be(key.port);
+            if !ports.contains(&port) {
+                self.vip_ports.set(u32::from(port), 0, 0)?;
+            }
         }
         for slot in 0..MAX_BACKENDS {
             let (s, b) = ((slot / MAX_BACKENDS_PER_SERVICE) as usize, (slot % MAX_BACKENDS_PER_SERVICE) as usize);

@@ -369,11 +369,22 @@ fall = {FALL}
         assert!(out.status.success(), "bpftool map update: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Sends one hand-made SYN to the VIP from `src`, an address nobody owns: the backend
-    /// answers into the void (its SYN-ACK waits for an ARP reply that never comes), so its
-    /// socket stays SYN_RECV.
+    /// Sends one hand-made SYN to the VIP from `src`, an address nobody owns: the backend's
+    /// SYN-ACKs go into the void, so its socket stays SYN_RECV (for a minute, until its SYN-ACK
+    /// retries run out).
+    ///
+    /// The lb namespace gets a permanent neighbour entry for `src` with a MAC nobody has, so the
+    /// SYN-ACKs leave through the veth and the client namespace discards them (not its MAC).
+    /// Without it, ARP resolution fails after about 3 s, the kernel reports "host unreachable"
+    /// to itself and that drops the half-open socket (`tcp_req_err`).
     fn spoofed_syn(&self, src: SocketAddrV4) {
         let SocketAddr::V4(vip) = self.vip else { panic!("spoofed SYNs are IPv4 only") };
+        let neigh = Command::new("ip")
+            .args(["-n", &self.topo.lb_ns, "neigh", "replace", &src.ip().to_string()])
+            .args(["lladdr", "02:78:6c:62:de:ad", "dev", &self.topo.lb_if, "nud", "permanent"])
+            .output()
+            .expect("running ip neigh replace");
+        assert!(neigh.status.success(), "ip neigh replace: {}", String::from_utf8_lossy(&neigh.stderr));
         let packet = syn_packet(src, vip, 0x1234_5678 ^ u32::from(src.port()));
         self.topo
             .in_client(|| -> std::io::Result<usize> {
