@@ -918,3 +918,13 @@ fn bad_config_attaches_nothing() {
     assert!(!lb.topo.pin_path.exists(), "{} was created:\n{output}", lb.topo.pin_path.display());
     assert!(!lb.xdp_attached(), "xlb0 got an XDP program:\n{}", link_show(&lb.topo));
 }
+
+#[test]
+fn zz_probe_partial_attach() {
+    let lb = Lb::prepare("partial", Family::V4);
+    lb.write_config(&["xlb0", "lo"], "native");
+    let (status, output) = run_must_fail(&lb);
+    println!("xlb run: {status}: {}", output.trim());
+    println!("pin exists: {} {:?}", lb.topo.pin_path.exists(), std::fs::read_dir(&lb.topo.pin_path).map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>()));
+    println!("{}", link_show(&lb.topo));
+}
