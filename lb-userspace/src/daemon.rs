@@ -49,16 +49,34 @@ struct Shared {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let mut dp = tokio::task::block_in_place(|| Dataplane::open(&config.dataplane))?;
-    // Restore each backend's state from the maps when adopting, so a restart neither floods a
-    // backend that was down nor pauses one that was up. New backends start up, as in nginx,
-    // and the first probes correct that within `fall` intervals.
-    let states: Vec<Vec<BackendState>> = dp
-        .current_states(&config.services)
-        .into_iter()
-        .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
-        .collect();
-    dp.apply_services(&config.services, &states)?;
+    // Bound before anything is attached, so that a taken address leaves no data path behind.
+    let listen = config.admin.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?;
+    // A first start that fails half-way (say, the second interface refuses XDP) must not leave
+    // the first one attached and the maps pinned with nobody managing them; a restart that
+    // fails leaves the running data path alone.
+    let pin_path = config.dataplane.pin_path.clone();
+    let first_start = match std::fs::read_dir(&pin_path) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    let (mut dp, states) = match tokio::task::block_in_place(|| open_dataplane(&config)) {
+        Ok(opened) => opened,
+        Err(e) => {
+            if first_start {
+                match dataplane::detach(&pin_path) {
+                    Ok(removed) if !removed.is_empty() => {
+                        warn!(pin_path = %pin_path.display(), "start failed: detached and unpinned what it had set up")
+                    }
+                    Ok(_) => {}
+                    Err(undo) => error!(pin_path = %pin_path.display(), "start failed, and undoing it failed too: {undo:#}"),
+                }
+            }
+            return Err(e);
+        }
+    };
     let logger = dp.take_logger();
     for (iface, mode) in dp.interfaces() {
         info!(interface = %iface, xdp_mode = mode.as_str(), "data path attached");
@@ -117,9 +135,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             let sh = sh.clone();
             let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let before = Counts::read(&sh.dp.lock().unwrap(), &sh.config)?;
                 let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
                 let mut dp = sh.dp.lock().unwrap();
-                let flows = reconcile(&mut dp, &sh.config, &table, monotonic_ns())?;
+                let after = Counts::read(&dp, &sh.config)?;
+                let flows = reconcile(&mut dp, &sh.config, &before, &after, &table, monotonic_ns())?;
                 sh.flows.store(flows, Ordering::Relaxed);
                 Ok(())
             })
@@ -153,10 +173,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let listen = shared.config.admin.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?;
     let source: Arc<dyn StatusSource> = Arc::new(Source(shared.clone()));
     let admin_stop = shutdown_rx.clone();
     tasks.spawn(async move {
@@ -187,6 +203,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads or adopts the data path and writes the services into it, with the backend states it
+/// wrote.
+fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Vec<Vec<BackendState>>)> {
+    let mut dp = Dataplane::open(&config.dataplane)?;
+    // Restore each backend's state from the maps when adopting, so a restart neither floods a
+    // backend that was down nor pauses one that was up. New backends start up, as in nginx,
+    // and the first probes correct that within `fall` intervals.
+    let states: Vec<Vec<BackendState>> = dp
+        .current_states(&config.services)
+        .into_iter()
+        .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
+        .collect();
+    dp.apply_services(&config.services, &states)?;
+    Ok((dp, states))
+}
+
 fn monotonic_ns() -> u64 {
     // bpf_ktime_get_ns() is CLOCK_MONOTONIC.
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -195,21 +227,68 @@ fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// Sets every backend's live count to the number of its tracked flows whose socket the kernel
-/// holds established or half-open, and forgets flows whose socket is gone (lost FINs, killed
-/// clients, RSTs the data path never saw, SYNs that never became a connection). Flows whose
-/// socket is winding down (FIN_WAIT, TIME_WAIT, …) are kept until it is gone, because their
-/// last packets still need rewriting. Returns the number of flows still tracked.
-fn reconcile(dp: &mut Dataplane, config: &Config, table: &SocketTable, now_ns: u64) -> anyhow::Result<u64> {
+/// The data path's counts of every backend at one instant: read just before and just after
+/// the socket table.
+struct Counts {
+    /// CLOCK_MONOTONIC just before the counts were read: flows created later are not in them.
+    at_ns: u64,
+    /// Slot → (live, total).
+    conns: HashMap<u32, (i64, u64)>,
+}
+
+impl Counts {
+    fn read(dp: &Dataplane, config: &Config) -> anyhow::Result<Counts> {
+        let at_ns = monotonic_ns();
+        let mut conns = HashMap::new();
+        for (s, svc) in config.services.iter().enumerate() {
+            for b in 0..svc.backends.len() {
+                let c = dp.conns(s, b)?;
+                conns.insert(dataplane::slot(s, b), (c.live, c.total));
+            }
+        }
+        Ok(Counts { at_ns, conns })
+    }
+
+    fn get(&self, slot: u32) -> (i64, u64) {
+        self.conns.get(&slot).copied().unwrap_or_default()
+    }
+}
+
+/// Corrects every backend's live count towards the number of its tracked flows whose socket
+/// the kernel holds established or half-open, and forgets flows whose socket is gone (lost
+/// FINs, killed clients, RSTs the data path never saw, SYNs that never became a connection).
+/// Flows whose socket is winding down (FIN_WAIT, TIME_WAIT, …) are kept until it is gone,
+/// because their last packets still need rewriting. Returns the number of flows still tracked.
+///
+/// The data path keeps counting while we read, and reading the socket table and the flows
+/// takes tens of milliseconds with many flows, so the count is never overwritten with what was
+/// seen; that froze every short connection that came and went during the reading into the
+/// count until the next reconcile, which kept idle backends out of rotation under a steady
+/// stream of connections. Instead the count's error at `before` is estimated from the flows
+/// that existed then, and the current count is shifted by it. The estimate can only be low,
+/// by at most the connections closed while the socket table was read (between `before` and
+/// `after`): such a flow was counted at `before` but may be gone from the table. So only the
+/// part of the correction that holds whatever those connections were is applied; when nothing
+/// moves, that is all of it.
+fn reconcile(
+    dp: &mut Dataplane,
+    config: &Config,
+    before: &Counts,
+    after: &Counts,
+    table: &SocketTable,
+    now_ns: u64,
+) -> anyhow::Result<u64> {
     let mut live: HashMap<u32, i64> = HashMap::new();
     let mut tracked = 0;
     for (rev, nat, flow) in dp.flows() {
         let backend = dataplane::sock_addr(&rev.src_addr, rev.src_port, rev.family);
         let client = dataplane::sock_addr(&rev.dst_addr, rev.dst_port, rev.family);
+        // Flows opened after `before` are not in its counts, whatever their socket says.
+        let existed = flow.is_none_or(|f| f.created_ns <= before.at_ns);
         match table.get(&(backend, client)) {
             Some(&state) => {
                 tracked += 1;
-                if sockdiag::is_live(state) {
+                if existed && sockdiag::is_live(state) {
                     *live.entry(nat.backend).or_default() += 1;
                 }
             }
@@ -220,7 +299,7 @@ fn reconcile(dp: &mut Dataplane, config: &Config, table: &SocketTable, now_ns: u
                 } else {
                     tracked += 1;
                     // Too young to judge: count it as the data path does.
-                    if flow.is_some_and(|f| f.closed == lb_common::flow::FLOW_OPEN) {
+                    if existed && flow.is_some_and(|f| f.closed == lb_common::flow::FLOW_OPEN) {
                         *live.entry(nat.backend).or_default() += 1;
                     }
                 }
@@ -230,7 +309,24 @@ fn reconcile(dp: &mut Dataplane, config: &Config, table: &SocketTable, now_ns: u
     for (s, svc) in config.services.iter().enumerate() {
         for b in 0..svc.backends.len() {
             let slot = dataplane::slot(s, b);
-            dp.set_live(slot, live.get(&slot).copied().unwrap_or(0))?;
+            let ((live_before, total_before), (live_after, total_after)) = (before.get(slot), after.get(slot));
+            let opened = total_after.wrapping_sub(total_before) as i64;
+            let closed_meanwhile = (opened - (live_after - live_before)).max(0);
+            let low = live.get(&slot).copied().unwrap_or(0) - live_before;
+            let high = low + closed_meanwhile;
+            let correction = if low > 0 {
+                low
+            } else if high < 0 {
+                high
+            } else {
+                0
+            };
+            // Nothing is written without a correction: a write can lose a change the data path
+            // makes between our read and it.
+            if correction != 0 {
+                let now = dp.conns(s, b)?.live;
+                dp.set_live(slot, now + correction)?;
+            }
         }
     }
     Ok(tracked)

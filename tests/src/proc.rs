@@ -3,7 +3,10 @@
 use std::{
     io::{BufRead, BufReader, Read},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +33,8 @@ pub struct Proc {
 struct Output {
     text: Mutex<String>,
     grew: Condvar,
+    /// Captured streams not yet at end of file.
+    open: AtomicUsize,
 }
 
 impl Proc {
@@ -53,7 +58,9 @@ impl Proc {
             .stderr
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>);
-        for stream in [stdout, stderr].into_iter().flatten() {
+        let streams: Vec<_> = [stdout, stderr].into_iter().flatten().collect();
+        output.open.store(streams.len(), Ordering::SeqCst);
+        for stream in streams {
             let (output, label) = (output.clone(), label.clone());
             // Detached: the thread ends at EOF, i.e. when the process (and anything it forked
             // that kept the pipe) is gone.
@@ -122,6 +129,31 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit and for its output to be read to the end
+    /// (`output` right after an exit may still miss the last lines); returns the exit status
+    /// and everything it printed. Panics, after SIGKILL, if it runs longer: for commands that
+    /// must finish, so that a hung one fails the test instead of hanging it.
+    pub fn wait_with_output(&self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = self.wait_timeout(timeout).unwrap_or_else(|| {
+            self.kill9();
+            panic!(
+                "{} (pid {}) still running after {timeout:?}; its output:\n{}",
+                self.label,
+                self.pid,
+                self.output_tail(OUTPUT_SHOWN_ON_PANIC)
+            )
+        });
+        let mut text = self.output.text.lock().unwrap();
+        // A process it forked may hold the pipes open longer: give up at the deadline.
+        while self.output.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            let step =
+                Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+            text = self.output.grew.wait_timeout(text, step).unwrap().0;
+        }
+        (status, text.clone())
     }
 
     /// The exit status if the process has exited (reaping it), else `None`.
@@ -226,6 +258,9 @@ fn capture(stream: Box<dyn Read + Send>, output: &Output, label: &str, echo: boo
         output.grew.notify_all();
         line.clear();
     }
+    let _all = output.text.lock().unwrap();
+    output.open.fetch_sub(1, Ordering::SeqCst);
+    output.grew.notify_all();
 }
 
 fn tail(text: &str, max: usize) -> &str {

@@ -17,12 +17,29 @@ fn main() {
     let mut hold = Duration::from_secs(120);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage(&format!("{arg} needs a value")));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
         match arg.as_str() {
-            "--connect" => connect = Some(value().parse().unwrap_or_else(|e| usage(&format!("--connect: {e}")))),
-            "--count" => count = value().parse().unwrap_or_else(|e| usage(&format!("--count: {e}"))),
+            "--connect" => {
+                connect = Some(
+                    value()
+                        .parse()
+                        .unwrap_or_else(|e| usage(&format!("--connect: {e}"))),
+                )
+            }
+            "--count" => {
+                count = value()
+                    .parse()
+                    .unwrap_or_else(|e| usage(&format!("--count: {e}")))
+            }
             "--hold-secs" => {
-                hold = Duration::from_secs(value().parse().unwrap_or_else(|e| usage(&format!("--hold-secs: {e}"))))
+                hold = Duration::from_secs(
+                    value()
+                        .parse()
+                        .unwrap_or_else(|e| usage(&format!("--hold-secs: {e}"))),
+                )
             }
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -35,8 +52,11 @@ fn main() {
             .unwrap_or_else(|e| fail(&format!("connection {i} to {addr}: {e}")));
         stream.set_read_timeout(Some(timeout)).unwrap();
         let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap_or_else(|e| fail(&format!("sending on connection {i}: {e}")));
-        let who = read_response(&stream).unwrap_or_else(|e| fail(&format!("reading from connection {i}: {e}")));
+        stream
+            .write_all(request.as_bytes())
+            .unwrap_or_else(|e| fail(&format!("sending on connection {i}: {e}")));
+        let who = read_response(&stream)
+            .unwrap_or_else(|e| fail(&format!("reading from connection {i}: {e}")));
         println!("held {} {who}", stream.local_addr().unwrap().port());
         held.push(stream);
     }
@@ -51,7 +71,9 @@ fn read_response(stream: &TcpStream) -> std::io::Result<String> {
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::other("connection closed before the response head ended"));
+            return Err(std::io::Error::other(
+                "connection closed before the response head ended",
+            ));
         }
         let line = line.trim_end();
         if line.is_empty() {
@@ -70,7 +92,9 @@ fn read_response(stream: &TcpStream) -> std::io::Result<String> {
 }
 
 fn usage(message: &str) -> ! {
-    eprintln!("xlb-conn-holder: {message}\nusage: xlb-conn-holder --connect ADDR --count K [--hold-secs S]");
+    eprintln!(
+        "xlb-conn-holder: {message}\nusage: xlb-conn-holder --connect ADDR --count K [--hold-secs S]"
+    );
     std::process::exit(2)
 }
 
