@@ -1,5 +1,5 @@
-//! Backends: `BACKENDS` (address and state), `BACKEND_CONNS` (live and total connections,
-//! updated atomically from every CPU) and `BACKEND_FLOWS` (per-CPU new-flow counters).
+//! Backends: `BACKENDS` (address and state), `BACKEND_CONNS` (live connections, updated
+//! atomically from every CPU) and `BACKEND_FLOWS` (per-CPU new-flow counters: the total).
 
 use crate::service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
 
@@ -32,13 +32,15 @@ const _: () = assert!(size_of::<Backend>() == 28);
 /// Value of `BACKEND_CONNS` (an array indexed by slot).
 ///
 /// `live` is incremented when a new flow picks the backend and decremented exactly once when
-/// the flow closes; the daemon also overwrites it every second with the count of matching
-/// sockets in the kernel's socket table. It is signed so that a decrement racing a reconcile
-/// can never wrap; readers clamp it at zero.
+/// the flow closes; the daemon also corrects it against the kernel's socket table twice a
+/// second. It is signed so that a decrement racing a correction can never wrap; readers clamp
+/// it at zero. `last_chosen_ns` is when a new flow last picked the backend: among equally
+/// loaded backends the one chosen longest ago goes first (round-robin, as nginx's `least_conn`
+/// does), so idle backends share new flows exactly evenly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BackendConns {
     pub live: i64,
-    pub total: u64,
+    pub last_chosen_ns: u64,
 }
 const _: () = assert!(size_of::<BackendConns>() == 16);

@@ -59,13 +59,6 @@ pub fn add_live(slot: u32, delta: i64) {
     }
 }
 
-#[inline(always)]
-pub fn add_total(slot: u32) {
-    if let Some(c) = BACKEND_CONNS.get_ptr_mut(slot) {
-        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).total, 1) };
-    }
-}
-
 /// Closes the flow if nobody has yet, decrementing its backend's live count. Returns whether
 /// this call did it: exactly one insert into `CLOSED` succeeds (see `lb_common::flow::Closed`).
 #[inline(always)]

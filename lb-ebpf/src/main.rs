@@ -113,7 +113,8 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         stats.no_flow += 1;
         return xdp_action::XDP_PASS;
     }
-    let Some(slot) = select::least_conns(svc) else {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(slot) = select::least_conns(svc, now) else {
         // Dropping (rather than passing to a port nothing listens on) lets the client's SYN
         // retransmission reach a backend that comes back up a second later.
         stats.drop_no_backend += 1;
@@ -123,7 +124,6 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let Some(backend) = BACKENDS.get(slot) else { return xdp_action::XDP_PASS };
-    let now = unsafe { bpf_ktime_get_ns() };
     let flow = Flow {
         backend_addr: conntrack::copy_addr(&backend.addr),
         backend_port: backend.port,
@@ -137,7 +137,6 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
     let (addr, port) = match conntrack::insert(&key, &flow, &nat) {
         Insert::Created => {
             conntrack::add_live(slot, 1);
-            conntrack::add_total(slot);
             if let Some(n) = BACKEND_FLOWS.get_ptr_mut(slot) {
                 unsafe { *n += 1 };
             }

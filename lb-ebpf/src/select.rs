@@ -1,6 +1,5 @@
 //! Least-connections backend choice for a new flow.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     backend::STATE_UP,
     service::{MAX_BACKENDS_PER_SERVICE, Service},
@@ -8,9 +7,11 @@ use lb_common::{
 
 use crate::maps::{BACKEND_CONNS, BACKENDS};
 
-/// Random low bits under the live count in each backend's score: equal counts are broken
-/// uniformly at random, so idle backends share new flows evenly instead of the first taking all.
-const TIE_BITS: u32 = 20;
+/// Each backend's score is its live count above the time it was last chosen (in µs, 40 bits:
+/// wraps every 12.7 days, which at worst misorders one tie). Lowest wins: fewest connections,
+/// and among equals the one chosen longest ago, so ties go round-robin. Counts saturate at 2²³.
+const STAMP_BITS: u32 = 40;
+const MAX_LIVE: u64 = (1 << (64 - STAMP_BITS)) - 1;
 
 /// The slot of the `STATE_UP` backend of `svc` with the fewest live connections, or `None`
 /// when none is up.
@@ -19,7 +20,7 @@ const TIE_BITS: u32 = 20;
 /// constants that branches depend on, so it can prune the states of equivalent paths instead of
 /// walking every combination of 16 iterations.
 #[inline(always)]
-pub fn least_conns(svc: &Service) -> Option<u32> {
+pub fn least_conns(svc: &Service, now_ns: u64) -> Option<u32> {
     // Sentinels rather than `Option`: `None` leaves a payload undefined, and LLVM may spill that
     // undefined register, which the verifier rejects ("!read_ok").
     let mut best = u32::MAX;
@@ -44,17 +45,23 @@ pub fn least_conns(svc: &Service) -> Option<u32> {
         // Written concurrently by other CPUs with atomic adds; a stale read only makes the
         // choice slightly less optimal, never wrong. Negative means a decrement raced a
         // reconcile: treat as zero.
-        let live = match BACKEND_CONNS.get_ptr(slot) {
-            Some(c) => unsafe { core::ptr::read_volatile(&raw const (*c).live) },
-            None => 0,
-        };
-        let live = if live < 0 { 0 } else { live as u64 };
-        let tie = u64::from(unsafe { bpf_get_prandom_u32() } & ((1 << TIE_BITS) - 1));
-        let score = (live << TIE_BITS) | tie;
+        let Some(c) = BACKEND_CONNS.get_ptr(slot) else { continue };
+        let (live, stamp) =
+            unsafe { (core::ptr::read_volatile(&raw const (*c).live), core::ptr::read_volatile(&raw const (*c).last_chosen_ns)) };
+        let live = if live < 0 { 0 } else { (live as u64).min(MAX_LIVE) };
+        let score = (live << STAMP_BITS) | ((stamp >> 10) & ((1 << STAMP_BITS) - 1));
         if score < best_score {
             best_score = score;
             best = slot;
         }
     }
-    (best != u32::MAX).then_some(best)
+    if best == u32::MAX {
+        return None;
+    }
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(best) {
+        // A plain store: two CPUs choosing at once may both pick this backend, which the live
+        // count then reflects for the next choice.
+        unsafe { (*c).last_chosen_ns = now_ns };
+    }
+    Some(best)
 }

@@ -242,8 +242,7 @@ impl Counts {
         let mut conns = HashMap::new();
         for (s, svc) in config.services.iter().enumerate() {
             for b in 0..svc.backends.len() {
-                let c = dp.conns(s, b)?;
-                conns.insert(dataplane::slot(s, b), (c.live, c.total));
+                conns.insert(dataplane::slot(s, b), (dp.conns(s, b)?.live, dp.total(s, b)?));
             }
         }
         Ok(Counts { at_ns, conns })
@@ -350,7 +349,7 @@ impl StatusSource for Source {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
                     live_connections: conns.live.max(0) as u64,
-                    total_connections: conns.total,
+                    total_connections: dp.total(s, b)?,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),

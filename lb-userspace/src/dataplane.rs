@@ -415,7 +415,7 @@ impl Dataplane {
                 let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: s as u32 };
                 let old = self.backends.get(&slot, 0)?;
                 if (old.addr, old.port, old.family) != (new.addr, new.port, new.family) {
-                    self.conns.set(slot, BackendConns::default(), 0)?;
+                    self.reset_counts(slot)?;
                 }
                 self.backends.set(slot, new, 0)?;
             }
@@ -443,9 +443,16 @@ impl Dataplane {
             let used = services.get(s).is_some_and(|svc| b < svc.backends.len());
             if !used && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
                 self.backends.set(slot, Backend::default(), 0)?;
-                self.conns.set(slot, BackendConns::default(), 0)?;
+                self.reset_counts(slot)?;
             }
         }
+        Ok(())
+    }
+
+    fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
+        self.conns.set(slot, BackendConns::default(), 0)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        self.backend_flows.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         Ok(())
     }
 
@@ -461,8 +468,8 @@ impl Dataplane {
         Ok(self.conns.get(&slot(service, backend), 0)?)
     }
 
-    /// Overwrites a backend's live count with the truth from the socket table. A flow opening
-    /// or closing between our read and this write is corrected on the next reconcile.
+    /// Overwrites a backend's live count. A flow opening or closing between our read and this
+    /// write is corrected on the next reconcile.
     pub fn set_live(&mut self, slot: u32, live: i64) -> anyhow::Result<()> {
         let mut c = self.conns.get(&slot, 0)?;
         if c.live != live {
@@ -472,8 +479,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// New flows per backend slot, summed over CPUs.
-    pub fn backend_flows(&self, slot: u32) -> anyhow::Result<u64> {
+    /// Connections ever sent to a backend: its new flows, summed over CPUs.
+    pub fn total(&self, service: usize, backend: usize) -> anyhow::Result<u64> {
+        self.backend_flows(slot(service, backend))
+    }
+
+    fn backend_flows(&self, slot: u32) -> anyhow::Result<u64> {
         let v: PerCpuValues<u64> = self.backend_flows.get(&slot, 0)?;
         Ok(v.iter().sum())
     }

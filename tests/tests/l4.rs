@@ -405,8 +405,8 @@ fall = {FALL}
         }
     }
 
-    /// Overwrites a backend's live count in the pinned map (keeping its total), as a lost FIN
-    /// or a bug would leave it.
+    /// Overwrites a backend's live count in the pinned map (keeping the rest of the value), as
+    /// a lost FIN or a bug would leave it.
     fn set_raw_live(&self, slot: u32, live: i64) {
         let (_, total) = self.raw_conns(slot);
         let path = self.topo.pin_path.join("BACKEND_CONNS");
