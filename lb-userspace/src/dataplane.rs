@@ -594,11 +594,16 @@ fn attach_xdp(xdp: &mut Xdp, pin_path: &Path, iface: &str, want: config::XdpMode
                     mode.as_str()
                 );
             }
-            let id = xdp.attach_to_link(XdpLink::try_from(link)?).with_context(|| format!("replacing the XDP program on {iface}"))?;
-            // The pin still refers to this link; drop our handle without detaching.
-            let _ = xdp.take_link(id)?;
-            info!(interface = iface, mode = mode.as_str(), "XDP program replaced in the existing link");
-            return Ok(mode);
+            match xdp.attach_to_link(XdpLink::try_from(link)?) {
+                Ok(id) => {
+                    // The pin still refers to this link; drop our handle without detaching.
+                    let _ = xdp.take_link(id)?;
+                    info!(interface = iface, mode = mode.as_str(), "XDP program replaced in the existing link");
+                    return Ok(mode);
+                }
+                Err(e) if is_defunct(&e) => forget_defunct_link(&path, iface)?,
+                Err(e) => return Err(e).with_context(|| format!("replacing the XDP program on {iface}")),
+            }
         }
     }
     let tries: &[(XdpMode, AttachedMode)] = match want {
@@ -629,9 +634,14 @@ fn attach_xdp(xdp: &mut Xdp, pin_path: &Path, iface: &str, want: config::XdpMode
 fn attach_tc(tc: &mut SchedClassifier, pin_path: &Path, iface: &str) -> anyhow::Result<()> {
     let path = pin_path.join(format!("link_tc_{iface}"));
     if let Some(link) = open_pinned_link(&path)? {
-        let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?).with_context(|| format!("replacing the TC program on {iface}"))?;
-        let _ = tc.take_link(id)?;
-        return Ok(());
+        match tc.attach_to_link(SchedClassifierLink::try_from(link)?) {
+            Ok(id) => {
+                let _ = tc.take_link(id)?;
+                return Ok(());
+            }
+            Err(e) if is_defunct(&e) => forget_defunct_link(&path, iface)?,
+            Err(e) => return Err(e).with_context(|| format!("replacing the TC program on {iface}")),
+        }
     }
     let id = tc
         .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
@@ -639,6 +649,18 @@ fn attach_tc(tc: &mut SchedClassifier, pin_path: &Path, iface: &str) -> anyhow::
     let link: FdLink = tc.take_link(id)?.try_into()?;
     link.pin(&path).context("pinning the TC link")?;
     Ok(())
+}
+
+/// A pinned link whose interface was deleted (and perhaps created again under the same name)
+/// is detached for good: the kernel answers ENOLINK to updating it.
+fn is_defunct(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+        if io_error.raw_os_error() == Some(libc::ENOLINK))
+}
+
+fn forget_defunct_link(path: &Path, iface: &str) -> anyhow::Result<()> {
+    warn!(interface = iface, "the pinned link outlived its interface; attaching afresh");
+    fs::remove_file(path).with_context(|| format!("removing defunct link pin {}", path.display()))
 }
 
 /// Unpins links to interfaces no longer configured, which detaches them.
