@@ -113,14 +113,59 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("RUST_BACKTRACE", "1");
     cmd.args(harness_args);
     let start = Instant::now();
-    let result = run(&mut cmd);
+    let (result, totals) = run_counting(&mut cmd);
     let test_time = start.elapsed();
     println!(
         "xtask: build took {:.1} s, tests took {:.1} s",
         build_time.as_secs_f64(),
         test_time.as_secs_f64()
     );
+    // One closing line for the whole run (cargo's own last line is some binary's doc tests).
+    let Totals { passed, failed, ignored } = totals;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
     result
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cmd` like `run`, echoing its stdout line by line and adding up the libtest summaries
+/// (`test result: ok. 12 passed; 0 failed; 0 ignored; …`).
+fn run_counting(cmd: &mut Command) -> (anyhow::Result<()>, Totals) {
+    use std::io::{BufRead as _, BufReader};
+    println!("xtask: $ {}", shown(cmd));
+    let mut totals = Totals::default();
+    let mut child = match cmd.stdout(std::process::Stdio::piped()).spawn() {
+        Ok(child) => child,
+        Err(e) => return (Err(e).with_context(|| format!("starting {}", shown(cmd))), totals),
+    };
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            for part in summary.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "passed" => totals.passed += n,
+                    "failed" => totals.failed += n,
+                    "ignored" => totals.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(anyhow::anyhow!("`{}` failed ({status})", shown(cmd))),
+        Err(e) => Err(e).with_context(|| format!("waiting for {}", shown(cmd))),
+    };
+    (result, totals)
 }
 
 fn workspace_root() -> &'static Path {
