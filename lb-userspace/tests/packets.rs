@@ -599,7 +599,7 @@ backends = ["198.18.0.10:80"]
 fn report_test_run_cost() {
     xlb_require_root();
     let config = Config::parse("ping-pong.toml".as_ref(), PING_PONG).unwrap();
-    let mut dp = Dataplane::load_detached(8192).unwrap();
+    let mut dp = Dataplane::load_detached(lb_common::flow::DEFAULT_MAX_FLOWS).unwrap();
     let up: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
     dp.apply_services(&config.services, &up).unwrap();
     const REPEAT: u32 = 1_000_000;
