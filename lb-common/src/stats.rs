@@ -32,7 +32,9 @@ pub struct Stats {
     pub ipv6_ext: u64,
     /// IPv4 packets with options that were handled.
     pub ip_options: u64,
+    /// ICMP errors about a reply of a tracked flow, rewritten to name the backend.
+    pub icmp_errors: u64,
     /// Egress packets whose headers had to be pulled into the linear area before parsing.
     pub tc_pull: u64,
 }
-const _: () = assert!(size_of::<Stats>() == 16 * 8);
+const _: () = assert!(size_of::<Stats>() == 17 * 8);

@@ -34,7 +34,7 @@ use crate::{
     conntrack::Insert,
     maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS, VIP_PORTS},
     parse::{
-        IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, Parsed, TCP_ACK, TCP_CHECK,
+        IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, IcmpError, Parsed, TCP_ACK, TCP_CHECK,
         TCP_DPORT, TCP_FIN, TCP_RST, TCP_SPORT, TCP_SYN, Tcp,
     },
 };
@@ -64,6 +64,12 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
         }
         Parsed::Ipv6Ext => {
             stats.ipv6_ext += 1;
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::IcmpError(err) => {
+            if icmp_error(&err) {
+                stats.icmp_errors += 1;
+            }
             return xdp_action::XDP_PASS;
         }
     };
@@ -159,6 +165,101 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
     stats.fwd_packets += 1;
     stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
     xdp_action::XDP_PASS
+}
+
+/// An ICMP error about a segment we sent as the VIP (a reply of a tracked flow) is rewritten to
+/// be about the segment the backend really sent, and addressed to the backend: the quoted source
+/// address and port become the backend's, and every checksum that covers them is patched (the
+/// quoted IPv4 header's, the quoted TCP checksum if quoted, the ICMP checksum, the outer IPv4
+/// header's; ICMPv6's also covers the outer destination). The backend's TCP stack then sees
+/// "fragmentation needed" / "packet too big" for its own socket and lowers its path MTU.
+/// Returns whether it rewrote anything.
+#[inline(always)]
+fn icmp_error(err: &IcmpError) -> bool {
+    // `parse` checked these bounds already, but on paths the verifier cannot tell apart (the
+    // family is a byte on the stack to it): say them again where it can see them.
+    let hdr = if err.fwd.family == FAMILY_V4 { 20 } else { 40 };
+    if err.icmp + 8 > err.end || err.inner_tcp + 8 > err.end {
+        return false;
+    }
+    if hdr == 20 {
+        if err.ip + 20 > err.end || err.inner_ip + 20 > err.end {
+            return false;
+        }
+    } else if err.ip + 40 > err.end || err.inner_ip + 40 > err.end {
+        return false;
+    }
+    let Some(flow) = (unsafe { FLOWS.get(&err.fwd) }) else { return false };
+    let addr = conntrack::copy_addr(&flow.backend_addr);
+    let port = flow.backend_port;
+    let icmp_check_at = err.icmp + 2;
+    unsafe {
+        let mut icmp_check: u16 = rd(icmp_check_at);
+        let old_port: u16 = rd(err.inner_tcp + TCP_SPORT);
+        if old_port != port {
+            wr(err.inner_tcp + TCP_SPORT, port);
+            icmp_check = csum::replace16(icmp_check, old_port, port);
+            patch_quoted_tcp(err, &mut icmp_check, |c| csum::replace16(c, old_port, port));
+        }
+        if hdr == 20 {
+            let old: u32 = rd(err.inner_ip + IP4_SADDR);
+            let new = addr.word(0);
+            if old != new {
+                wr(err.inner_ip + IP4_SADDR, new);
+                icmp_check = csum::replace32(icmp_check, old, new);
+                let inner_check: u16 = rd(err.inner_ip + IP4_CHECK);
+                let inner_new = csum::replace32(inner_check, old, new);
+                wr(err.inner_ip + IP4_CHECK, inner_new);
+                icmp_check = csum::replace16(icmp_check, inner_check, inner_new);
+                patch_quoted_tcp(err, &mut icmp_check, |c| csum::replace32(c, old, new));
+                // The error was sent to the VIP address; deliver it to the backend's.
+                if rd::<u32>(err.ip + IP4_DADDR) == old {
+                    wr(err.ip + IP4_DADDR, new);
+                    let ip_check: u16 = rd(err.ip + IP4_CHECK);
+                    wr(err.ip + IP4_CHECK, csum::replace32(ip_check, old, new));
+                }
+            }
+        } else {
+            let outer_is_vip = {
+                let mut same = true;
+                for i in 0..4 {
+                    same &= rd::<u32>(err.ip + IP6_DADDR + i * 4) == rd::<u32>(err.inner_ip + IP6_SADDR + i * 4);
+                }
+                same
+            };
+            for i in 0..4 {
+                let old: u32 = rd(err.inner_ip + IP6_SADDR + i * 4);
+                let new = addr.word(i);
+                if old != new {
+                    wr(err.inner_ip + IP6_SADDR + i * 4, new);
+                    icmp_check = csum::replace32(icmp_check, old, new);
+                    patch_quoted_tcp(err, &mut icmp_check, |c| csum::replace32(c, old, new));
+                    if outer_is_vip {
+                        // ICMPv6's checksum covers the outer addresses (pseudo-header).
+                        wr(err.ip + IP6_DADDR + i * 4, new);
+                        icmp_check = csum::replace32(icmp_check, old, new);
+                    }
+                }
+            }
+        }
+        wr(icmp_check_at, icmp_check);
+    }
+    true
+}
+
+/// Patches the quoted TCP checksum (when the quote reaches it) with `f`, and the ICMP checksum
+/// for the change of that field.
+#[inline(always)]
+fn patch_quoted_tcp(err: &IcmpError, icmp_check: &mut u16, f: impl Fn(u16) -> u16) {
+    let at = err.inner_tcp + TCP_CHECK;
+    if at + 2 <= err.end {
+        unsafe {
+            let old: u16 = rd(at);
+            let new = f(old);
+            wr(at, new);
+            *icmp_check = csum::replace16(*icmp_check, old, new);
+        }
+    }
 }
 
 #[inline(always)]

@@ -58,6 +58,77 @@ pub enum Parsed {
     Fragment,
     /// IPv6 with an extension header before TCP.
     Ipv6Ext,
+    /// An ICMP or ICMPv6 error quoting a TCP segment.
+    IcmpError(IcmpError),
+}
+
+/// An ICMP error ("fragmentation needed", "packet too big", unreachable, time exceeded) about a
+/// TCP segment. If that segment was a reply we rewrote to come from a VIP, the error names the
+/// VIP, and the backend's socket would never hear of it: path MTU discovery would stall.
+pub struct IcmpError {
+    /// Packet pointers: outer IP header, ICMP header, quoted IP header, quoted TCP header.
+    pub ip: usize,
+    pub icmp: usize,
+    pub inner_ip: usize,
+    pub inner_tcp: usize,
+    /// The end of the packet: whether the quote reaches the TCP checksum (only the first 8
+    /// bytes are guaranteed) is checked against it where the checksum is written.
+    pub end: usize,
+    /// The `FLOWS` key of the quoted segment's connection: client → VIP.
+    pub fwd: FlowKey,
+}
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const ICMP_HLEN: usize = 8;
+
+/// Parses the quoted packet of an ICMP error at `icmp` (already known to be an error type).
+#[inline(always)]
+fn icmp_error(ip: usize, icmp: usize, end: usize, family: u8) -> Parsed {
+    let inner = icmp + ICMP_HLEN;
+    let mut fwd = FlowKey { proto: PROTO_TCP, family, ..FlowKey::default() };
+    let inner_l4;
+    if family == FAMILY_V4 {
+        if inner + IPV4_HLEN > end {
+            return Parsed::Malformed;
+        }
+        let ver_ihl: u8 = unsafe { load(inner) };
+        let ihl = (ver_ihl & 0x0f) as usize;
+        if unsafe { load::<u8>(inner + 9) } != PROTO_TCP {
+            return Parsed::Other;
+        }
+        if ver_ihl >> 4 != 4 || ihl < 5 {
+            return Parsed::Malformed;
+        }
+        inner_l4 = inner + ihl * 4;
+        // The quoted segment went VIP → client; its connection's forward key is the reverse.
+        fwd.dst_addr = Addr::v4(unsafe { load(inner + IP4_SADDR) });
+        fwd.src_addr = Addr::v4(unsafe { load(inner + IP4_DADDR) });
+    } else {
+        if inner + IPV6_HLEN > end {
+            return Parsed::Malformed;
+        }
+        if unsafe { load::<u8>(inner + 6) } != PROTO_TCP {
+            return Parsed::Other;
+        }
+        inner_l4 = inner + IPV6_HLEN;
+        fwd.dst_addr = Addr(unsafe { load(inner + IP6_SADDR) });
+        fwd.src_addr = Addr(unsafe { load(inner + IP6_DADDR) });
+    }
+    // RFC 792/4443 guarantee the first 8 bytes of the quoted transport header: the ports.
+    if inner_l4 + 8 > end {
+        return Parsed::Malformed;
+    }
+    fwd.dst_port = unsafe { load(inner_l4 + TCP_SPORT) };
+    fwd.src_port = unsafe { load(inner_l4 + TCP_DPORT) };
+    Parsed::IcmpError(IcmpError {
+        ip,
+        icmp,
+        inner_ip: inner,
+        inner_tcp: inner_l4,
+        end,
+        fwd,
+    })
 }
 
 #[inline(always)]
@@ -92,7 +163,8 @@ pub fn parse(data: usize, end: usize) -> Parsed {
             return Parsed::Malformed;
         }
         let ver_ihl: u8 = unsafe { load(l3) };
-        if unsafe { load::<u8>(l3 + 9) } != PROTO_TCP {
+        let ip_proto: u8 = unsafe { load(l3 + 9) };
+        if ip_proto != PROTO_TCP && ip_proto != PROTO_ICMP {
             return Parsed::Other;
         }
         let ihl = (ver_ihl & 0x0f) as usize;
@@ -101,7 +173,19 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         }
         // MF set or a non-zero offset.
         if unsafe { load::<u16>(l3 + 6) } & 0x3fffu16.to_be() != 0 {
-            return Parsed::Fragment;
+            return if ip_proto == PROTO_TCP { Parsed::Fragment } else { Parsed::Other };
+        }
+        if ip_proto == PROTO_ICMP {
+            let icmp = l3 + ihl * 4;
+            if icmp + ICMP_HLEN > end {
+                return Parsed::Malformed;
+            }
+            // Destination unreachable (incl. fragmentation needed), time exceeded, parameter
+            // problem: the errors that quote the offending packet.
+            return match unsafe { load::<u8>(icmp) } {
+                3 | 11 | 12 => icmp_error(l3, icmp, end, FAMILY_V4),
+                _ => Parsed::Other,
+            };
         }
         ip_options = ihl > 5;
         l4 = l3 + ihl * 4;
@@ -113,6 +197,17 @@ pub fn parse(data: usize, end: usize) -> Parsed {
             return Parsed::Malformed;
         }
         let next: u8 = unsafe { load(l3 + 6) };
+        if next == PROTO_ICMPV6 {
+            let icmp = l3 + IPV6_HLEN;
+            if icmp + ICMP_HLEN > end {
+                return Parsed::Malformed;
+            }
+            // Destination unreachable, packet too big, time exceeded, parameter problem.
+            return match unsafe { load::<u8>(icmp) } {
+                1..=4 => icmp_error(l3, icmp, end, FAMILY_V6),
+                _ => Parsed::Other,
+            };
+        }
         if next != PROTO_TCP {
             return if is_ipv6_ext(next) { Parsed::Ipv6Ext } else { Parsed::Other };
         }

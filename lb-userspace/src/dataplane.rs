@@ -497,7 +497,7 @@ impl Dataplane {
             let Stats {
                 xdp_packets, xdp_bytes, fwd_packets, fwd_bytes, new_flows, reply_packets, reply_bytes,
                 closed_flows, conntrack_full, drop_no_backend, no_flow, malformed, fragments, ipv6_ext,
-                ip_options, tc_pull,
+                ip_options, icmp_errors, tc_pull,
             } = *s;
             sum.xdp_packets += xdp_packets;
             sum.xdp_bytes += xdp_bytes;
@@ -514,6 +514,7 @@ impl Dataplane {
             sum.fragments += fragments;
             sum.ipv6_ext += ipv6_ext;
             sum.ip_options += ip_options;
+            sum.icmp_errors += icmp_errors;
             sum.tc_pull += tc_pull;
         }
         let s = sum;
@@ -522,7 +523,7 @@ impl Dataplane {
             ("fwd_bytes", s.fwd_bytes), ("new_flows", s.new_flows), ("reply_packets", s.reply_packets),
             ("reply_bytes", s.reply_bytes), ("closed_flows", s.closed_flows), ("conntrack_full", s.conntrack_full),
             ("drop_no_backend", s.drop_no_backend), ("no_flow", s.no_flow), ("malformed", s.malformed),
-            ("fragments", s.fragments), ("ipv6_ext", s.ipv6_ext), ("ip_options", s.ip_options), ("tc_pull", s.tc_pull),
+            ("fragments", s.fragments), ("ipv6_ext", s.ipv6_ext), ("ip_options", s.ip_options), ("icmp_errors", s.icmp_errors), ("tc_pull", s.tc_pull),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -251,8 +251,12 @@ fn counter(dp: &Dataplane, name: &str) -> u64 {
 }
 
 fn xdp(dp: &Dataplane, p: &Pkt) -> (u32, Vec<u8>) {
-    let out = dp.test_run_xdp(&p.bytes(), 1).expect("XDP test run");
-    assert!(out.verdict == XDP_PASS || out.verdict == XDP_DROP, "verdict {} for {p:?}: never XDP_ABORTED", out.verdict);
+    xdp_bytes(dp, &p.bytes())
+}
+
+fn xdp_bytes(dp: &Dataplane, bytes: &[u8]) -> (u32, Vec<u8>) {
+    let out = dp.test_run_xdp(bytes, 1).expect("XDP test run");
+    assert!(out.verdict == XDP_PASS || out.verdict == XDP_DROP, "verdict {} for {bytes:?}: never XDP_ABORTED", out.verdict);
     (out.verdict, out.data)
 }
 
@@ -643,4 +647,84 @@ fn report_test_run_cost() {
         ns(rep.duration)
     );
     assert_eq!(counter(&dp, "new_flows"), u64::from(n) + 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP errors about replies of tracked flows.
+
+/// An ICMP error from `from` to `to` quoting the first `quote` bytes of `offending` (an
+/// Ethernet frame as built above); IPv4 "fragmentation needed" or ICMPv6 "packet too big".
+fn icmp_error(from: IpAddr, to: IpAddr, offending: &[u8], quote: usize) -> Vec<u8> {
+    let quoted = &offending[14..(14 + quote).min(offending.len())];
+    let mut icmp = match to {
+        IpAddr::V4(_) => vec![3, 4, 0, 0, 0, 0, 0x05, 0x00], // frag needed, MTU 1280
+        IpAddr::V6(_) => vec![2, 0, 0, 0, 0, 0, 0x05, 0x00], // packet too big, MTU 1280
+    };
+    icmp.extend(quoted);
+    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let c = csum(&[&icmp]);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend([0x08, 0x00]);
+            let mut ip = vec![0x45, 0];
+            ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+            ip.extend([0, 1, 0, 0, 64, 1, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let c = csum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            out.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let len = (icmp.len() as u16).to_be_bytes();
+            let c = csum(&[&s.octets(), &d.octets(), &[0, 0], &len, &[0, 0, 0, 58], &icmp]);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+            out.extend(len);
+            out.extend([58, 64]);
+            out.extend(s.octets());
+            out.extend(d.octets());
+        }
+        _ => unreachable!(),
+    }
+    out.extend(icmp);
+    out
+}
+
+#[test]
+fn icmp_errors_about_replies_reach_the_backend() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 5, 5]);
+    set_live(&mut dp, 1, &[5, 0, 5]);
+    set_live(&mut dp, 2, &[0, 5]);
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    // (flow's SYN, the reply as the client saw it, the same reply as the backend sent it)
+    let cases = [
+        (v4(CLIENT, 46000, VIP, 80, SYN), v4(VIP, 80, CLIENT, 46000, ACK | PSH), v4(HOST, 8001, CLIENT, 46000, ACK | PSH), IpAddr::from(router)),
+        (v4(CLIENT, 46001, HOST, 80, SYN), v4(HOST, 80, CLIENT, 46001, ACK | PSH), v4(HOST, 8002, CLIENT, 46001, ACK | PSH), IpAddr::from(router)),
+        (v6(CLIENT6, 46002, VIP6, 80, SYN), v6(VIP6, 80, CLIENT6, 46002, ACK | PSH), v6(HOST6, 8001, CLIENT6, 46002, ACK | PSH), IpAddr::from(CLIENT6)),
+    ];
+    for (syn, seen, sent, from) in cases {
+        xdp(&dp, &syn);
+        // A full quote (checksum included) and a minimal one (8 bytes of TCP).
+        let ip_len = if seen.src.is_ipv4() { 20 } else { 40 };
+        for quote in [ip_len + 20 + 18, ip_len + 8] {
+            let before = counter(&dp, "icmp_errors");
+            let err = icmp_error(from, seen.src, &seen.bytes(), quote);
+            let (verdict, out) = xdp_bytes(&dp, &err);
+            assert_eq!(verdict, XDP_PASS);
+            let expected = icmp_error(from, sent.src, &sent.bytes(), quote);
+            assert_eq!(out, expected, "ICMP error about {seen:?} (quote {quote}) names the backend's segment and goes to the backend");
+            assert_eq!(counter(&dp, "icmp_errors"), before + 1);
+        }
+    }
+    // Errors about anything else pass untouched and uncounted.
+    let stranger = v4(HOST, 22, CLIENT, 46100, ACK);
+    let err = icmp_error(router.into(), HOST.into(), &stranger.bytes(), 48);
+    let before = counter(&dp, "icmp_errors");
+    assert_eq!(xdp_bytes(&dp, &err), (XDP_PASS, err.clone()));
+    assert_eq!(counter(&dp, "icmp_errors"), before);
+    let truncated = err[..14 + 20 + 8 + 10].to_vec();
+    assert_eq!(xdp_bytes(&dp, &truncated), (XDP_PASS, truncated.clone()), "a quote too short to hold the ports");
 }
