@@ -279,7 +279,7 @@ fn reconcile(
 ) -> anyhow::Result<u64> {
     let mut live: HashMap<u32, i64> = HashMap::new();
     let mut tracked = 0;
-    for (rev, nat, flow) in dp.flows() {
+    for (rev, nat, flow) in dp.flows()? {
         let backend = dataplane::sock_addr(&rev.src_addr, rev.src_port, rev.family);
         let client = dataplane::sock_addr(&rev.dst_addr, rev.dst_port, rev.family);
         // Flows opened after `before` are not in its counts, whatever their socket says.

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapInfo, PerCpuArray, PerCpuValues},
     TestRunOptions,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun as _, Xdp, XdpMode,
@@ -531,15 +531,17 @@ impl Dataplane {
     }
 
     /// Every tracked flow as (reply key, reply NAT, forward flow if present).
-    pub fn flows(&self) -> Vec<(FlowKey, ReplyNat, Option<Flow>)> {
-        self.replies
-            .iter()
-            .filter_map(Result::ok)
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, ReplyNat, Option<Flow>)>> {
+        let replies: Vec<(FlowKey, ReplyNat)> = dump(self.replies.map()).context("reading REPLIES")?;
+        let forward: std::collections::HashMap<FlowKey, Flow> =
+            dump(self.flows.map()).context("reading FLOWS")?.into_iter().collect();
+        Ok(replies
+            .into_iter()
             .map(|(rev, nat)| {
-                let fwd = rev.forward_of_reply(&nat);
-                (rev, nat, self.flows.get(&fwd, 0).ok())
+                let flow = forward.get(&rev.forward_of_reply(&nat)).copied();
+                (rev, nat, flow)
             })
-            .collect()
+            .collect())
     }
 
     /// Forgets a flow in both directions.
@@ -548,6 +550,65 @@ impl Dataplane {
         let _ = self.replies.remove(rev);
         let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
+    }
+}
+
+/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`: a handful of system calls for
+/// thousands of entries, where walking keys one by one costs two per entry (seconds, with the
+/// map lock of the daemon held, at a hundred thousand flows). aya 0.14 has no batch API.
+fn dump<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut entries = Vec::new();
+    let mut chunk = 4096usize;
+    // Hash maps page by bucket; the token is a u32 bucket index.
+    let (mut token, mut next) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::zeroed(); chunk];
+        let mut values = vec![V::zeroed(); chunk];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw const token) as u64 },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attr points at buffers of `count` keys and values that outlive the call.
+        let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, size_of::<BatchAttr>()) };
+        let err = (ret < 0).then(io::Error::last_os_error);
+        if let Some(e) = &err
+            && e.raw_os_error() == Some(libc::ENOSPC)
+        {
+            // One bucket holds more than `chunk` entries: retry it with room for them.
+            chunk *= 2;
+            continue;
+        }
+        let n = attr.count as usize;
+        entries.extend(keys.into_iter().zip(values).take(n));
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Some(e) => return Err(e),
+        }
+        token = next;
+        first = false;
     }
 }
 

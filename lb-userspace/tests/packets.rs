@@ -728,3 +728,31 @@ fn icmp_errors_about_replies_reach_the_backend() {
     let truncated = err[..14 + 20 + 8 + 10].to_vec();
     assert_eq!(xdp_bytes(&dp, &truncated), (XDP_PASS, truncated.clone()), "a quote too short to hold the ports");
 }
+
+/// The daemon reads conntrack in batches (`BPF_MAP_LOOKUP_BATCH`); every flow must come back,
+/// joined with its forward entry, across several batches.
+#[test]
+fn the_daemon_reads_every_tracked_flow() {
+    xlb_require_root();
+    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+    let mut dp = Dataplane::load_detached(16384).unwrap();
+    let up: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
+    dp.apply_services(&config.services, &up).unwrap();
+    const N: u16 = 10_000;
+    for port in 0..N {
+        xdp(&dp, &v4(CLIENT, 20000 + port, VIP, 80, SYN));
+    }
+    let flows = dp.flows().unwrap();
+    assert_eq!(flows.len(), usize::from(N));
+    let mut ports: Vec<u16> = flows
+        .iter()
+        .map(|(rev, nat, flow)| {
+            let flow = flow.expect("every reply entry has its forward entry");
+            assert_eq!((nat.vip_addr, u16::from_be(nat.vip_port)), (Addr::v4(VIP.octets()), 80));
+            assert_eq!((rev.src_addr, rev.src_port), (flow.backend_addr, flow.backend_port));
+            u16::from_be(rev.dst_port)
+        })
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, (20000..20000 + N).collect::<Vec<_>>());
+}
