@@ -34,7 +34,8 @@ pub struct Stats {
     pub ip_options: u64,
     /// ICMP errors about a reply of a tracked flow, rewritten to name the backend.
     pub icmp_errors: u64,
-    /// Egress packets whose headers had to be pulled into the linear area before parsing.
+    /// Egress packets whose headers had to be pulled into the linear area before parsing
+    /// (the stack builds them there, so this stays near zero).
     pub tc_pull: u64,
 }
 const _: () = assert!(size_of::<Stats>() == 17 * 8);

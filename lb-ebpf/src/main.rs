@@ -337,13 +337,16 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 #[inline(always)]
 fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
     let Some(stats) = stats() else { return Ok(()) };
-    // Headers of locally generated packets are in the linear area; pull them if not.
-    let want = ctx.len().min(14 + 4 + 60 + 60);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        ctx.pull_data(want)?;
+    let mut parsed = parse::parse(ctx.data(), ctx.data_end());
+    // The stack builds TCP headers in the linear area, so this is rare: headers cut short by
+    // the end of the linear data of a longer packet. Pull them in (at most every header xlb
+    // reads: Ethernet + VLAN + IPv4 with options + TCP with options) and look again.
+    if matches!(parsed, Parsed::Malformed) && ((ctx.data_end() - ctx.data()) as u32) < ctx.len() {
+        ctx.pull_data(ctx.len().min(14 + 4 + 60 + 60))?;
         stats.tc_pull += 1;
+        parsed = parse::parse(ctx.data(), ctx.data_end());
     }
-    let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
+    let pkt = match parsed {
         Parsed::Tcp(pkt) => pkt,
         _ => return Ok(()),
     };
