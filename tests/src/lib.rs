@@ -6,11 +6,13 @@
 mod http;
 mod proc;
 mod topology;
+mod xdp;
 
 pub use http::{HttpResponse, http_get};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
 pub use topology::Topology;
+pub use xdp::NoopXdp;
 
 use std::{
     path::{Path, PathBuf},
