@@ -1,7 +1,10 @@
 //! The admin HTTP API. It has no authentication, so the config only lets it listen on loopback.
 //!
 //! `GET /api/status` serves the status as JSON (read by `xlb status`), `GET /metrics` the same
-//! snapshot as OpenMetrics text. Both take a fresh snapshot per request; nothing is cached.
+//! snapshot as OpenMetrics text, `GET /status` a summary in nginx's `stub_status` layout. Each
+//! takes a fresh snapshot per request; nothing is cached. `POST
+//! /api/services/{name}/backends/{address}/drain` and `/undrain` (used by `xlb drain` and
+//! `xlb undrain`) change a backend's drain flag and answer once the data path has it.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -32,12 +35,36 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::status::{BackendState, Status};
+use crate::status::{BackendState, DrainResult, Status, render_stub_status};
 
-/// Where the daemon's live state comes from; called once per request, off the async runtime
-/// (it may read BPF maps).
+/// Where the daemon's live state comes from, and what changes it; called once per request,
+/// off the async runtime (it may read and write BPF maps).
 pub trait StatusSource: Send + Sync + 'static {
     fn status(&self) -> anyhow::Result<Status>;
+
+    /// Sets (`drained`) or clears the drain flag of `backend` of `service`, writing the
+    /// resulting state into the data path before returning.
+    fn set_drained(
+        &self,
+        service: &str,
+        backend: SocketAddr,
+        drained: bool,
+    ) -> Result<DrainResult, ControlError>;
+}
+
+/// Why a drain or undrain request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no service {name:?}; the services are: {}", known.join(", "))]
+    UnknownService { name: String, known: Vec<String> },
+    #[error("service {service:?} has no backend {backend}; its backends are: {}", known.join(", "))]
+    UnknownBackend {
+        service: String,
+        backend: SocketAddr,
+        known: Vec<String>,
+    },
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
 }
 
 /// A client that opens a connection and sends nothing must not hold it forever.
@@ -50,8 +77,14 @@ const MAX_CLIENT_BODY: usize = 16 << 20;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
-const INDEX: &str = "xlb admin API\n\nGET /api/status  status of services, backends and the data path (JSON)\n\
-                     GET /metrics     the same as Prometheus/OpenMetrics text\n";
+const INDEX: &str = "xlb admin API\n\n\
+GET  /api/status  status of services, backends and the data path (JSON)\n\
+GET  /metrics     the same as Prometheus/OpenMetrics text\n\
+GET  /status      connection totals in nginx stub_status format\n\
+POST /api/services/{name}/backends/{address}/drain    no new connections to the backend;\n\
+                                                      open ones continue\n\
+POST /api/services/{name}/backends/{address}/undrain  new connections again\n\
+     ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n";
 
 /// Serves until `shutdown` becomes true (or its sender is dropped), then lets requests in
 /// progress finish for up to 5 s.
@@ -128,10 +161,15 @@ async fn route(
     source: Arc<dyn StatusSource>,
 ) -> Response<Full<Bytes>> {
     let (method, path) = (request.method(), request.uri().path());
-    if !matches!(path, "/" | "/api/status" | "/metrics") {
+    if let Some(rest) = path.strip_prefix("/api/services/") {
+        return control(request, rest, source).await;
+    }
+    if !matches!(path, "/" | "/api/status" | "/metrics" | "/status") {
         return error(
             StatusCode::NOT_FOUND,
-            format!("no route {method} {path}; try /api/status or /metrics"),
+            format!(
+                "no route {method} {path}; try /api/status or /metrics (GET / lists every route)"
+            ),
         );
     }
     if method != Method::GET && method != Method::HEAD {
@@ -162,14 +200,14 @@ async fn route(
             );
         }
     };
-    let encoded = if path == "/metrics" {
-        encode_metrics(&status)
+    let encoded = match path {
+        "/metrics" => encode_metrics(&status)
             .map(|text| (OPENMETRICS, text.into_bytes()))
-            .map_err(|e| e.to_string())
-    } else {
-        serde_json::to_vec(&status)
+            .map_err(|e| e.to_string()),
+        "/status" => Ok((TEXT, render_stub_status(&status).into_bytes())),
+        _ => serde_json::to_vec(&status)
             .map(|json| (JSON, json))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string()),
     };
     match encoded {
         Ok((content_type, body)) => respond(StatusCode::OK, content_type, body),
@@ -178,6 +216,108 @@ async fn route(
             format!("cannot encode the status: {e}"),
         ),
     }
+}
+
+/// `POST /api/services/{name}/backends/{address}/drain` and `/undrain`; `rest` is the path after
+/// `/api/services/`.
+async fn control(
+    request: &Request<Incoming>,
+    rest: &str,
+    source: Arc<dyn StatusSource>,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (request.method(), request.uri().path());
+    let segments: Vec<&str> = rest.split('/').collect();
+    let [service, "backends", backend, action @ ("drain" | "undrain")] = segments[..] else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route {method} {path}; backends are drained with POST \
+                 /api/services/{{name}}/backends/{{address}}/drain (and /undrain)"
+            ),
+        );
+    };
+    if method != Method::POST {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed on {path}; use POST"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    // Browsers send Origin with their POSTs, curl and `xlb drain` do not: a web page the
+    // operator happens to open must not drain backends through this unauthenticated API.
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("{path}: refused, the request comes from a web page (Origin: {origin:?})"),
+        );
+    }
+    let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{path}: bad percent-encoding"),
+        );
+    };
+    let Ok(address) = backend.parse::<SocketAddr>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{backend:?} is not a backend address: expected ip:port as in the config, \
+                 e.g. 203.0.113.10:8001 or [2001:db8::10]:8001"
+            ),
+        );
+    };
+    let drained = action == "drain";
+    match tokio::task::spawn_blocking(move || source.set_drained(&service, address, drained)).await
+    {
+        Ok(Ok(result)) => match serde_json::to_vec(&result) {
+            Ok(json) => respond(StatusCode::OK, JSON, json),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Ok(Err(
+            e @ (ControlError::UnknownService { .. } | ControlError::UnknownBackend { .. }),
+        )) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(ControlError::Failed(e))) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot {action} {address}: {e:#}"),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{action} of {address} failed: {e}"),
+        ),
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Escapes everything but RFC 3986's unreserved characters, so any text is one path segment.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn respond(
@@ -344,7 +484,35 @@ fn saturating_i64(value: u64) -> i64 {
 
 /// `GET /api/status` from a running daemon; used by `xlb status`.
 pub async fn fetch_status(addr: SocketAddr) -> anyhow::Result<Status> {
-    let response = tokio::time::timeout(CLIENT_TIMEOUT, get(addr, Method::GET, "/api/status"))
+    let body = call(addr, Method::GET, "/api/status").await?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!("the xlb admin API at {addr} sent a status this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
+/// Drains (`drained`) or undrains `backend` of `service` in a running daemon; used by
+/// `xlb drain` and `xlb undrain`. The daemon checks the names, so any text is passed on.
+pub async fn set_drained(
+    addr: SocketAddr,
+    service: &str,
+    backend: &str,
+    drained: bool,
+) -> anyhow::Result<DrainResult> {
+    let action = if drained { "drain" } else { "undrain" };
+    let path = format!(
+        "/api/services/{}/backends/{}/{action}",
+        percent_encode(service),
+        percent_encode(backend)
+    );
+    let body = call(addr, Method::POST, &path).await?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
+/// One request to the admin API: the body of a 200 answer, else an error with the API's message.
+async fn call(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<Bytes> {
+    let response = tokio::time::timeout(CLIENT_TIMEOUT, get(addr, method, path))
         .await
         .map_err(|_| anyhow!("no answer within {CLIENT_TIMEOUT:?}"))
         .and_then(|r| r)
@@ -362,9 +530,7 @@ pub async fn fetch_status(addr: SocketAddr) -> anyhow::Result<Status> {
             response.status()
         ));
     }
-    serde_json::from_slice(body).with_context(|| {
-        format!("the xlb admin API at {addr} sent a status this xlb cannot read; are `xlb` and the daemon the same version?")
-    })
+    Ok(response.into_body())
 }
 
 async fn get(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<Response<Bytes>> {
@@ -405,6 +571,46 @@ mod tests {
             self.0
                 .clone()
                 .map_err(|e| anyhow!(e).context("reading BACKENDS"))
+        }
+
+        /// Looks the backend up in the fixed status, as the daemon does in its config.
+        fn set_drained(
+            &self,
+            service: &str,
+            backend: SocketAddr,
+            drained: bool,
+        ) -> Result<DrainResult, ControlError> {
+            let status = self.status()?;
+            let svc = status
+                .services
+                .iter()
+                .find(|s| s.name == service)
+                .ok_or_else(|| ControlError::UnknownService {
+                    name: service.into(),
+                    known: status.services.iter().map(|s| s.name.clone()).collect(),
+                })?;
+            let b = svc
+                .backends
+                .iter()
+                .find(|b| b.address.parse() == Ok(backend))
+                .ok_or_else(|| ControlError::UnknownBackend {
+                    service: service.into(),
+                    backend,
+                    known: svc.backends.iter().map(|b| b.address.clone()).collect(),
+                })?;
+            Ok(DrainResult {
+                service: service.into(),
+                backend: b.address.clone(),
+                drained,
+                changed: drained != (b.state == BackendState::Draining),
+                state: if drained {
+                    BackendState::Draining
+                } else {
+                    BackendState::Up
+                },
+                healthy: b.healthy,
+                live_connections: b.live_connections,
+            })
         }
     }
 
@@ -538,14 +744,16 @@ mod tests {
             ),
             (StatusCode::OK, TEXT)
         );
-        assert!(text(&index).contains("GET /api/status") && text(&index).contains("GET /metrics"));
+        assert!(
+            text(&index).contains("GET  /api/status") && text(&index).contains("GET  /metrics")
+        );
 
         let missing = get(server.addr, Method::GET, "/x?y=1").await.unwrap();
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
         assert_eq!(missing.headers()[header::CONTENT_TYPE], JSON);
         assert_eq!(
             text(&missing),
-            r#"{"error":"no route GET /x; try /api/status or /metrics"}"#
+            r#"{"error":"no route GET /x; try /api/status or /metrics (GET / lists every route)"}"#
         );
 
         let post = get(server.addr, Method::POST, "/api/status").await.unwrap();
@@ -560,6 +768,141 @@ mod tests {
         assert_eq!(head.status(), StatusCode::OK);
         assert!(head.body().is_empty());
         server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn stub_status_has_nginx_layout() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let response = get(server.addr, Method::GET, "/status").await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], TEXT);
+        // Live 3 + 0 + 1, totals 120 + 7 + 9.
+        assert_eq!(
+            text(&response),
+            "Active connections: 4 \nserver accepts handled requests\n 136 136 136 \n\
+             Reading: 0 Writing: 0 Waiting: 4 \n"
+        );
+        let index = get(server.addr, Method::GET, "/").await.unwrap();
+        assert!(text(&index).contains("GET  /status"), "{}", text(&index));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn drain_routes() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let drained = set_drained(server.addr, "web", "203.0.113.10:8001", true)
+            .await
+            .unwrap();
+        assert_eq!(
+            drained,
+            DrainResult {
+                service: "web".into(),
+                backend: "203.0.113.10:8001".into(),
+                drained: true,
+                changed: true,
+                state: BackendState::Draining,
+                healthy: Some(true),
+                live_connections: 3,
+            }
+        );
+        let undrained = set_drained(server.addr, "web", "203.0.113.10:8003", false)
+            .await
+            .unwrap();
+        assert_eq!((undrained.drained, undrained.changed), (false, true));
+
+        let e = set_drained(server.addr, "api", "203.0.113.10:8001", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the xlb admin API at {} answered 404 Not Found: no service \"api\"; the services are: web",
+                server.addr
+            )
+        );
+        let e = set_drained(server.addr, "web", "203.0.113.10:9", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "404 Not Found: service \"web\" has no backend 203.0.113.10:9; its backends are: \
+                 203.0.113.10:8001, 203.0.113.10:8002, 203.0.113.10:8003"
+            ),
+            "{e}"
+        );
+        let e = set_drained(server.addr, "web", "localhost:8001", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("400 Bad Request: \"localhost:8001\" is not a backend address"),
+            "{e}"
+        );
+
+        // By hand: percent-encoded IPv6-style brackets, the wrong method, a broken escape.
+        let path = "/api/services/web/backends/203.0.113.10%3A8002/drain";
+        let response = get(server.addr, Method::POST, path).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{}", text(&response));
+        let response = get(server.addr, Method::GET, path).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "POST");
+        let response = get(
+            server.addr,
+            Method::POST,
+            "/api/services/web/backends/%5B2001:db8::1%5D:80/drain",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::NOT_FOUND,
+            "{}",
+            text(&response)
+        );
+        assert!(text(&response).contains("no backend [2001:db8::1]:80"));
+        let response = get(
+            server.addr,
+            Method::POST,
+            "/api/services/web/backends/%zz/drain",
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let mut browser = TcpStream::connect(server.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut browser,
+            format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://example.com\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut browser, &mut answer)
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden"), "{answer}");
+        let response = get(server.addr, Method::POST, "/api/services/web/drain")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert!(
+            text(&response).contains("/backends/{address}/drain"),
+            "{}",
+            text(&response)
+        );
+        server.shutdown().await;
+    }
+
+    #[test]
+    fn percent_coding_round_trips() {
+        for text in ["web", "[2001:db8::10]:8001", "a b%c/d", "ü"] {
+            assert_eq!(percent_decode(&percent_encode(text)).as_deref(), Some(text));
+        }
+        assert_eq!(percent_encode("[::1]:80"), "%5B%3A%3A1%5D%3A80");
+        assert_eq!(percent_decode("%5b::1%5D:80").as_deref(), Some("[::1]:80"));
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%ff"), None);
     }
 
     #[tokio::test]

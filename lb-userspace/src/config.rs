@@ -1312,4 +1312,16 @@ fall = 2
             "{e}"
         );
     }
+
+    /// The commented default config that `cargo xtask install` puts in /etc/xlb/xlb.toml.
+    #[test]
+    fn shipped_default_config_parses() {
+        let path = Path::new("/etc/xlb/xlb.toml");
+        let config = Config::parse(path, include_str!("../../systemd/xlb.toml")).unwrap();
+        assert_eq!(config.dataplane.interfaces, ["eth0"]);
+        assert_eq!(config.dataplane.pin_path, Path::new(DEFAULT_PIN_PATH));
+        assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
+        let [web] = &config.services[..] else { panic!("{config:?}") };
+        assert_eq!((web.name.as_str(), web.backends.len()), ("web", 3));
+    }
 }

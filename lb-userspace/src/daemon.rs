@@ -1,8 +1,14 @@
 //! `xlb run`: owns the data plane, keeps its backend states and live counts true, and serves
 //! the admin API. Stopping the daemon leaves the data path running (see `dataplane`).
+//!
+//! A backend's state in the data path comes from two inputs kept apart: the operator's drain
+//! flag (`xlb drain`) and the health checks' verdict. Drained wins; otherwise health decides
+//! between up and down. So a health transition never undrains a backend, and an undrain puts
+//! back whatever health says now.
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,12 +25,12 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, StatusSource},
+    admin::{self, ControlError, StatusSource},
     config::Config,
     dataplane::{self, Dataplane},
-    health,
+    health, notify,
     sockdiag::{self, SocketTable},
-    status::{BackendState, BackendStatus, DataplaneStatus, InterfaceStatus, ServiceStatus, Status},
+    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ServiceStatus, Status},
 };
 
 /// Live counts are reconciled with the kernel's socket table this often (the promise is
@@ -41,14 +47,45 @@ struct Probe {
     error: Option<String>,
 }
 
+/// What a backend's state in the data path is decided from.
+#[derive(Clone, Copy, Debug)]
+struct Control {
+    /// Set by `xlb drain`, cleared by `xlb undrain`; kept in the maps as `Draining`, so it
+    /// survives a daemon restart.
+    drained: bool,
+    /// The health checks' verdict after rise/fall.
+    up: bool,
+}
+
+impl Control {
+    fn state(self) -> BackendState {
+        match self {
+            Control { drained: true, .. } => BackendState::Draining,
+            Control { up: true, .. } => BackendState::Up,
+            Control { up: false, .. } => BackendState::Down,
+        }
+    }
+}
+
 struct Shared {
     config: Config,
+    /// Locked before `dp` when both are: a state is computed and written under this lock, so
+    /// a drain and a health transition cannot interleave their writes.
+    control: Mutex<Vec<Vec<Control>>>,
     dp: Mutex<Dataplane>,
     probes: Mutex<Vec<Vec<Probe>>>,
     flows: AtomicU64,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Under systemd (Type=notify) a broken $NOTIFY_SOCKET would make the start time out with
+    // no hint why; say so, but serve anyway.
+    let notifier = notify::Notifier::from_env()
+        .unwrap_or_else(|e| {
+            error!("cannot notify systemd: {e}");
+            None
+        })
+        .map(Arc::new);
     // Bound before anything is attached, so that a taken address leaves no data path behind.
     let listen = config.admin.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -89,7 +126,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let probes = config.services.iter().map(|s| vec![Probe::default(); s.backends.len()]).collect();
-    let shared = Arc::new(Shared { config, dp: Mutex::new(dp), probes: Mutex::new(probes), flows: AtomicU64::new(0) });
+    // A backend found draining stays drained. Its health is unknown until probed: it starts up,
+    // like every backend the maps do not say is down, and the probes correct that.
+    let control = states
+        .iter()
+        .map(|s| s.iter().map(|&st| Control { drained: st == BackendState::Draining, up: st != BackendState::Down }).collect())
+        .collect();
+    for (svc, states) in config.services.iter().zip(&states) {
+        for (addr, _) in svc.backends.iter().zip(states).filter(|(_, st)| **st == BackendState::Draining) {
+            info!(service = %svc.name, backend = %addr, "backend draining (kept from before the restart; `xlb undrain` ends it)");
+        }
+    }
+    let shared = Arc::new(Shared {
+        config,
+        control: Mutex::new(control),
+        dp: Mutex::new(dp),
+        probes: Mutex::new(probes),
+        flows: AtomicU64::new(0),
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -103,8 +157,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         while let Some(t) = transitions_rx.recv().await {
             let svc = &sh.config.services[t.service];
             let addr = svc.backends[t.backend];
-            let state = if t.up { BackendState::Up } else { BackendState::Down };
-            match sh.dp.lock().unwrap().set_state(t.service, t.backend, state) {
+            let mut control = sh.control.lock().unwrap();
+            let c = &mut control[t.service][t.backend];
+            c.up = t.up;
+            if c.drained {
+                // The map already says draining; health only matters again after an undrain.
+                let health = if t.up { "passing" } else { "failing" };
+                info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
+                continue;
+            }
+            match sh.dp.lock().unwrap().set_state(t.service, t.backend, c.state()) {
                 Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
                 Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
@@ -180,13 +242,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             error!("admin API: {e:#}");
         }
     });
-    info!(admin = %listen, "xlb ready");
-
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    info!(admin = %listen, "xlb ready");
+    if let Some(notifier) = &notifier {
+        let services: Vec<&str> = shared.config.services.iter().map(|s| s.name.as_str()).collect();
+        let status = format!(
+            "balancing {} on {}; admin API on {listen}",
+            services.join(", "),
+            shared.config.dataplane.interfaces.join(", ")
+        );
+        if let Err(e) = notifier.notify(&format!("READY=1\nSTATUS={status}")) {
+            error!("{e}");
+        }
+    }
+    if let (Some(notifier), Some(timeout)) = (&notifier, notify::watchdog_timeout()) {
+        info!(timeout = ?timeout, "sending systemd watchdog keep-alives every {:?}", timeout / 2);
+        tasks.spawn(watchdog(shared.clone(), notifier.clone(), timeout / 2, shutdown_rx.clone()));
+    }
+
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM received"),
         _ = sigint.recv() => info!("SIGINT received"),
+    }
+    if let Some(notifier) = &notifier
+        && let Err(e) = notifier.notify("STOPPING=1\nSTATUS=stopping; the data path stays attached")
+    {
+        warn!("{e}");
     }
     let _ = shutdown_tx.send(true);
     for p in probers {
@@ -201,6 +283,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "stopped; the data path stays attached and keeps forwarding (`xlb detach` removes it)"
     );
     Ok(())
+}
+
+/// Sends systemd's watchdog keep-alive every `period` (half of `WatchdogSec=`) for as long as
+/// the daemon works: each one waits for the runtime to schedule it and for the data-plane lock,
+/// so a hung runtime or a lock that is never released stops the keep-alives and systemd
+/// restarts the daemon (`Restart=on-failure`), which leaves the data path as it is.
+async fn watchdog(sh: Arc<Shared>, notifier: Arc<notify::Notifier>, period: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let sh = sh.clone();
+        // A poisoned lock means a task panicked while holding it: nothing will write the maps
+        // again, so no keep-alive either.
+        let usable = tokio::task::spawn_blocking(move || sh.dp.lock().is_ok()).await.unwrap_or(false);
+        if !usable {
+            error!("the data-plane lock is poisoned; stopping watchdog keep-alives so that systemd restarts xlb");
+            break;
+        }
+        if let Err(e) = notifier.notify("WATCHDOG=1") {
+            warn!("{e}");
+        }
+    }
 }
 
 /// Loads or adopts the data path and writes the services into it, with the backend states it
@@ -335,7 +443,7 @@ struct Source(Arc<Shared>);
 
 impl StatusSource for Source {
     fn status(&self) -> anyhow::Result<Status> {
-        let Shared { config, dp, probes, flows } = &*self.0;
+        let Shared { config, control: _, dp, probes, flows } = &*self.0;
         let dp = dp.lock().unwrap();
         let probes = probes.lock().unwrap().clone();
         let states = dp.current_states(&config.services);
@@ -375,6 +483,52 @@ impl StatusSource for Source {
                 max_flows: u64::from(dp.max_flows()),
                 counters: dp.counters()?,
             },
+        })
+    }
+
+    fn set_drained(&self, service: &str, backend: SocketAddr, drained: bool) -> Result<DrainResult, ControlError> {
+        let sh = &*self.0;
+        let services = &sh.config.services;
+        let s = services.iter().position(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
+            name: service.into(),
+            known: services.iter().map(|s| s.name.clone()).collect(),
+        })?;
+        let svc = &services[s];
+        let b = svc.backends.iter().position(|&a| a == backend).ok_or_else(|| ControlError::UnknownBackend {
+            service: service.into(),
+            backend,
+            known: svc.backends.iter().map(ToString::to_string).collect(),
+        })?;
+        let mut control = sh.control.lock().unwrap();
+        let c = &mut control[s][b];
+        let before = c.drained;
+        c.drained = drained;
+        let state = c.state();
+        let mut dp = sh.dp.lock().unwrap();
+        // Written even when nothing changed: the request then also repairs a map that says
+        // otherwise. It is one array update: the next SYN already sees it.
+        if let Err(e) = dp.set_state(s, b, state) {
+            c.drained = before;
+            return Err(e.context("writing the backend state").into());
+        }
+        let live = dp.conns(s, b).map(|c| c.live.max(0) as u64).unwrap_or_default();
+        drop(dp);
+        drop(control);
+        let changed = before != drained;
+        match (drained, changed) {
+            (true, true) => info!(service, backend = %backend, live, "backend draining: no new connections go to it; open ones continue"),
+            (false, true) => info!(service, backend = %backend, state = ?state, "backend undrained"),
+            _ => {}
+        }
+        let healthy = sh.probes.lock().unwrap()[s][b].healthy;
+        Ok(DrainResult {
+            service: service.into(),
+            backend: backend.to_string(),
+            drained,
+            changed,
+            state,
+            healthy,
+            live_connections: live,
         })
     }
 }

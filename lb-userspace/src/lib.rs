@@ -4,5 +4,6 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod notify;
 pub mod sockdiag;
 pub mod status;

@@ -1,8 +1,13 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use xlb::{admin, config::Config, daemon, dataplane, status};
+use clap::{Args, Parser, Subcommand};
+use xlb::{
+    admin,
+    config::Config,
+    daemon, dataplane,
+    status::{self, BackendState},
+};
 
 /// xlb: an XDP least-connections load balancer for same-host backends.
 #[derive(Parser)]
@@ -37,11 +42,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop sending new connections to a backend; its open connections continue. The backend
+    /// stays drained, also across daemon restarts, until `undrain`.
+    Drain {
+        /// Service name, as in the config.
+        service: String,
+        /// Backend address `ip:port`, as in the service's `backends`.
+        backend: String,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
+    /// End a drain: the backend gets new connections again once its health checks pass.
+    Undrain {
+        service: String,
+        backend: String,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Detach the programs and remove every pinned map and link (drops all tracked flows).
     Detach {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+/// Which running daemon to ask.
+#[derive(Args)]
+struct Daemon {
+    /// The daemon's config (its admin.listen is used).
+    #[arg(long, short, value_name = "FILE", required_unless_present = "admin")]
+    config: Option<PathBuf>,
+    /// Admin API address, instead of reading it from the config.
+    #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+    admin: Option<SocketAddr>,
+}
+
+/// The admin API address: given, or `admin.listen` of the config.
+fn admin_addr(admin: Option<SocketAddr>, config: Option<PathBuf>) -> anyhow::Result<SocketAddr> {
+    Ok(match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => Config::parse(&path, &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?.admin.listen,
+        (None, None) => unreachable!("clap requires one"),
+    })
 }
 
 fn init_tracing() {
@@ -84,11 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { config, admin: addr, json } => {
-            let addr = match (addr, config) {
-                (Some(a), _) => a,
-                (None, Some(path)) => Config::parse(&path, &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?.admin.listen,
-                (None, None) => unreachable!("clap requires one"),
-            };
+            let addr = admin_addr(addr, config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let status = rt.block_on(admin::fetch_status(addr))?;
             if json {
@@ -98,6 +136,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Drain { service, backend, daemon } => set_drained(&service, &backend, daemon, true),
+        Command::Undrain { service, backend, daemon } => set_drained(&service, &backend, daemon, false),
         Command::Detach { config } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let config = Config::parse(&config, &text)?;
@@ -111,4 +151,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn set_drained(service: &str, backend: &str, Daemon { config, admin }: Daemon, drained: bool) -> anyhow::Result<()> {
+    let addr = admin_addr(admin, config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let r = rt.block_on(admin::set_drained(addr, service, backend, drained))?;
+    let open = match r.live_connections {
+        0 => "it has no open connections".to_string(),
+        1 => "its 1 open connection continues".to_string(),
+        n => format!("its {n} open connections continue"),
+    };
+    let already = if r.changed { "" } else { "already " };
+    let what = match (r.drained, r.state) {
+        (true, _) => format!("{already}draining: no new connections; {open}"),
+        (false, BackendState::Up) => format!("{already}undrained: up, new connections go to it again"),
+        (false, _) => format!(
+            "{already}undrained, but down: its health checks fail, so it gets new connections only once they pass"
+        ),
+    };
+    println!("{} {}: {what}", r.service, r.backend);
+    Ok(())
 }

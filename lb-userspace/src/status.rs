@@ -58,6 +58,40 @@ pub struct Status {
     pub dataplane: DataplaneStatus,
 }
 
+/// The answer to `POST /api/services/{name}/backends/{address}/drain` (or `/undrain`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainResult {
+    pub service: String,
+    /// `ip:port` as configured.
+    pub backend: String,
+    /// Whether the backend is drained now (the operator's flag, kept across daemon restarts).
+    pub drained: bool,
+    /// Whether this request changed the flag (false: it already was as asked).
+    pub changed: bool,
+    /// The state now in the data path: `draining` while drained, else what health checks say.
+    pub state: BackendState,
+    /// Result of the last health probe; `None` before the first one.
+    pub healthy: Option<bool>,
+    /// Connections still open to the backend.
+    pub live_connections: u64,
+}
+
+/// `GET /status`: the layout of nginx's `stub_status`, so that scripts and monitoring written
+/// for it keep working. Mapped from what an L4 balancer knows: active = live connections over
+/// every backend; accepts = handled = connections sent to backends; requests repeats that
+/// number, because xlb never sees HTTP requests; reading and writing are 0 and every active
+/// connection counts as waiting, because xlb cannot tell what a connection is doing. Trailing
+/// spaces as nginx prints them.
+pub fn render_stub_status(status: &Status) -> String {
+    let backends = status.services.iter().flat_map(|s| &s.backends);
+    let active: u64 = backends.clone().map(|b| b.live_connections).sum();
+    let total: u64 = backends.map(|b| b.total_connections).sum();
+    format!(
+        "Active connections: {active} \nserver accepts handled requests\n {total} {total} {total} \n\
+         Reading: 0 Writing: 0 Waiting: {active} \n"
+    )
+}
+
 /// The text `xlb status` prints: one table per service, then the data path.
 pub fn render_table(status: &Status) -> String {
     let mut out = String::new();

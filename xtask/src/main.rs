@@ -1,5 +1,7 @@
-//! Developer tasks: `cargo xtask setup | build | test | run` (alias in .cargo/config.toml).
+//! Developer tasks: `cargo xtask setup | build | test | run | install` (alias in
+//! .cargo/config.toml).
 mod demo;
+mod install;
 mod setup;
 
 use std::{
@@ -48,6 +50,22 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Install the release binary to <prefix>/bin/xlb, the systemd units (xlb.service,
+    /// app@.service) to /etc/systemd/system/ and the default config to /etc/xlb/xlb.toml.
+    /// Never overwrites an existing config or app@.service; prints every step.
+    Install {
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this staging root instead of / (for packaging and tests).
+        #[arg(long, value_name = "DIR")]
+        destdir: Option<PathBuf>,
+        /// Print what would be installed; touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Install this xlb binary instead of building the release one.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +73,12 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::Build { release } => build(release).map(drop),
         Task::Test { args } => test(&args),
+        Task::Install { prefix, destdir, dry_run, binary } => install::install(install::Options {
+            prefix,
+            destdir,
+            dry_run,
+            binary,
+        }),
         Task::Run { demo_seconds, args } if args.is_empty() => {
             demo::run(demo_seconds.map(Duration::from_secs))
         }

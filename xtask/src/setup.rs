@@ -17,6 +17,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
     ("curl", "curl"),
+    // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
+    ("systemd", "systemd-analyze"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {
