@@ -736,6 +736,7 @@ fn remove_stale_links(pin_path: &Path, interfaces: &[String]) -> anyhow::Result<
         if let Some(iface) = iface
             && !interfaces.iter().any(|i| i == iface)
         {
+            detach_link(&pin_path.join(&name))?;
             fs::remove_file(pin_path.join(&name))?;
             info!(interface = iface, "detached from an interface no longer configured");
         }
@@ -757,9 +758,53 @@ pub fn detach(pin_path: &Path) -> anyhow::Result<Vec<String>> {
     names.sort_by_key(|n| !n.starts_with("link_"));
     for name in names {
         let path = pin_path.join(&name);
+        if name.starts_with("link_") {
+            detach_link(&path)?;
+        }
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         removed.push(name);
     }
     fs::remove_dir(pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
     Ok(removed)
+}
+
+/// Detaches a pinned link now (`BPF_LINK_DETACH`). Removing the pin alone detaches it only when
+/// the kernel gets round to freeing the link, a moment later; `xlb detach` promises that the
+/// program is gone when it returns.
+fn detach_link(path: &Path) -> anyhow::Result<()> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // The `obj_get` member of `union bpf_attr`: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet { pathname: pathname.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: `attr` points at a NUL-terminated path that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("opening {}", path.display()));
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The `link_detach` member of `union bpf_attr`: the link fd.
+    let detach = [fd as u32, 0, 0, 0];
+    // SAFETY: a zeroed attr holding a link fd that `link` keeps open during the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_ptr(), size_of_val(&detach)) };
+    drop(link);
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        // ENOLINK: already detached (its interface is gone).
+        if e.raw_os_error() != Some(libc::ENOLINK) {
+            return Err(e).with_context(|| format!("detaching {}", path.display()));
+        }
+    }
+    Ok(())
 }

@@ -103,6 +103,11 @@ fn spread_idle_backends_evenly() {
 }
 
 #[test]
+fn spread_to_a_vip_on_its_own_address() {
+    spread_evenly("ownvip", Family::V4OwnVip);
+}
+
+#[test]
 fn spread_over_ipv6() {
     spread_evenly("spread6", Family::V6);
 }

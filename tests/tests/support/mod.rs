@@ -42,7 +42,13 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum Family {
     V4,
     V6,
+    /// IPv4 with the VIP on an address of its own (198.18.0.10), so the data path rewrites the
+    /// destination address as well as the port.
+    V4OwnVip,
 }
+
+/// The VIP address of `Family::V4OwnVip`.
+pub const OWN_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 10);
 
 /// One backend as `/api/status` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,13 +85,22 @@ impl Lb {
     pub fn prepare(tag: &str, family: Family) -> Lb {
         let topo = Topology::new(tag);
         let ip: IpAddr = match family {
-            Family::V4 => topo.lb_v4.into(),
+            Family::V4 | Family::V4OwnVip => topo.lb_v4.into(),
             Family::V6 => topo.lb_v6.into(),
+        };
+        let vip_ip: IpAddr = match family {
+            Family::V4OwnVip => {
+                let mut add = topo.lb("ip");
+                add.args(["addr", "add", &format!("{OWN_VIP}/24"), "dev", &topo.lb_if]);
+                run_ok(add, "adding the VIP address");
+                OWN_VIP.into()
+            }
+            _ => ip,
         };
         let dir =
             std::env::temp_dir().join(topo.pin_path.file_name().expect("pin path has a name"));
         let lb = Lb {
-            vip: SocketAddr::new(ip, 80),
+            vip: SocketAddr::new(vip_ip, 80),
             backends: (1..=BACKENDS as u16)
                 .map(|i| SocketAddr::new(ip, 8000 + i))
                 .collect(),
@@ -350,7 +365,9 @@ fall = {FALL}
             let [local, peer] = addrs[..] else {
                 panic!("unexpected ss line {line:?} in:\n{out}")
             };
-            if peer.ip() == self.vip.ip() {
+            // Health probes come from the lb namespace's own addresses (the backends' or, when
+            // it has its own, the VIP's): not client connections.
+            if peer.ip() == self.vip.ip() || self.backends.iter().any(|b| b.ip() == peer.ip()) {
                 continue;
             }
             if let Some(b) = self.backends.iter().position(|&a| a == local) {
