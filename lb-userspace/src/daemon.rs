@@ -364,8 +364,9 @@ impl Counts {
 /// Corrects every backend's live count towards the number of its tracked flows whose socket
 /// the kernel holds established or half-open, and forgets flows whose socket is gone (lost
 /// FINs, killed clients, RSTs the data path never saw, SYNs that never became a connection).
-/// Flows whose socket is winding down (FIN_WAIT, TIME_WAIT, …) are kept until it is gone,
-/// because their last packets still need rewriting. Returns the number of flows still tracked.
+/// Flows whose socket is winding down (FIN_WAIT, CLOSE_WAIT, LAST_ACK, …) are kept while it
+/// does, because their last packets still need rewriting; TIME-WAIT counts as gone (see
+/// `sockdiag::tcp_sockets`). Returns the number of flows still tracked.
 ///
 /// The data path keeps counting while we read, and reading the socket table and the flows
 /// takes tens of milliseconds with many flows, so the count is never overwritten with what was
