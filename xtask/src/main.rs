@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | build | test | run | install` (alias in
+//! Developer tasks: `cargo xtask setup | build | test | run | install | bench` (alias in
 //! .cargo/config.toml).
+mod bench;
 mod demo;
 mod install;
 mod setup;
@@ -66,6 +67,21 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         binary: Option<PathBuf>,
     },
+    /// Benchmark xlb's L4 path against a direct baseline, nginx and HAProxy in private network
+    /// namespaces (root; installs nginx, haproxy and wrk when missing). Writes
+    /// bench/results/<date>.{md,csv,svg} (`<date>-quick.*` with --quick). About 16 minutes;
+    /// `--quick` under 3.
+    Bench {
+        /// 3 rounds of 3 s instead of 9 of 10 s: a smoke run, not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (default 9, or 3 with --quick).
+        #[arg(long, value_name = "N")]
+        rounds: Option<usize>,
+        /// Seconds per run (default 10, or 3 with --quick).
+        #[arg(long, value_name = "S")]
+        seconds: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +94,15 @@ fn main() -> anyhow::Result<()> {
             destdir,
             dry_run,
             binary,
+        }),
+        Task::Bench {
+            quick,
+            rounds,
+            seconds,
+        } => bench::run(bench::Options {
+            quick,
+            rounds,
+            seconds,
         }),
         Task::Run { demo_seconds, args } if args.is_empty() => {
             demo::run(demo_seconds.map(Duration::from_secs))
