@@ -217,10 +217,16 @@ fn ipv4_header_ok(bytes: &[u8]) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The programs loaded with `CONFIG`'s services; `states[s][b]` where given, else up.
 fn setup(states: &[&[BackendState]]) -> Dataplane {
+    setup_with(CONFIG, 4096, states)
+}
+
+/// The programs loaded with conntrack for `max_flows` and the services of `config_text`.
+fn setup_with(config_text: &str, max_flows: u32, states: &[&[BackendState]]) -> Dataplane {
     xlb_require_root();
-    let config = Config::parse("packets.toml".as_ref(), CONFIG).expect("test config parses");
-    let mut dp = Dataplane::load_detached(4096).expect("programs load and pass the verifier");
+    let config = Config::parse("packets.toml".as_ref(), config_text).expect("test config parses");
+    let mut dp = Dataplane::load_detached(max_flows).expect("programs load and pass the verifier");
     let states: Vec<Vec<BackendState>> = config
         .services
         .iter()
@@ -552,11 +558,7 @@ fn ties_are_broken_evenly() {
 
 #[test]
 fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
-    xlb_require_root();
-    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
-    let mut dp = Dataplane::load_detached(1024).unwrap();
-    let states: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
-    dp.apply_services(&config.services, &states).unwrap();
+    let dp = setup_with(CONFIG, 1024, &[]);
     for port in 0..1024u16 {
         let (verdict, _) = xdp(&dp, &v4(CLIENT, 10000 + port, VIP, 80, SYN));
         assert_eq!(verdict, XDP_PASS);
@@ -601,11 +603,7 @@ backends = ["198.18.0.10:80"]
 
 #[test]
 fn report_test_run_cost() {
-    xlb_require_root();
-    let config = Config::parse("ping-pong.toml".as_ref(), PING_PONG).unwrap();
-    let mut dp = Dataplane::load_detached(lb_common::flow::DEFAULT_MAX_FLOWS).unwrap();
-    let up: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
-    dp.apply_services(&config.services, &up).unwrap();
+    let dp = setup_with(PING_PONG, lb_common::flow::DEFAULT_MAX_FLOWS, &[]);
     const REPEAT: u32 = 1_000_000;
     let a = v4(CLIENT, 45000, VIP, 80, SYN);
     let b = v4(CLIENT, 45000, HOST, 8001, SYN);
@@ -733,11 +731,7 @@ fn icmp_errors_about_replies_reach_the_backend() {
 /// joined with its forward entry, across several batches.
 #[test]
 fn the_daemon_reads_every_tracked_flow() {
-    xlb_require_root();
-    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
-    let mut dp = Dataplane::load_detached(16384).unwrap();
-    let up: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![BackendState::Up; s.backends.len()]).collect();
-    dp.apply_services(&config.services, &up).unwrap();
+    let dp = setup_with(CONFIG, 16384, &[]);
     const N: u16 = 10_000;
     for port in 0..N {
         xdp(&dp, &v4(CLIENT, 20000 + port, VIP, 80, SYN));

@@ -142,13 +142,7 @@ fn held_connections_steer_new_ones_elsewhere() {
         "least-connections should put 2 on app-1 within 6 connections, took {opened}"
     );
     drop(elsewhere);
-    let (_, took) = lb.poll(RECONCILE_DEADLINE, "live counts [2, 0, 0]", |lb| {
-        let live = lb.live();
-        let ss = lb.ss_live();
-        (live == [2, 0, 0] && ss == [2, 0, 0])
-            .then_some(())
-            .ok_or_else(|| format!("status {live:?}, ss {ss:?}"))
-    });
+    let took = lb.await_live([2, 0, 0], "live counts [2, 0, 0]");
     println!(
         "app-1 holds 2 connections, the others 0 ({} ms after closing the rest)",
         took.as_millis()
@@ -289,13 +283,7 @@ fn killed_backend_is_marked_down_and_refilled_first() {
         [0, 0, 0, 0],
         "app-1 (0 live) should get every new connection before the others (4 live each)"
     );
-    lb.poll(RECONCILE_DEADLINE, "live counts [4, 4, 4]", |lb| {
-        let live = lb.live();
-        let ss = lb.ss_live();
-        (live == [4, 4, 4] && ss == [4, 4, 4])
-            .then_some(())
-            .ok_or_else(|| format!("status {live:?}, ss {ss:?}"))
-    });
+    lb.await_live([4, 4, 4], "live counts [4, 4, 4]");
     drop(refill);
     drop(held);
     lb.finish();
@@ -327,16 +315,7 @@ fn live_counts_match_the_socket_table_after_chaos() {
     }
     // Before the chaos: 6 + 6 + 3 connections, least-connections keeps them 5 per backend,
     // and the status, the socket table and the map all agree.
-    let (_, took) = lb.poll(
-        RECONCILE_DEADLINE,
-        "5 live connections per backend before the chaos",
-        |lb| {
-            let (live, ss) = (lb.live(), lb.ss_live());
-            (live == [5, 5, 5] && ss == [5, 5, 5])
-                .then_some(())
-                .ok_or_else(|| format!("status {live:?}, ss {ss:?}"))
-        },
-    );
+    let took = lb.await_live([5, 5, 5], "5 live connections per backend before the chaos");
     println!(
         "before the chaos: 5 live per backend (agreed after {} ms)",
         took.as_millis()

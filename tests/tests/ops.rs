@@ -909,16 +909,7 @@ fn daemon_works_under_the_units_restrictions() {
     println!("30 connections through the restricted daemon: {served:?}");
     assert!(served.iter().all(|&n| n > 0), "{served:?}");
     let mut held: Vec<Held> = (0..BACKENDS).map(|_| lb.hold()).collect();
-    lb.poll(
-        RECONCILE_DEADLINE,
-        "live counts [1, 1, 1] as in the socket table",
-        |lb| {
-            let (live, ss) = (lb.live(), lb.ss_live());
-            (live == [1, 1, 1] && ss == live)
-                .then_some(())
-                .ok_or_else(|| format!("status {live:?}, ss {ss:?}"))
-        },
-    );
+    lb.await_live([1, 1, 1], "live counts [1, 1, 1] as in the socket table");
     drain(&lb, "drain", 0);
     assert_eq!(lb.spread(6)[0], 0);
     drain(&lb, "undrain", 0);

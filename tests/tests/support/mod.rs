@@ -311,6 +311,18 @@ fall = {FALL}
         }
     }
 
+    /// Waits (one reconcile period and some) until both the status and the kernel's socket
+    /// table show `expected` live connections per backend; returns how long that took.
+    pub fn await_live(&self, expected: [u64; BACKENDS], what: &str) -> Duration {
+        let (_, took) = self.poll(RECONCILE_DEADLINE, what, |lb| {
+            let (live, ss) = (lb.live(), lb.ss_live());
+            (live == expected && ss == expected)
+                .then_some(())
+                .ok_or_else(|| format!("status {live:?}, ss {ss:?}"))
+        });
+        took
+    }
+
     /// One new connection through the VIP: `GET /` (HTTP/1.0, closed by the server), returning
     /// the index of the backend that answered.
     pub fn get(&self) -> usize {
