@@ -188,13 +188,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sh = shared.clone();
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {
-        let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => break,
-            }
+        let mut ticks = Ticks::new(RECONCILE_INTERVAL);
+        while ticks.next(&mut stop).await {
             let sh = sh.clone();
             let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let before = Counts::read(&sh.dp.lock().unwrap(), &sh.config)?;
@@ -290,13 +285,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// so a hung runtime or a lock that is never released stops the keep-alives and systemd
 /// restarts the daemon (`Restart=on-failure`), which leaves the data path as it is.
 async fn watchdog(sh: Arc<Shared>, notifier: Arc<notify::Notifier>, period: Duration, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => break,
-        }
+    let mut ticks = Ticks::new(period);
+    while ticks.next(&mut stop).await {
         let sh = sh.clone();
         // A poisoned lock means a task panicked while holding it: nothing will write the maps
         // again, so no keep-alive either.
@@ -325,6 +315,26 @@ fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Vec<Vec<Backend
         .collect();
     dp.apply_services(&config.services, &states)?;
     Ok((dp, states))
+}
+
+/// A periodic task's clock: a tick every `period` (late ticks delay the next ones rather than
+/// bunching up) until the shutdown signal.
+struct Ticks(tokio::time::Interval);
+
+impl Ticks {
+    fn new(period: Duration) -> Ticks {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks(interval)
+    }
+
+    /// Waits for the next tick; false once `stop` fires (or its sender is gone).
+    async fn next(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            _ = self.0.tick() => true,
+            _ = stop.changed() => false,
+        }
+    }
 }
 
 fn monotonic_ns() -> u64 {
