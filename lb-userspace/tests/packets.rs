@@ -9,7 +9,11 @@ use lb_common::{
     backend::BackendConns,
     flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
 };
-use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
+use xlb::{
+    config::Config,
+    dataplane::{self, Dataplane},
+    status::BackendState,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -293,6 +297,25 @@ fn syn_to_vip_is_dnated_to_the_least_loaded_backend() {
     let rev = FlowKey { src_addr: reply_key.dst_addr, dst_addr: reply_key.src_addr, src_port: reply_key.dst_port, dst_port: reply_key.src_port, ..reply_key };
     let nat = dp.reply(&rev).expect("reverse entry recorded");
     assert_eq!((nat.vip_addr, u16::from_be(nat.vip_port)), (Addr::v4(VIP.octets()), 80));
+}
+
+#[test]
+fn https_requests_in_flight_count_as_connections() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[1, 1, 1]);
+    // The HTTPS proxy has 2 requests in flight to app-1 and 1 to app-3: app-2 is least loaded.
+    dp.set_proxied(dataplane::slot(0, 0), 2).unwrap();
+    dp.set_proxied(dataplane::slot(0, 2), 1).unwrap();
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40001, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40001, VIP, 80, SYN).with_dst(HOST.into(), 8002).bytes());
+    // Now app-2 has 2 live and app-3 1 live + 1 proxied: app-3 (chosen longer ago than app-2).
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40002, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40002, VIP, 80, SYN).with_dst(HOST.into(), 8003).bytes());
+    assert_eq!(live(&dp, 0, 2), 2, "proxied requests are not added to the map's live count");
+    // A negative value (never written by the daemon) is treated as zero, not as a bonus.
+    dp.set_proxied(dataplane::slot(0, 0), -100).unwrap();
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40003, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40003, VIP, 80, SYN).with_dst(HOST.into(), 8001).bytes());
 }
 
 #[test]
