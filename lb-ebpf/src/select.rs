@@ -5,22 +5,33 @@ use lb_common::{
     service::{MAX_BACKENDS_PER_SERVICE, Service},
 };
 
-use crate::maps::{BACKEND_CONNS, BACKENDS, PROXIED};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+
+use crate::maps::{BACKEND_CONNS, BACKENDS, PASSIVE, PROXIED};
 
 /// Each backend's score is its live count above the time it was last chosen (in µs, 40 bits:
 /// wraps every 12.7 days, which at worst misorders one tie). Lowest wins: fewest connections,
-/// and among equals the one chosen longest ago, so ties go round-robin. Counts saturate at 2²³.
+/// and among equals the one chosen longest ago, so ties go round-robin. Counts saturate at 2²³;
+/// the top bit is `LAST_RESORT`.
 const STAMP_BITS: u32 = 40;
-const MAX_LIVE: u64 = (1 << (64 - STAMP_BITS)) - 1;
+const MAX_LIVE: u64 = (1 << (63 - STAMP_BITS)) - 1;
+/// Added to the score of a backend that should be chosen only when no other is up: the one a
+/// retransmitted SYN's first attempt went to, and one in slow start that this flow's draw left
+/// out.
+const LAST_RESORT: u64 = 1 << 63;
+
+/// No slot to avoid.
+pub const AVOID_NONE: u32 = u32::MAX;
 
 /// The slot of the `STATE_UP` backend of `svc` with the fewest live connections, or `None`
-/// when none is up.
+/// when none is up. `avoid` (or `AVOID_NONE`) and backends in slow start that lose their draw
+/// are chosen only if nothing else is up.
 ///
 /// Written for the verifier: one comparison of two unknown values per iteration and no
 /// constants that branches depend on, so it can prune the states of equivalent paths instead of
 /// walking every combination of 16 iterations.
 #[inline(always)]
-pub fn least_conns(svc: &Service, now_ns: u64) -> Option<u32> {
+pub fn least_conns(svc: &Service, now_ns: u64, avoid: u32) -> Option<u32> {
     // Sentinels rather than `Option`: `None` leaves a payload undefined, and LLVM may spill that
     // undefined register, which the verifier rejects ("!read_ok").
     let mut best = u32::MAX;
@@ -55,7 +66,10 @@ pub fn least_conns(svc: &Service, now_ns: u64) -> Option<u32> {
         };
         let live = live.saturating_add(if proxied < 0 { 0 } else { proxied });
         let live = if live < 0 { 0 } else { (live as u64).min(MAX_LIVE) };
-        let score = (live << STAMP_BITS) | ((stamp >> 10) & ((1 << STAMP_BITS) - 1));
+        let mut score = (live << STAMP_BITS) | ((stamp >> 10) & ((1 << STAMP_BITS) - 1));
+        if slot == avoid || left_out_by_slow_start(slot, now_ns) {
+            score |= LAST_RESORT;
+        }
         if score < best_score {
             best_score = score;
             best = slot;
@@ -70,4 +84,22 @@ pub fn least_conns(svc: &Service, now_ns: u64) -> Option<u32> {
         unsafe { (*c).last_chosen_ns = now_ns };
     }
     Some(best)
+}
+
+/// Whether a backend in slow start sits this choice out: while it ramps up it takes part with
+/// probability (time since it came back up) / `slow_start`, so its share of new flows grows
+/// linearly from zero, whatever the load.
+#[inline(always)]
+fn left_out_by_slow_start(slot: u32, now_ns: u64) -> bool {
+    let Some(p) = PASSIVE.get_ptr(slot) else { return false };
+    let (len, since) =
+        unsafe { (core::ptr::read_volatile(&raw const (*p).slow_start_ns), core::ptr::read_volatile(&raw const (*p).up_since_ns)) };
+    let elapsed = now_ns.wrapping_sub(since);
+    if len == 0 || since == 0 || elapsed >= len {
+        return false;
+    }
+    // Taking part iff r / 2¹⁶ < elapsed / len. No overflow: the configuration caps slow_start
+    // at an hour (< 2⁴² ns), and elapsed < len.
+    let r = u64::from(unsafe { bpf_get_prandom_u32() }) & 0xffff;
+    r * len >= elapsed << 16
 }

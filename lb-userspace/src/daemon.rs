@@ -55,6 +55,9 @@ struct Control {
     drained: bool,
     /// The health checks' verdict after rise/fall.
     up: bool,
+    /// The data path's passive health checks took the backend out (it wrote `Failed`), and
+    /// the probes have not passed `rise` times since. `up` is false meanwhile.
+    failed: bool,
 }
 
 impl Control {
@@ -62,7 +65,8 @@ impl Control {
         match self {
             Control { drained: true, .. } => BackendState::Draining,
             Control { up: true, .. } => BackendState::Up,
-            Control { up: false, .. } => BackendState::Down,
+            Control { failed: true, .. } => BackendState::Failed,
+            Control { .. } => BackendState::Down,
         }
     }
 }
@@ -75,6 +79,8 @@ struct Shared {
     dp: Mutex<Dataplane>,
     probes: Mutex<Vec<Vec<Probe>>>,
     flows: AtomicU64,
+    /// Tells a backend's prober that the data path failed it (see `passive_tick`).
+    passive_failed: health::PassiveFailed,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -130,27 +136,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // like every backend the maps do not say is down, and the probes correct that.
     let control = states
         .iter()
-        .map(|s| s.iter().map(|&st| Control { drained: st == BackendState::Draining, up: st != BackendState::Down }).collect())
+        .map(|s| {
+            s.iter()
+                .map(|&st| Control {
+                    drained: st == BackendState::Draining,
+                    up: !matches!(st, BackendState::Down | BackendState::Failed),
+                    failed: st == BackendState::Failed,
+                })
+                .collect()
+        })
         .collect();
     for (svc, states) in config.services.iter().zip(&states) {
         for (addr, _) in svc.backends.iter().zip(states).filter(|(_, st)| **st == BackendState::Draining) {
             info!(service = %svc.name, backend = %addr, "backend draining (kept from before the restart; `xlb undrain` ends it)");
         }
     }
+    let passive_failed = health::PassiveFailed::new(&config.services);
     let shared = Arc::new(Shared {
         config,
         control: Mutex::new(control),
         dp: Mutex::new(dp),
         probes: Mutex::new(probes),
         flows: AtomicU64::new(0),
+        passive_failed,
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
     let (results_tx, mut results_rx) = mpsc::unbounded_channel::<health::ProbeResult>();
     let (transitions_tx, mut transitions_rx) = mpsc::unbounded_channel::<health::Transition>();
-    let initial_up = states.iter().map(|s| s.iter().map(|&st| st != BackendState::Down).collect()).collect();
-    let probers = health::spawn(&shared.config.services, initial_up, results_tx, transitions_tx, shutdown_rx.clone());
+    // A backend the data path failed must pass `rise` probes, like one that was down.
+    let initial_up =
+        states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
+    let probers = health::spawn_with_passive(
+        &shared.config.services,
+        initial_up,
+        &shared.passive_failed,
+        results_tx,
+        transitions_tx,
+        shutdown_rx.clone(),
+    );
 
     let sh = shared.clone();
     tasks.spawn(async move {
@@ -159,14 +184,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let addr = svc.backends[t.backend];
             let mut control = sh.control.lock().unwrap();
             let c = &mut control[t.service][t.backend];
+            let was_failed = c.failed;
             c.up = t.up;
+            c.failed = false;
             if c.drained {
                 // The map already says draining; health only matters again after an undrain.
                 let health = if t.up { "passing" } else { "failing" };
                 info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
                 continue;
             }
-            match sh.dp.lock().unwrap().set_state(t.service, t.backend, c.state()) {
+            let mut dp = sh.dp.lock().unwrap();
+            // Back up: an empty failure window, and the slow-start ramp from now.
+            let written = if t.up { dp.restart_passive(t.service, t.backend, monotonic_ns()) } else { Ok(()) };
+            match written.and_then(|()| dp.set_state(t.service, t.backend, c.state())) {
+                Ok(()) if t.up && was_failed => {
+                    info!(service = %svc.name, backend = %addr, "backend up: health checks pass again after the passive failure")
+                }
                 Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
                 Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
@@ -198,7 +231,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let after = Counts::read(&dp, &sh.config)?;
                 let flows = reconcile(&mut dp, &sh.config, &before, &after, &table, monotonic_ns())?;
                 sh.flows.store(flows, Ordering::Relaxed);
-                Ok(())
+                drop(dp);
+                passive_tick(&sh)
             })
             .await;
             match done {
@@ -299,6 +333,42 @@ async fn watchdog(sh: Arc<Shared>, notifier: Arc<notify::Notifier>, period: Dura
             warn!("{e}");
         }
     }
+}
+
+/// Takes note of backends the data path has failed (passive health: it wrote `Failed` itself,
+/// see `lb_common::backend::Passive`): they count as down until their probes pass `rise`
+/// times, and their prober is told so. The data path stopped choosing them already.
+fn passive_tick(sh: &Shared) -> anyhow::Result<()> {
+    let mut control = sh.control.lock().unwrap();
+    let mut dp = sh.dp.lock().unwrap();
+    let states = dp.current_states(&sh.config.services);
+    for (s, svc) in sh.config.services.iter().enumerate() {
+        for (b, addr) in svc.backends.iter().enumerate() {
+            if states[s][b] != Some(BackendState::Failed) || control[s][b].failed {
+                continue;
+            }
+            let c = &mut control[s][b];
+            c.failed = true;
+            c.up = false;
+            sh.passive_failed.set(s, b);
+            // Only an up backend can be failed; a drain that raced the data path's write wins.
+            if c.drained {
+                dp.set_state(s, b, c.state()).context("writing the backend state")?;
+            }
+            let p = dp.passive(s, b)?;
+            warn!(
+                service = %svc.name,
+                backend = %addr,
+                refused = p.refused,
+                unanswered = p.unanswered,
+                "backend failed (passive): {} failed connection(s) within {}; no new connections go to it until its health checks pass {} time(s)",
+                svc.max_fails,
+                humantime::format_duration(svc.fail_timeout),
+                svc.health.rise,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads or adopts the data path and writes the services into it, with the backend states it
@@ -454,7 +524,7 @@ struct Source(Arc<Shared>);
 
 impl StatusSource for Source {
     fn status(&self) -> anyhow::Result<Status> {
-        let Shared { config, control: _, dp, probes, flows } = &*self.0;
+        let Shared { config, control: _, dp, probes, flows, passive_failed: _ } = &*self.0;
         let dp = dp.lock().unwrap();
         let probes = probes.lock().unwrap().clone();
         let states = dp.current_states(&config.services);
@@ -463,12 +533,14 @@ impl StatusSource for Source {
             let mut backends = Vec::new();
             for (b, addr) in svc.backends.iter().enumerate() {
                 let conns = dp.conns(s, b)?;
+                let passive = dp.passive(s, b)?;
                 let probe = &probes[s][b];
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
                     live_connections: conns.live.max(0) as u64,
                     total_connections: dp.total(s, b)?,
+                    failed_connections: passive.refused + passive.unanswered,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),

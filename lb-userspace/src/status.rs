@@ -7,6 +7,9 @@ pub enum BackendState {
     Up,
     Down,
     Draining,
+    /// Taken out by the data path's passive health checks (`max_fails` failed connections
+    /// within `fail_timeout`); back up once the health probes pass `rise` times.
+    Failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,6 +21,10 @@ pub struct BackendStatus {
     pub live_connections: u64,
     /// Flows ever sent to this backend through the data path.
     pub total_connections: u64,
+    /// New connections the backend refused (RST) or never answered, as the data path saw
+    /// them; with passive health on, each one was retried on the next backend.
+    #[serde(default)]
+    pub failed_connections: u64,
     /// Result of the last health probe; `None` before the first one.
     pub healthy: Option<bool>,
     /// Duration of the last probe in milliseconds.
@@ -118,6 +125,7 @@ pub fn render_table(status: &Status) -> String {
                 BackendState::Up => "up",
                 BackendState::Down => "down",
                 BackendState::Draining => "draining",
+                BackendState::Failed => "failed (passive)",
             };
             let healthy = match b.healthy {
                 Some(true) => "yes",
@@ -209,6 +217,7 @@ mod tests {
             state,
             live_connections: 0,
             total_connections: 0,
+            failed_connections: 0,
             healthy: None,
             last_probe_ms: None,
             last_error: None,
