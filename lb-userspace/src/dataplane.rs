@@ -351,6 +351,24 @@ impl Dataplane {
         Ok(TestRunOutput { verdict: result.return_value, data: out, duration: result.duration })
     }
 
+    /// Instructions the verifier processed for each program when loading it (the kernel's
+    /// `verified_insns`): what its load time grows with.
+    pub fn verified_instructions(&self) -> anyhow::Result<Vec<(&'static str, u32)>> {
+        [programs::XDP, programs::TC_EGRESS]
+            .into_iter()
+            .map(|name| {
+                let program = self.ebpf.program(name).with_context(|| format!("program {name} missing"))?;
+                let info = match program {
+                    aya::programs::Program::Xdp(p) => p.info(),
+                    aya::programs::Program::SchedClassifier(p) => p.info(),
+                    _ => bail!("unexpected type of program {name}"),
+                }
+                .with_context(|| format!("reading the info of {name}"))?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// The `FLOWS` entry of a client → VIP 4-tuple.
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
         self.flows.get(key, 0).ok()

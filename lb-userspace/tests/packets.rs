@@ -901,6 +901,9 @@ fn report_test_run_cost() {
         ns(rep.duration)
     );
     assert_eq!(counter(&dp, "new_flows"), u64::from(n) + 2);
+    let verified = dp.verified_instructions().unwrap();
+    eprintln!("verified instructions: {verified:?}");
+    assert!(verified.iter().all(|&(_, n)| n > 0), "the kernel reports verified_insns: {verified:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
