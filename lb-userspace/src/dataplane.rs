@@ -620,12 +620,30 @@ impl Dataplane {
             .collect())
     }
 
-    /// Forgets a flow in both directions.
-    pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat) {
+    /// Forgets a flow in both directions, as `flows()` returned it (`seen`). A client may have
+    /// reused the 4-tuple for a new connection since (with `tcp_tw_reuse`, a busy client cycles
+    /// through its ports in seconds), and the data path then replaced the entries: those belong
+    /// to the new connection and are left alone, else its next packets would find no flow and
+    /// be answered with a reset. Returns whether the flow was removed.
+    ///
+    /// The check and the removal are separate system calls, so a reuse landing between them
+    /// (microseconds, against the milliseconds a reconcile takes to walk the flows) still
+    /// loses its entries.
+    pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat, seen: Option<&Flow>) -> bool {
         let fwd = rev.forward_of_reply(nat);
+        let now = self.flows.get(&fwd, 0).ok();
+        let same = match (seen, now) {
+            (_, None) => true,
+            (Some(seen), Some(now)) => seen.created_ns == now.created_ns && seen.backend == now.backend,
+            (None, Some(_)) => false,
+        };
+        if !same {
+            return false;
+        }
         let _ = self.replies.remove(rev);
         let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
+        true
     }
 }
 

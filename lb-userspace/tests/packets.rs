@@ -381,6 +381,31 @@ fn fin_closes_a_flow_once_and_keeps_it_for_the_teardown() {
 }
 
 #[test]
+fn forgetting_a_flow_spares_a_new_connection_on_the_same_4_tuple() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    let syn = v4(CLIENT, 40015, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    xdp(&dp, &v4(CLIENT, 40015, VIP, 80, FIN | ACK));
+    // The daemon's snapshot of the old, closed flow ...
+    let snapshot = dp.flows().unwrap();
+    let (rev, nat, seen) = snapshot.iter().find(|(_, _, f)| f.is_some()).copied().unwrap();
+    // ... then the client reuses the port; this time app-2 is least loaded.
+    set_live(&mut dp, 0, &[4, 0, 4]);
+    let (_, out) = xdp(&dp, &syn);
+    assert_eq!(out, syn.with_dst(HOST.into(), 8002).bytes());
+    assert!(!dp.remove_flow(&rev, &nat, seen.as_ref()), "the snapshot is stale: nothing removed");
+    let flow = dp.flow(&syn.key()).expect("the new connection keeps its flow");
+    assert_eq!((flow.backend, flow.closed), (1, FLOW_OPEN));
+    let ack = v4(CLIENT, 40015, VIP, 80, ACK);
+    assert_eq!(xdp(&dp, &ack).1, ack.with_dst(HOST.into(), 8002).bytes());
+    // A current snapshot is removed in both directions.
+    let (rev, nat, seen) = dp.flows().unwrap()[0];
+    assert!(dp.remove_flow(&rev, &nat, seen.as_ref()));
+    assert!(dp.flow(&syn.key()).is_none() && dp.reply(&rev).is_none() && dp.flows().unwrap().is_empty());
+}
+
+#[test]
 fn rst_in_either_direction_removes_the_flow() {
     let mut dp = setup(&[]);
     set_live(&mut dp, 0, &[0, 4, 4]);
