@@ -85,6 +85,9 @@ pub struct Dataplane {
     vip_ports: Array<MapData, u8>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
+    /// Backend state updates written by `set_state` since this `Dataplane` was opened: health
+    /// transitions and drains. Flapping backends must not turn into a storm of map writes.
+    state_writes: u64,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
     pub adopted: bool,
 }
@@ -310,6 +313,7 @@ impl Dataplane {
             ebpf,
             logger,
             interfaces,
+            state_writes: 0,
             adopted,
         })
     }
@@ -461,7 +465,13 @@ impl Dataplane {
         let mut b = self.backends.get(&slot, 0)?;
         b.state = state_value(state);
         self.backends.set(slot, b, 0)?;
+        self.state_writes += 1;
         Ok(())
+    }
+
+    /// How many backend states `set_state` has written (see `state_writes`).
+    pub fn state_writes(&self) -> u64 {
+        self.state_writes
     }
 
     pub fn conns(&self, service: usize, backend: usize) -> anyhow::Result<BackendConns> {
