@@ -565,7 +565,12 @@ impl StatusSource for Source {
                 pin_path: dp.pin_path().display().to_string(),
                 flows: flows.load(Ordering::Relaxed),
                 max_flows: u64::from(dp.max_flows()),
-                counters: dp.counters()?,
+                counters: {
+                    let mut counters = dp.counters()?;
+                    // Not a data-path counter, but the daemon's map writes for backend states.
+                    counters.insert("backend_state_writes".into(), dp.state_writes());
+                    counters
+                },
             },
         })
     }

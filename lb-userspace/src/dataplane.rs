@@ -87,6 +87,9 @@ pub struct Dataplane {
     passive: Array<MapData, Passive>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
+    /// Backend state updates written by `set_state` since this `Dataplane` was opened: health
+    /// transitions and drains. Flapping backends must not turn into a storm of map writes.
+    state_writes: u64,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
     pub adopted: bool,
 }
@@ -318,6 +321,7 @@ impl Dataplane {
             ebpf,
             logger,
             interfaces,
+            state_writes: 0,
             adopted,
         })
     }
@@ -502,6 +506,7 @@ impl Dataplane {
         let mut b = self.backends.get(&slot, 0)?;
         b.state = state_value(state);
         self.backends.set(slot, b, 0)?;
+        self.state_writes += 1;
         Ok(())
     }
 
@@ -525,6 +530,11 @@ impl Dataplane {
     /// Overwrites a backend's passive health record (tests set up ramps and windows with it).
     pub fn set_passive(&mut self, service: usize, backend: usize, passive: Passive) -> anyhow::Result<()> {
         Ok(self.passive.set(slot(service, backend), passive, 0)?)
+    }
+
+    /// How many backend states `set_state` has written (see `state_writes`).
+    pub fn state_writes(&self) -> u64 {
+        self.state_writes
     }
 
     pub fn conns(&self, service: usize, backend: usize) -> anyhow::Result<BackendConns> {
