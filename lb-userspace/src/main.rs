@@ -59,6 +59,13 @@ enum Command {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Make the running daemon read its config file again and apply it (as SIGHUP does):
+    /// services and backends added, removed or changed, without touching connections that
+    /// keep their backend. An invalid file changes nothing; the reason is printed.
+    Reload {
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Detach the programs and remove every pinned map and link (drops all tracked flows).
     Detach {
         #[arg(long, short, value_name = "FILE")]
@@ -84,6 +91,19 @@ fn admin_addr(admin: Option<SocketAddr>, config: Option<PathBuf>) -> anyhow::Res
         (None, Some(path)) => Config::parse(&path, &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?.admin.listen,
         (None, None) => unreachable!("clap requires one"),
     })
+}
+
+/// The admin address for `xlb reload`: the file being reloaded may be the invalid one, and the
+/// daemon is the one to say so (and log it), so only `admin.listen` has to be readable here.
+fn reload_admin_addr(path: &std::path::Path) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(config) = Config::parse(path, &text) {
+        return Ok(config.admin.listen);
+    }
+    let listen = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("admin")?.get("listen")?.as_str()?.parse::<SocketAddr>().ok());
+    Ok(listen.unwrap_or(xlb::config::DEFAULT_ADMIN_LISTEN))
 }
 
 fn init_tracing() {
@@ -138,6 +158,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Drain { service, backend, daemon } => set_drained(&service, &backend, daemon, true),
         Command::Undrain { service, backend, daemon } => set_drained(&service, &backend, daemon, false),
+        Command::Reload { daemon: Daemon { config, admin } } => {
+            let addr = match (admin, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => reload_admin_addr(&path)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let r = rt.block_on(admin::reload(addr))?;
+            if r.changes.is_empty() {
+                println!("reloaded {}: nothing changed", r.config);
+            } else {
+                println!("reloaded {}:", r.config);
+                for change in &r.changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(())
+        }
         Command::Detach { config } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let config = Config::parse(&config, &text)?;

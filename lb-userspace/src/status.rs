@@ -76,6 +76,16 @@ pub struct DrainResult {
     pub live_connections: u64,
 }
 
+/// The answer to `POST /api/reload` when the new config was applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// The file read (the one the daemon was started with).
+    pub config: String,
+    /// What changed, one line each (`service web: backend 198.18.0.1:8004 added`); empty when
+    /// the file says what was already running.
+    pub changes: Vec<String>,
+}
+
 /// `GET /status`: the layout of nginx's `stub_status`, so that scripts and monitoring written
 /// for it keep working. Mapped from what an L4 balancer knows: active = live connections over
 /// every backend; accepts = handled = connections sent to backends; requests repeats that
