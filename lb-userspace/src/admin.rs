@@ -694,12 +694,16 @@ mod tests {
             last_probe_ms: probe,
             last_error: (state == BackendState::Down)
                 .then(|| "HTTP 503 Service Unavailable".into()),
+            checks_up: state != BackendState::Down,
+            probes: u64::from(probe.is_some()),
+            probes_passed_in_a_row: u64::from(probe.is_some() && state == BackendState::Up),
         };
         Status {
             services: vec![ServiceStatus {
                 name: "web".into(),
                 listen: "203.0.113.10:80".into(),
                 mode: "l4".into(),
+                rise: 2,
                 backends: vec![
                     backend("203.0.113.10:8001", BackendState::Up, 3, 120, Some(1.5)),
                     backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),

@@ -53,6 +53,9 @@ struct Probe {
     healthy: Option<bool>,
     latency_ms: Option<f64>,
     error: Option<String>,
+    /// Probes so far, and the latest ones that passed in a row.
+    count: u64,
+    passed_in_a_row: u64,
 }
 
 /// What a backend's state in the data path is decided from.
@@ -406,10 +409,13 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
             if s.current().generation != generation {
                 continue;
             }
-            probes[r.service][r.backend] = Probe {
+            let probe = &mut probes[r.service][r.backend];
+            *probe = Probe {
                 healthy: Some(r.ok),
                 latency_ms: Some(r.latency.as_secs_f64() * 1e3),
                 error: r.error,
+                count: probe.count + 1,
+                passed_in_a_row: if r.ok { probe.passed_in_a_row + 1 } else { 0 },
             };
         }
     }));
@@ -683,6 +689,8 @@ struct Source(Arc<Shared>);
 impl StatusSource for Source {
     fn status(&self) -> anyhow::Result<Status> {
         let sh = &*self.0;
+        // Held to the end: a reload cannot replace the config half-way through this snapshot.
+        let control = sh.control.lock().unwrap();
         let dp = sh.dp.lock().unwrap();
         let probes = sh.probes.lock().unwrap().clone();
         let flows = &sh.flows;
@@ -704,12 +712,16 @@ impl StatusSource for Source {
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),
+                    checks_up: control[s][b].up,
+                    probes: probe.count,
+                    probes_passed_in_a_row: probe.passed_in_a_row,
                 });
             }
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 listen: svc.listen.to_string(),
                 mode: "l4".into(),
+                rise: svc.health.rise,
                 backends,
             });
         }

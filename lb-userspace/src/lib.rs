@@ -7,5 +7,6 @@ pub mod dataplane;
 pub mod health;
 pub mod layout;
 pub mod notify;
+pub mod rollout;
 pub mod sockdiag;
 pub mod status;

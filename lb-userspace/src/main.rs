@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use xlb::{
     admin,
     config::Config,
-    daemon, dataplane,
+    daemon, dataplane, rollout,
     status::{self, BackendState},
 };
 
@@ -63,6 +63,40 @@ enum Command {
     /// services and backends added, removed or changed, without touching connections that
     /// keep their backend. An invalid file changes nothing; the reason is printed.
     Reload {
+        #[command(flatten)]
+        daemon: Daemon,
+    },
+    /// Restart a service's backends one at a time without failing requests: drain one, wait
+    /// for its connections to end, run --exec, wait for its health checks to pass, undrain it,
+    /// next. Any failure stops: what it drained is undrained, --rollback runs, exit status 1.
+    Rollout {
+        /// Service name, as in the config.
+        service: String,
+        /// Restart command per backend, run with `sh -c`: `{index}` is the backend's 1-based
+        /// position in the service's `backends`, `{backend}` its ip:port, `{port}` its port,
+        /// `{service}` the service name. E.g. 'systemctl restart app@{index}'.
+        #[arg(long, value_name = "CMD")]
+        exec: String,
+        /// Run once before the first backend (e.g. fetch and build the new version).
+        #[arg(long, value_name = "CMD")]
+        before: Option<String>,
+        /// Run once after the last backend is back.
+        #[arg(long, value_name = "CMD")]
+        after: Option<String>,
+        /// Run once if the rollout fails, after the drained backends are undrained; the
+        /// placeholders name the backend it stopped at.
+        #[arg(long, value_name = "CMD")]
+        rollback: Option<String>,
+        /// How long to wait for a drained backend's connections to end.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// Restart a backend even when connections are still open after --drain-timeout
+        /// (cutting them); without it the rollout stops there.
+        #[arg(long)]
+        proceed_on_drain_timeout: bool,
+        /// How long a restarted backend may take to pass its health checks.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
         #[command(flatten)]
         daemon: Daemon,
     },
@@ -175,6 +209,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Rollout {
+            service,
+            exec,
+            before,
+            after,
+            rollback,
+            drain_timeout,
+            proceed_on_drain_timeout,
+            health_timeout,
+            daemon: Daemon { config, admin },
+        } => {
+            let addr = admin_addr(admin, config)?;
+            let plan = rollout::Plan {
+                service,
+                exec,
+                before,
+                after,
+                rollback,
+                drain_timeout,
+                proceed_on_drain_timeout,
+                health_timeout,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(rollout::run(addr, &plan))
         }
         Command::Detach { config } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
