@@ -32,6 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, ControlError, StatusSource},
+    alert::{Alerts, Event},
     config::Config,
     dataplane::{self, Dataplane},
     health,
@@ -107,6 +108,7 @@ struct Shared {
     probers: Mutex<Vec<JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
     shutdown: watch::Receiver<bool>,
+    alerts: Alerts,
 }
 
 impl Shared {
@@ -180,6 +182,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let retiring = layout.retiring.clone();
+    let alerts = Alerts::start(config.alerts.clone());
     let shared = Arc::new(Shared {
         reloading: Mutex::new(()),
         control: Mutex::new(control),
@@ -191,6 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probers: Mutex::new(Vec::new()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: shutdown_rx.clone(),
+        alerts,
     });
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -389,10 +393,16 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
             let addr = svc.backends[t.backend];
             let c = &mut control[t.service][t.backend];
             c.up = t.up;
+            if t.up {
+                // Sent only if its going down was (see `alert`).
+                sh.alerts.notify(Event::BackendUp { service: svc.name.clone(), backend: addr });
+            }
             if c.drained {
                 // The map already says draining; health only matters again after an undrain.
+                // An operator works on a drained backend (`xlb rollout` restarts it): no alert.
                 let health = if t.up { "passing" } else { "failing" };
                 info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
+                alert_service(sh, &current, &control, t.service);
                 continue;
             }
             match sh.dp.lock().unwrap().set_slot_state(current.layout.slot(t.service, t.backend), c.state()) {
@@ -400,6 +410,11 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
                 Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
             }
+            if !t.up {
+                let reason = sh.probes.lock().unwrap()[t.service][t.backend].error.clone();
+                alert_down(sh, &svc.name, addr, reason);
+            }
+            alert_service(sh, &current, &control, t.service);
         }
     }));
     let s = sh.clone();
@@ -420,6 +435,25 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
         }
     }));
     *sh.probers.lock().unwrap() = tasks;
+}
+
+fn alert_down(sh: &Shared, service: &str, backend: SocketAddr, last_error: Option<String>) {
+    let reason = match last_error {
+        Some(e) => format!("last probe: {e}"),
+        None => "its health checks fail".into(),
+    };
+    sh.alerts.notify(Event::BackendDown { service: service.to_owned(), backend, reason });
+}
+
+/// Reports a service down while none of its backends is up (each down or drained), and up again
+/// once one is; the alerts task sends only changes.
+fn alert_service(sh: &Shared, current: &Current, control: &[Vec<Control>], service: usize) {
+    let name = current.config.services[service].name.clone();
+    if control[service].iter().any(|c| c.state() == BackendState::Up) {
+        sh.alerts.notify(Event::ServiceUp { service: name });
+    } else {
+        sh.alerts.notify(Event::ServiceDown { service: name });
+    }
 }
 
 /// Why a reload changed nothing.
@@ -507,6 +541,9 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
         .map(|svc| svc.backends.iter().map(|&addr| find(svc.listen, addr).map_or_else(Probe::default, |(s, b)| probes[s][b].clone())).collect())
         .collect();
     let initial_up: Vec<Vec<bool>> = new_control.iter().map(|s| s.iter().map(|c| c.up).collect()).collect();
+    if new.alerts != old.config.alerts {
+        sh.alerts.configure(new.alerts.clone());
+    }
     let current = Arc::new(Current { config: new, layout, generation: old.generation + 1 });
     *probes = new_probes;
     *control = new_control;
@@ -547,6 +584,9 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| n.name == s.name)) {
         changes.push(format!("service {} removed (its backends drain)", svc.name));
+    }
+    if old.alerts != new.alerts {
+        changes.push("[alerts] changed".into());
     }
     changes
 }
@@ -770,6 +810,11 @@ impl StatusSource for Source {
         }
         let live = dp.slot_conns(slot).map(|c| c.live.max(0) as u64).unwrap_or_default();
         drop(dp);
+        if !drained && state == BackendState::Down {
+            let error = sh.probes.lock().unwrap()[s][b].error.clone();
+            alert_down(sh, service, backend, error);
+        }
+        alert_service(sh, &current, &control, s);
         drop(control);
         let changed = before != drained;
         match (drained, changed) {

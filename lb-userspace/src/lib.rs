@@ -1,5 +1,6 @@
 //! The xlb daemon and CLI. One module per job; only `dataplane` loads programs and touches maps.
 pub mod admin;
+pub mod alert;
 pub mod challenges;
 pub mod config;
 pub mod daemon;

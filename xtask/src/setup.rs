@@ -19,6 +19,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
+    // A real SMTP server for the e-mail alert test.
+    ("python3-aiosmtpd", "aiosmtpd"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {
