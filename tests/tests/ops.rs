@@ -1,6 +1,6 @@
-//! Operating xlb: draining a backend under long-lived connections (RELIABILITY R12), the
-//! nginx-compatible `/status` page, the shipped systemd units, systemd's notify protocol, the
-//! daemon under the units' restrictions, and `cargo xtask install`.
+//! Operating xlb: draining a backend under long-lived connections and under load (RELIABILITY
+//! R12), the nginx-compatible `/status` page, the shipped systemd units, systemd's notify
+//! protocol, the daemon under the units' restrictions, and `cargo xtask install`.
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test ops -- --test-threads=1 --nocapture`.
@@ -1031,4 +1031,79 @@ fn xtask_install_puts_files_in_place_and_keeps_config() {
     assert!(out.contains("would install"), "{out}");
     let left: Vec<_> = std::fs::read_dir(&dry.0).unwrap().collect();
     assert!(left.is_empty(), "--dry-run wrote {left:?}");
+}
+
+/// The client namespace's TCP counters (`nstat -a`): every connection there is a client's.
+fn client_tcp_counters(lb: &Lb) -> std::collections::HashMap<String, u64> {
+    let mut cmd = lb.topo.client("nstat");
+    cmd.args(["-asz"]);
+    run_ok(cmd, "nstat")
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// RELIABILITY R12 under load: a backend drained while it holds keep-alive connections, one of
+/// them with a request in flight, and while a steady stream of new connections arrives. No
+/// connection is reset or refused, the request in flight and later ones on the held
+/// connections are answered, and no new connection reaches the backend once the drain returns.
+#[test]
+fn drain_under_load_resets_nothing() {
+    let lb = Lb::start("drain-load", Family::V4);
+    let mut held: Vec<Held> = (0..2 * BACKENDS).map(|_| lb.hold()).collect();
+    let before = client_tcp_counters(&lb);
+    let app1 = lb.backends[0].to_string();
+    let ((total_at_drain, in_flight), load) = under_load(&lb, || {
+        // A request that is still being answered when the drain happens.
+        let slow = held.iter_mut().find(|h| h.backend == 0).expect("app-1 holds two");
+        let peer = slow.stream.peer_addr().unwrap();
+        slow.stream
+            .write_all(format!("GET /slow?ms=1500 HTTP/1.1\r\nHost: {peer}\r\n\r\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let out = drain(&lb, "drain", 0);
+        assert!(out.contains(&format!("web {app1}: draining")), "{out}");
+        let total_at_drain = lb.view()[0].total;
+        let in_flight = read_response(&slow.stream).map(|body| app_index(&body));
+        // Keep the load going a while after the drain.
+        std::thread::sleep(Duration::from_secs(1));
+        (total_at_drain, in_flight)
+    });
+    println!(
+        "load during the drain: {} requests, per backend {:?}, {} failed",
+        load.ok,
+        load.served,
+        load.failures.len()
+    );
+    assert_eq!(in_flight.expect("the request in flight during the drain"), 0);
+    assert!(load.failures.is_empty(), "failed requests: {:?}", load.failures);
+    assert!(load.ok >= 100, "too little load to show anything: {load:?}");
+    let view = lb.view();
+    assert_eq!(
+        view[0].total, total_at_drain,
+        "new connections reached app-1 after its drain returned: {view:?}"
+    );
+    for h in &mut held {
+        assert_eq!(h.request(), h.backend, "a held connection changed backend");
+    }
+    // The held connections end normally: app-1's count goes to zero.
+    drop(held);
+    lb.poll(RECONCILE_DEADLINE, "app-1 with no connections left", |lb| {
+        let view = lb.view();
+        (view[0].live == 0 && view[0].state == "draining")
+            .then_some(())
+            .ok_or_else(|| format!("{view:?}"))
+    });
+    let after = client_tcp_counters(&lb);
+    for counter in ["TcpEstabResets", "TcpAttemptFails"] {
+        assert!(before.contains_key(counter), "nstat shows no {counter}: {before:?}");
+        let delta = after.get(counter).copied().unwrap_or(0) - before.get(counter).copied().unwrap_or(0);
+        println!("{counter}: +{delta} in the client namespace");
+        assert_eq!(delta, 0, "{counter} rose by {delta}: connections were reset or refused");
+    }
+    drain(&lb, "undrain", 0);
+    lb.finish();
 }

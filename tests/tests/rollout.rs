@@ -12,17 +12,14 @@ mod support;
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use support::*;
-use xlb_tests::{demo_backend_bin, http_get};
+use xlb_tests::demo_backend_bin;
 
 /// Bounds a whole `xlb rollout` run.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
-/// Bounds the background load, whatever happens to the test.
-const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
 /// Backends started by the restart script, killed when the test ends (they are not `Proc`s).
 struct Restarted(PathBuf);
@@ -89,61 +86,6 @@ fn pids(dir: &Path) -> Vec<String> {
     (1..=BACKENDS)
         .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
         .collect()
-}
-
-/// Results of the background load: requests that succeeded, per backend, and the failures.
-#[derive(Debug, Default)]
-struct Load {
-    ok: usize,
-    served: [usize; BACKENDS],
-    failures: Vec<String>,
-}
-
-/// Runs `during` while two client threads send one short connection (`GET /`, HTTP/1.0) after
-/// another through the VIP; returns its result and what the load saw.
-fn under_load<T: Send>(lb: &Lb, during: impl FnOnce() -> T + Send) -> (T, Load) {
-    let stop = AtomicBool::new(false);
-    let vip = lb.vip;
-    std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..2)
-            .map(|_| {
-                let stop = &stop;
-                scope.spawn(move || {
-                    lb.topo.in_client(|| {
-                        let mut load = Load::default();
-                        let start = Instant::now();
-                        while !stop.load(Ordering::Relaxed) && start.elapsed() < LOAD_LIMIT {
-                            match http_get(vip, "/", IO_TIMEOUT) {
-                                Ok(r) if r.status == 200 => {
-                                    load.ok += 1;
-                                    load.served[app_index(&r.body)] += 1;
-                                }
-                                Ok(r) => load.failures.push(format!("HTTP {}", r.status)),
-                                Err(e) => load.failures.push(e.to_string()),
-                            }
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        load
-                    })
-                })
-            })
-            .collect();
-        // Some load before, so that every backend carries connections when the rollout starts.
-        std::thread::sleep(Duration::from_millis(300));
-        let result = during();
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        let mut total = Load::default();
-        for c in clients {
-            let load = c.join().expect("a load thread panicked");
-            total.ok += load.ok;
-            for i in 0..BACKENDS {
-                total.served[i] += load.served[i];
-            }
-            total.failures.extend(load.failures);
-        }
-        (result, total)
-    })
 }
 
 fn rollout(lb: &Lb, args: &[&str]) -> (std::process::ExitStatus, String) {
