@@ -128,9 +128,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(Arc::new);
     // Bound before anything is attached, so that a taken address leaves no data path behind.
     let listen = config.admin.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?;
+    // A socket systemd passed for it (xlb.socket) is used as is; else it is bound here.
+    let listener = match crate::listeners::take(listen) {
+        Some(inherited) => {
+            info!(admin = %listen, "admin API on the socket passed by systemd");
+            tokio::net::TcpListener::from_std(inherited).context("using the admin API socket passed by systemd")?
+        }
+        None => tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?,
+    };
     // A first start that fails half-way (say, the second interface refuses XDP) must not leave
     // the first one attached and the maps pinned with nobody managing them; a restart that
     // fails leaves the running data path alone.
@@ -283,6 +290,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     info!(admin = %listen, "xlb ready");
+    for socket in crate::listeners::untaken() {
+        warn!("systemd passed a socket for {socket} that no listener of the config uses; its clients wait unanswered — remove it from xlb.socket or configure a listener on it");
+    }
     if let Some(notifier) = &notifier {
         let current = shared.current();
         let services: Vec<&str> = current.config.services.iter().map(|s| s.name.as_str()).collect();

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod layout;
+pub mod listeners;
 pub mod notify;
 pub mod rollout;
 pub mod sockdiag;

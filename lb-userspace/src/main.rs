@@ -161,7 +161,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
+            // Before any thread starts: it edits the environment.
+            let problems = xlb::listeners::init();
             init_tracing();
+            for problem in problems {
+                tracing::warn!("{problem}");
+            }
             let config = Config::load(&config)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
