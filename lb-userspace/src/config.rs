@@ -32,6 +32,8 @@ pub struct Config {
     pub dataplane: Dataplane,
     pub admin: Admin,
     pub services: Vec<Service>,
+    /// `[alerts]`: where to send alerts about backends and certificates; `None` sends none.
+    pub alerts: Option<AlertsConfig>,
     /// Where values checked by `check_system` sit in the file, so its errors can name the line.
     lines: Lines,
 }
@@ -46,8 +48,8 @@ struct Lines {
 /// moves with every comment edited) does not count.
 impl PartialEq for Config {
     fn eq(&self, other: &Self) -> bool {
-        (&self.path, &self.dataplane, &self.admin, &self.services)
-            == (&other.path, &other.dataplane, &other.admin, &other.services)
+        (&self.path, &self.dataplane, &self.admin, &self.services, &self.alerts)
+            == (&other.path, &other.dataplane, &other.admin, &other.services, &other.alerts)
     }
 }
 
@@ -154,6 +156,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
+    alerts: Option<Spanned<RawAlerts>>,
 }
 
 #[derive(Deserialize)]
@@ -263,8 +266,9 @@ impl Config {
                 "cannot read the config file: {e}; check the path and its permissions"
             ),
         })?;
-        let config = Config::parse(path, &text)?;
+        let mut config = Config::parse(path, &text)?;
         config.check_system()?;
+        config.read_secrets()?;
         Ok(config)
     }
 
@@ -281,11 +285,13 @@ impl Config {
         let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
         let admin = parse_admin(&src, raw.admin)?;
         let (services, backend_lines) = parse_services(&src, raw.services)?;
+        let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
         Ok(Config {
             path: path.to_owned(),
             dataplane,
             admin,
             services,
+            alerts,
             lines: Lines {
                 interfaces: interface_lines,
                 backends: backend_lines,
@@ -345,6 +351,30 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads the files that hold credentials (`alerts.email.password_file`).
+    pub fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let path = self.path.clone();
+        let Some(credentials) = self.alerts.as_mut().and_then(|a| a.email.as_mut()).and_then(|e| e.credentials.as_mut()) else {
+            return Ok(());
+        };
+        let file = &credentials.password_file;
+        let error = |message: String| ConfigError { path: path.clone(), line: None, message };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            error(format!(
+                "alerts.email.password_file \"{}\": cannot read it: {e}; it must hold the SMTP password (and nothing else)",
+                file.display()
+            ))
+        })?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            return Err(error(format!("alerts.email.password_file \"{}\" is empty; write the SMTP password into it", file.display())));
+        }
+        credentials.password = Secret(password.to_owned());
         Ok(())
     }
 }
@@ -739,6 +769,201 @@ fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Heal
         }
     }
     Ok(health)
+}
+
+/// `[alerts]`: alerts about backends going down and up, whole services down, and certificate
+/// renewals that failed, by e-mail and/or webhook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertsConfig {
+    /// At most this many messages per minute on each channel; the rest is sent as one summary
+    /// once the minute is over.
+    pub max_per_minute: u32,
+    pub email: Option<EmailConfig>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// Validated mailboxes (`xlb@example.com` or `xlb <xlb@example.com>`).
+    pub from: String,
+    pub to: Vec<String>,
+    pub credentials: Option<SmtpCredentials>,
+    /// Bounds one delivery.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587); refuses a server without it.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No encryption: only for a relay on this host.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmtpCredentials {
+    pub username: String,
+    pub password_file: PathBuf,
+    /// Read from `password_file` by `Config::load`.
+    pub password: Secret,
+}
+
+/// A credential: compared, never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL that gets a JSON `POST` per alert.
+    pub url: String,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    max_per_minute: Option<Spanned<i64>>,
+    email: Option<Spanned<RawEmail>>,
+    webhook: Option<Spanned<RawWebhook>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    host: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    tls: Option<Spanned<String>>,
+    from: Spanned<String>,
+    to: Spanned<Vec<Spanned<String>>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+}
+
+fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let max_per_minute = match &raw.max_per_minute {
+        None => DEFAULT_ALERTS_PER_MINUTE,
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+            src.at(v, format!("alerts.max_per_minute = {}: out of range; use 1..=1000 messages per minute", v.get_ref()))
+        })?,
+    };
+    let email = raw.email.map(|e| parse_email(src, e.into_inner())).transpose()?;
+    let webhook = raw.webhook.map(|w| parse_webhook(src, w.into_inner())).transpose()?;
+    if email.is_none() && webhook.is_none() {
+        return Err(src.error(
+            Some(src.line(span.start)),
+            "[alerts] has neither [alerts.email] nor [alerts.webhook]; add one (or remove [alerts] to send no alerts)",
+        ));
+    }
+    Ok(AlertsConfig { max_per_minute, email, webhook })
+}
+
+fn parse_email(src: &Source, raw: RawEmail) -> Result<EmailConfig, ConfigError> {
+    let host = raw.host.get_ref().trim();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+        return Err(src.at(
+            &raw.host,
+            format!("alerts.email.host \"{}\": not a host name or address; write e.g. \"smtp.example.com\" (the port goes in alerts.email.port)", raw.host.get_ref()),
+        ));
+    }
+    let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
+        None | Some("starttls") => SmtpTls::StartTls,
+        Some("tls") => SmtpTls::Tls,
+        Some("none") => SmtpTls::None,
+        Some(other) => {
+            return Err(src.at(
+                raw.tls.as_ref().expect("present"),
+                format!(
+                    "alerts.email.tls \"{other}\": use \"starttls\" (port 587, upgraded to TLS), \"tls\" (port 465, TLS \
+                     from the start) or \"none\" (unencrypted: only for a relay on this host)"
+                ),
+            ));
+        }
+    };
+    let port = match &raw.port {
+        None => match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        },
+        Some(v) => u16::try_from(*v.get_ref()).ok().filter(|p| *p != 0).ok_or_else(|| {
+            src.at(v, format!("alerts.email.port = {}: not a port; use 1..=65535 (e.g. 587)", v.get_ref()))
+        })?,
+    };
+    let mailbox = |value: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        value.get_ref().parse::<lettre::message::Mailbox>().map(|m| m.to_string()).map_err(|e| {
+            src.at(value, format!("{key} \"{}\": not an e-mail address ({e}); write e.g. \"ops@example.com\" or \"Ops <ops@example.com>\"", value.get_ref()))
+        })
+    };
+    let from = mailbox(&raw.from, "alerts.email.from")?;
+    if raw.to.get_ref().is_empty() {
+        return Err(src.at(&raw.to, "alerts.email.to is empty; list at least one recipient, e.g. to = [\"ops@example.com\"]"));
+    }
+    let to = raw.to.get_ref().iter().map(|t| mailbox(t, "alerts.email.to")).collect::<Result<Vec<_>, _>>()?;
+    let credentials = match (&raw.username, &raw.password_file) {
+        (None, None) => None,
+        (Some(username), Some(file)) => Some(SmtpCredentials {
+            username: username.get_ref().clone(),
+            password_file: PathBuf::from(file.get_ref()),
+            password: Secret::default(),
+        }),
+        (Some(v), None) => {
+            return Err(src.at(v, "alerts.email.username is set but password_file is not; add password_file = \"/etc/xlb/smtp-password\" (a file holding only the password)"));
+        }
+        (None, Some(v)) => {
+            return Err(src.at(v, "alerts.email.password_file is set but username is not; add the SMTP user name"));
+        }
+    };
+    if credentials.is_some() && tls == SmtpTls::None {
+        return Err(src.at(
+            raw.tls.as_ref().expect("\"none\" was given"),
+            "alerts.email.tls = \"none\" with a username: the password would cross the network unencrypted; use \"starttls\" or \"tls\"",
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.email.timeout")?,
+    };
+    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout })
+}
+
+fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigError> {
+    let text = raw.url.get_ref();
+    let uri = text.parse::<hyper::Uri>().ok();
+    let ok = uri.as_ref().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
+    if !ok {
+        return Err(src.at(
+            &raw.url,
+            format!("alerts.webhook.url \"{text}\": not an http:// or https:// URL; write e.g. \"https://hooks.example.com/xlb\""),
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.webhook.timeout")?,
+    };
+    Ok(WebhookConfig { url: text.clone(), timeout })
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
@@ -1405,5 +1630,85 @@ fall = 2
         assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
         let [web] = &config.services[..] else { panic!("{config:?}") };
         assert_eq!((web.name.as_str(), web.backends.len()), ("web", 3));
+    }
+
+    const ALERTS: &str = r#"
+[alerts]
+max_per_minute = 5
+
+[alerts.email]
+host = "smtp.example.com"
+tls = "starttls"
+from = "xlb <xlb@example.com>"
+to = ["ops@example.com", "oncall@example.com"]
+username = "xlb"
+password_file = "/etc/xlb/smtp-password"
+
+[alerts.webhook]
+url = "https://hooks.example.com/xlb"
+timeout = "3s"
+"#;
+
+    #[test]
+    fn alerts_parse() {
+        let config = parse(&format!("{EXAMPLE}{ALERTS}")).unwrap();
+        let alerts = config.alerts.expect("[alerts]");
+        assert_eq!(alerts.max_per_minute, 5);
+        let email = alerts.email.expect("[alerts.email]");
+        assert_eq!((email.host.as_str(), email.port, email.tls), ("smtp.example.com", 587, SmtpTls::StartTls));
+        assert_eq!(email.from, "xlb <xlb@example.com>");
+        assert_eq!(email.to, ["ops@example.com", "oncall@example.com"]);
+        let credentials = email.credentials.expect("credentials");
+        assert_eq!(credentials.username, "xlb");
+        assert_eq!(format!("{:?}", credentials.password), "Secret(…)");
+        let webhook = alerts.webhook.expect("[alerts.webhook]");
+        assert_eq!((webhook.url.as_str(), webhook.timeout), ("https://hooks.example.com/xlb", Duration::from_secs(3)));
+        assert_eq!(parse(EXAMPLE).unwrap().alerts, None);
+        // The port follows the kind of TLS unless given.
+        let tls = parse(&format!("{EXAMPLE}{}", ALERTS.replace("\"starttls\"", "\"tls\""))).unwrap();
+        assert_eq!(tls.alerts.unwrap().email.unwrap().port, 465);
+    }
+
+    #[test]
+    fn alerts_errors() {
+        let with = |from: &str, to: &str| err(&format!("{EXAMPLE}{}", ALERTS.replace(from, to)));
+        let e = with("tls = \"starttls\"", "tls = \"ssl\"");
+        assert!(e.starts_with("/etc/xlb/xlb.toml:29: alerts.email.tls \"ssl\": use \"starttls\""), "{e}");
+        let e = with("password_file = \"/etc/xlb/smtp-password\"\n", "");
+        assert!(e.contains("alerts.email.username is set but password_file is not"), "{e}");
+        let e = with("tls = \"starttls\"", "tls = \"none\"");
+        assert!(e.contains("the password would cross the network unencrypted"), "{e}");
+        let e = with("\"ops@example.com\", ", "\"ops at example.com\", ");
+        assert!(e.contains(":31: alerts.email.to \"ops at example.com\": not an e-mail address"), "{e}");
+        let e = with("[\"ops@example.com\", \"oncall@example.com\"]", "[]");
+        assert!(e.contains("alerts.email.to is empty"), "{e}");
+        let e = with("https://hooks.example.com/xlb", "ftp://hooks.example.com/xlb");
+        assert!(e.contains(":36: alerts.webhook.url \"ftp://hooks.example.com/xlb\": not an http:// or https:// URL"), "{e}");
+        let e = with("max_per_minute = 5", "max_per_minute = 0");
+        assert!(e.contains(":25: alerts.max_per_minute = 0: out of range"), "{e}");
+        let e = with("smtp.example.com", "smtp.example.com:587");
+        assert!(e.contains("the port goes in alerts.email.port"), "{e}");
+        let e = err(&format!("{EXAMPLE}\n[alerts]\nmax_per_minute = 3\n"));
+        assert!(e.contains("[alerts] has neither [alerts.email] nor [alerts.webhook]"), "{e}");
+        let e = with("[alerts.webhook]", "[alerts.webhok]");
+        assert!(e.contains("unknown field `webhok`"), "{e}");
+    }
+
+    #[test]
+    fn smtp_password_comes_from_its_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("smtp-password");
+        let text = format!("{EXAMPLE}{}", ALERTS.replace("/etc/xlb/smtp-password", &file.display().to_string()));
+        let mut config = parse(&text).unwrap();
+        let e = config.read_secrets().unwrap_err().to_string();
+        assert!(e.contains("alerts.email.password_file") && e.contains("cannot read it"), "{e}");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        config.read_secrets().unwrap();
+        let password = &config.alerts.as_ref().unwrap().email.as_ref().unwrap().credentials.as_ref().unwrap().password;
+        assert_eq!(password.0, "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(config.read_secrets().unwrap_err().to_string().contains("is empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,11 @@
 //! flag (`xlb drain`) and the health checks' verdict. Drained wins; otherwise health decides
 //! between up and down. So a health transition never undrains a backend, and an undrain puts
 //! back whatever health says now.
+//!
+//! A reload (`SIGHUP`, `xlb reload`) reads the config file again and applies it whole, or not
+//! at all: services and backends that stay keep their slots (`layout`), so their flows and
+//! counts are untouched; new ones take free slots; removed backends are drained and their slots
+//! cleared once no flow refers to them.
 
 use std::{
     collections::HashMap,
@@ -21,16 +26,20 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, ControlError, StatusSource},
+    alert::{Alerts, Event},
     config::Config,
     dataplane::{self, Dataplane},
-    health, notify,
+    health,
+    layout::{Layout, Retiring},
+    notify,
     sockdiag::{self, SocketTable},
-    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ServiceStatus, Status},
+    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ReloadResult, ServiceStatus, Status},
 };
 
 /// Live counts are reconciled with the kernel's socket table this often (the promise is
@@ -45,6 +54,9 @@ struct Probe {
     healthy: Option<bool>,
     latency_ms: Option<f64>,
     error: Option<String>,
+    /// Probes so far, and the latest ones that passed in a row.
+    count: u64,
+    passed_in_a_row: u64,
 }
 
 /// What a backend's state in the data path is decided from.
@@ -71,16 +83,44 @@ impl Control {
     }
 }
 
-struct Shared {
+/// The running config and where its backends sit in the maps; a reload replaces it whole.
+struct Current {
     config: Config,
+    layout: Layout,
+    /// Counts reloads: health reports from the probers of an earlier config are dropped.
+    generation: u64,
+    /// Tells a backend's prober that the data path failed it (see `passive_tick`).
+    passive_failed: health::PassiveFailed,
+}
+
+/// Locks are taken in the order of the fields (`reloading`, `control`, `dp`, `retiring`,
+/// `probes`, then `current`, only ever held to clone it). A reload replaces `current`,
+/// `control` and `probes` while holding all of them, so whoever holds one of those sees them
+/// agree.
+struct Shared {
+    /// Held for the whole of a reload: one at a time.
+    reloading: Mutex<()>,
     /// Locked before `dp` when both are: a state is computed and written under this lock, so
     /// a drain and a health transition cannot interleave their writes.
     control: Mutex<Vec<Vec<Control>>>,
     dp: Mutex<Dataplane>,
+    /// Slots of backends that left the config: drained, and cleared by the reconcile once no
+    /// flow refers to them.
+    retiring: Mutex<Vec<Retiring>>,
     probes: Mutex<Vec<Vec<Probe>>>,
+    current: Mutex<Arc<Current>>,
     flows: AtomicU64,
-    /// Tells a backend's prober that the data path failed it (see `passive_tick`).
-    passive_failed: health::PassiveFailed,
+    /// The health probers of the current config and the tasks reading their reports.
+    probers: Mutex<Vec<JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
+    shutdown: watch::Receiver<bool>,
+    alerts: Alerts,
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Current> {
+        self.current.lock().unwrap().clone()
+    }
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -94,9 +134,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(Arc::new);
     // Bound before anything is attached, so that a taken address leaves no data path behind.
     let listen = config.admin.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?;
+    // A socket systemd passed for it (xlb.socket) is used as is; else it is bound here.
+    let listener = match crate::listeners::take(listen) {
+        Some(inherited) => {
+            info!(admin = %listen, "admin API on the socket passed by systemd");
+            tokio::net::TcpListener::from_std(inherited).context("using the admin API socket passed by systemd")?
+        }
+        None => tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?,
+    };
     // A first start that fails half-way (say, the second interface refuses XDP) must not leave
     // the first one attached and the maps pinned with nobody managing them; a restart that
     // fails leaves the running data path alone.
@@ -105,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(mut entries) => entries.next().is_none(),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     };
-    let (mut dp, states) = match tokio::task::block_in_place(|| open_dataplane(&config)) {
+    let (mut dp, layout, states) = match tokio::task::block_in_place(|| open_dataplane(&config)) {
         Ok(opened) => opened,
         Err(e) => {
             if first_start {
@@ -151,72 +198,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             info!(service = %svc.name, backend = %addr, "backend draining (kept from before the restart; `xlb undrain` ends it)");
         }
     }
-    let passive_failed = health::PassiveFailed::new(&config.services);
+    for r in &layout.retiring {
+        info!(backend = %r.addr, slot = r.slot, "backend no longer in the config: draining; its slot is freed once its connections end");
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let retiring = layout.retiring.clone();
+    let alerts = Alerts::start(config.alerts.clone());
     let shared = Arc::new(Shared {
-        config,
+        reloading: Mutex::new(()),
         control: Mutex::new(control),
         dp: Mutex::new(dp),
+        retiring: Mutex::new(retiring),
         probes: Mutex::new(probes),
+        current: Mutex::new(Arc::new(Current {
+            passive_failed: health::PassiveFailed::new(&config.services),
+            config,
+            layout,
+            generation: 0,
+        })),
         flows: AtomicU64::new(0),
-        passive_failed,
+        probers: Mutex::new(Vec::new()),
+        runtime: tokio::runtime::Handle::current(),
+        shutdown: shutdown_rx.clone(),
+        alerts,
     });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
-    let (results_tx, mut results_rx) = mpsc::unbounded_channel::<health::ProbeResult>();
-    let (transitions_tx, mut transitions_rx) = mpsc::unbounded_channel::<health::Transition>();
     // A backend the data path failed must pass `rise` probes, like one that was down.
     let initial_up =
         states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
-    let probers = health::spawn_with_passive(
-        &shared.config.services,
-        initial_up,
-        &shared.passive_failed,
-        results_tx,
-        transitions_tx,
-        shutdown_rx.clone(),
-    );
-
-    let sh = shared.clone();
-    tasks.spawn(async move {
-        while let Some(t) = transitions_rx.recv().await {
-            let svc = &sh.config.services[t.service];
-            let addr = svc.backends[t.backend];
-            let mut control = sh.control.lock().unwrap();
-            let c = &mut control[t.service][t.backend];
-            let was_failed = c.failed;
-            c.up = t.up;
-            c.failed = false;
-            if c.drained {
-                // The map already says draining; health only matters again after an undrain.
-                let health = if t.up { "passing" } else { "failing" };
-                info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
-                continue;
-            }
-            let mut dp = sh.dp.lock().unwrap();
-            // Back up: an empty failure window, and the slow-start ramp from now.
-            let written = if t.up { dp.restart_passive(t.service, t.backend, monotonic_ns()) } else { Ok(()) };
-            match written.and_then(|()| dp.set_state(t.service, t.backend, c.state())) {
-                Ok(()) if t.up && was_failed => {
-                    info!(service = %svc.name, backend = %addr, "backend up: health checks pass again after the passive failure")
-                }
-                Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
-                Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
-                Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
-            }
-        }
-    });
-    let sh = shared.clone();
-    tasks.spawn(async move {
-        while let Some(r) = results_rx.recv().await {
-            let mut probes = sh.probes.lock().unwrap();
-            probes[r.service][r.backend] = Probe {
-                healthy: Some(r.ok),
-                latency_ms: Some(r.latency.as_secs_f64() * 1e3),
-                error: r.error,
-            };
-        }
-    });
+    start_health(&shared, &shared.current(), initial_up);
 
     let sh = shared.clone();
     let mut stop = shutdown_rx.clone();
@@ -225,12 +236,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         while ticks.next(&mut stop).await {
             let sh = sh.clone();
             let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let before = Counts::read(&sh.dp.lock().unwrap(), &sh.config)?;
+                let slots = |sh: &Shared| -> Vec<u32> {
+                    let current = sh.current();
+                    let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
+                    slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
+                    slots
+                };
+                let before = {
+                    let dp = sh.dp.lock().unwrap();
+                    Counts::read(&dp, &slots(&sh))?
+                };
                 let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
                 let mut dp = sh.dp.lock().unwrap();
-                let after = Counts::read(&dp, &sh.config)?;
-                let flows = reconcile(&mut dp, &sh.config, &before, &after, &table, monotonic_ns())?;
+                let after = Counts::read(&dp, &slots(&sh))?;
+                let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
                 sh.flows.store(flows, Ordering::Relaxed);
+                // A removed backend's slot is freed once no tracked flow refers to it: the data
+                // path would otherwise count that flow's close against the slot's next owner.
+                let mut retiring = sh.retiring.lock().unwrap();
+                let mut kept = Vec::with_capacity(retiring.len());
+                for r in retiring.drain(..) {
+                    if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
+                        kept.push(r);
+                        continue;
+                    }
+                    match dp.clear_slot(r.slot) {
+                        Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
+                        Err(e) => {
+                            warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+                            kept.push(r);
+                        }
+                    }
+                }
+                *retiring = kept;
+                drop(retiring);
                 drop(dp);
                 passive_tick(&sh)
             })
@@ -274,12 +313,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     info!(admin = %listen, "xlb ready");
+    for socket in crate::listeners::untaken() {
+        warn!("systemd passed a socket for {socket} that no listener of the config uses; its clients wait unanswered — remove it from xlb.socket or configure a listener on it");
+    }
     if let Some(notifier) = &notifier {
-        let services: Vec<&str> = shared.config.services.iter().map(|s| s.name.as_str()).collect();
+        let current = shared.current();
+        let services: Vec<&str> = current.config.services.iter().map(|s| s.name.as_str()).collect();
         let status = format!(
             "balancing {} on {}; admin API on {listen}",
             services.join(", "),
-            shared.config.dataplane.interfaces.join(", ")
+            current.config.dataplane.interfaces.join(", ")
         );
         if let Err(e) = notifier.notify(&format!("READY=1\nSTATUS={status}")) {
             error!("{e}");
@@ -290,9 +333,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(watchdog(shared.clone(), notifier.clone(), timeout / 2, shutdown_rx.clone()));
     }
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received"),
-        _ = sigint.recv() => info!("SIGINT received"),
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM received"); break }
+            _ = sigint.recv() => { info!("SIGINT received"); break }
+            _ = sighup.recv() => {
+                info!("SIGHUP received: reloading the config");
+                let sh = shared.clone();
+                // The outcome is logged by `reload` itself.
+                let _ = tokio::task::spawn_blocking(move || reload(&sh)).await;
+            }
+        }
     }
     if let Some(notifier) = &notifier
         && let Err(e) = notifier.notify("STOPPING=1\nSTATUS=stopping; the data path stays attached")
@@ -300,7 +352,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         warn!("{e}");
     }
     let _ = shutdown_tx.send(true);
-    for p in probers {
+    for p in shared.probers.lock().unwrap().drain(..) {
         p.abort();
     }
     let _ = tokio::time::timeout(Duration::from_secs(6), async {
@@ -308,7 +360,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .await;
     info!(
-        pin_path = %shared.config.dataplane.pin_path.display(),
+        pin_path = %shared.current().config.dataplane.pin_path.display(),
         "stopped; the data path stays attached and keeps forwarding (`xlb detach` removes it)"
     );
     Ok(())
@@ -335,27 +387,46 @@ async fn watchdog(sh: Arc<Shared>, notifier: Arc<notify::Notifier>, period: Dura
     }
 }
 
+/// Loads or adopts the data path and writes the services into it: where (every backend found
+/// in the maps keeps its slot) and with which backend states.
+fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Layout, Vec<Vec<BackendState>>)> {
+    let mut dp = Dataplane::open(&config.dataplane)?;
+    let layout = Layout::plan(&config.services, &dp.occupancy()?).map_err(|e| anyhow::anyhow!("{}: {e}", config.path.display()))?;
+    // Restore each backend's state from the maps when adopting, so a restart neither floods a
+    // backend that was down nor pauses one that was up. New backends start up, as in nginx,
+    // and the first probes correct that within `fall` intervals.
+    let states: Vec<Vec<BackendState>> = dp
+        .layout_states(&config.services, &layout)
+        .into_iter()
+        .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
+        .collect();
+    dp.apply_layout(&config.services, &layout, &states)?;
+    Ok((dp, layout, states))
+}
+
 /// Takes note of backends the data path has failed (passive health: it wrote `Failed` itself,
 /// see `lb_common::backend::Passive`): they count as down until their probes pass `rise`
 /// times, and their prober is told so. The data path stopped choosing them already.
 fn passive_tick(sh: &Shared) -> anyhow::Result<()> {
     let mut control = sh.control.lock().unwrap();
     let mut dp = sh.dp.lock().unwrap();
-    let states = dp.current_states(&sh.config.services);
-    for (s, svc) in sh.config.services.iter().enumerate() {
+    let current = sh.current();
+    let states = dp.layout_states(&current.config.services, &current.layout);
+    for (s, svc) in current.config.services.iter().enumerate() {
         for (b, addr) in svc.backends.iter().enumerate() {
             if states[s][b] != Some(BackendState::Failed) || control[s][b].failed {
                 continue;
             }
+            let slot = current.layout.slot(s, b);
             let c = &mut control[s][b];
             c.failed = true;
             c.up = false;
-            sh.passive_failed.set(s, b);
+            current.passive_failed.set(s, b);
             // Only an up backend can be failed; a drain that raced the data path's write wins.
             if c.drained {
-                dp.set_state(s, b, c.state()).context("writing the backend state")?;
+                dp.set_slot_state(slot, c.state()).context("writing the backend state")?;
             }
-            let p = dp.passive(s, b)?;
+            let p = dp.slot_passive(slot)?;
             warn!(
                 service = %svc.name,
                 backend = %addr,
@@ -366,25 +437,254 @@ fn passive_tick(sh: &Shared) -> anyhow::Result<()> {
                 humantime::format_duration(svc.fail_timeout),
                 svc.health.rise,
             );
+            alert_down(sh, &svc.name, *addr, Some(format!("{} connection(s) refused or unanswered", p.refused + p.unanswered)));
+            alert_service(sh, &current, &control, s);
         }
     }
     Ok(())
 }
 
-/// Loads or adopts the data path and writes the services into it, with the backend states it
-/// wrote.
-fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Vec<Vec<BackendState>>)> {
-    let mut dp = Dataplane::open(&config.dataplane)?;
-    // Restore each backend's state from the maps when adopting, so a restart neither floods a
-    // backend that was down nor pauses one that was up. New backends start up, as in nginx,
-    // and the first probes correct that within `fall` intervals.
-    let states: Vec<Vec<BackendState>> = dp
-        .current_states(&config.services)
-        .into_iter()
-        .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
+/// Starts probing the backends of `current` (starting from `initial_up`), and the two tasks
+/// that act on the probes' reports. They stop when the daemon does, or when a reload aborts
+/// them; a report that arrives after a reload is dropped (`generation`).
+fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>) {
+    let generation = current.generation;
+    let (results_tx, mut results_rx) = mpsc::unbounded_channel::<health::ProbeResult>();
+    let (transitions_tx, mut transitions_rx) = mpsc::unbounded_channel::<health::Transition>();
+    let _guard = sh.runtime.enter();
+    let mut tasks = health::spawn_with_passive(
+        &current.config.services,
+        initial_up,
+        &current.passive_failed,
+        results_tx,
+        transitions_tx,
+        sh.shutdown.clone(),
+    );
+    let s = sh.clone();
+    tasks.push(sh.runtime.spawn(async move {
+        while let Some(t) = transitions_rx.recv().await {
+            let sh = &s;
+            let mut control = sh.control.lock().unwrap();
+            let current = sh.current();
+            if current.generation != generation {
+                continue;
+            }
+            let svc = &current.config.services[t.service];
+            let addr = svc.backends[t.backend];
+            let c = &mut control[t.service][t.backend];
+            let was_failed = c.failed;
+            c.up = t.up;
+            c.failed = false;
+            if t.up {
+                // Sent only if its going down was (see `alert`).
+                sh.alerts.notify(Event::BackendUp { service: svc.name.clone(), backend: addr });
+            }
+            if c.drained {
+                // The map already says draining; health only matters again after an undrain.
+                // An operator works on a drained backend (`xlb rollout` restarts it): no alert.
+                let health = if t.up { "passing" } else { "failing" };
+                info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
+                alert_service(sh, &current, &control, t.service);
+                continue;
+            }
+            let slot = current.layout.slot(t.service, t.backend);
+            let mut dp = sh.dp.lock().unwrap();
+            // Back up: an empty failure window, and the slow-start ramp from now.
+            let written = if t.up { dp.restart_passive(slot, monotonic_ns()) } else { Ok(()) };
+            let written = written.and_then(|()| dp.set_slot_state(slot, c.state()));
+            drop(dp);
+            match written {
+                Ok(()) if t.up && was_failed => {
+                    info!(service = %svc.name, backend = %addr, "backend up: health checks pass again after the passive failure")
+                }
+                Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
+                Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
+                Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
+            }
+            if !t.up {
+                let reason = sh.probes.lock().unwrap()[t.service][t.backend].error.clone();
+                alert_down(sh, &svc.name, addr, reason);
+            }
+            alert_service(sh, &current, &control, t.service);
+        }
+    }));
+    let s = sh.clone();
+    tasks.push(sh.runtime.spawn(async move {
+        while let Some(r) = results_rx.recv().await {
+            let mut probes = s.probes.lock().unwrap();
+            if s.current().generation != generation {
+                continue;
+            }
+            let probe = &mut probes[r.service][r.backend];
+            *probe = Probe {
+                healthy: Some(r.ok),
+                latency_ms: Some(r.latency.as_secs_f64() * 1e3),
+                error: r.error,
+                count: probe.count + 1,
+                passed_in_a_row: if r.ok { probe.passed_in_a_row + 1 } else { 0 },
+            };
+        }
+    }));
+    *sh.probers.lock().unwrap() = tasks;
+}
+
+fn alert_down(sh: &Shared, service: &str, backend: SocketAddr, last_error: Option<String>) {
+    let reason = match last_error {
+        Some(e) => format!("last probe: {e}"),
+        None => "its health checks fail".into(),
+    };
+    sh.alerts.notify(Event::BackendDown { service: service.to_owned(), backend, reason });
+}
+
+/// Reports a service down while none of its backends is up (each down or drained), and up again
+/// once one is; the alerts task sends only changes.
+fn alert_service(sh: &Shared, current: &Current, control: &[Vec<Control>], service: usize) {
+    let name = current.config.services[service].name.clone();
+    if control[service].iter().any(|c| c.state() == BackendState::Up) {
+        sh.alerts.notify(Event::ServiceUp { service: name });
+    } else {
+        sh.alerts.notify(Event::ServiceDown { service: name });
+    }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config is not valid, or cannot be applied while running.
+    #[error("{0}")]
+    Rejected(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Reads the config file again and applies it: all of it, or (when it is invalid, or asks for
+/// something only a restart can do) nothing, with the reason. Logs the outcome either way.
+fn reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
+    let result = try_reload(sh);
+    match &result {
+        Ok(r) if r.changes.is_empty() => info!(config = %r.config, "config reloaded: nothing changed"),
+        Ok(r) => info!(config = %r.config, "config reloaded: {}", r.changes.join("; ")),
+        Err(e) => error!("reload refused, the running config stays in force: {e}"),
+    }
+    result
+}
+
+fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
+    let _one_at_a_time = sh.reloading.lock().unwrap();
+    let old = sh.current();
+    let path = old.config.path.clone();
+    let new = Config::load(&path).map_err(|e| ReloadError::Rejected(e.to_string()))?;
+    let restart = |what: &str| {
+        ReloadError::Rejected(format!(
+            "{}: {what} changed; that takes a restart of the daemon (`systemctl restart xlb`, which keeps \
+             connections), not a reload",
+            path.display()
+        ))
+    };
+    if new.dataplane != old.config.dataplane {
+        return Err(restart("[dataplane]"));
+    }
+    if new.admin != old.config.admin {
+        return Err(restart("admin.listen"));
+    }
+    let changes = describe_changes(&old.config, &new);
+    if changes.is_empty() {
+        return Ok(ReloadResult { config: path.display().to_string(), changes });
+    }
+    let mut control = sh.control.lock().unwrap();
+    let mut dp = sh.dp.lock().unwrap();
+    let layout = Layout::plan(&new.services, &dp.occupancy()?).map_err(|e| ReloadError::Rejected(format!("{}: {e}", path.display())))?;
+    // A backend that stays (same VIP, same address) keeps its drain flag, health verdict and
+    // last probe; a new one starts up, as at start.
+    let find = |vip: SocketAddr, addr: SocketAddr| {
+        old.config.services.iter().enumerate().find(|(_, s)| s.listen == vip).and_then(|(s, svc)| Some((s, svc.backends.iter().position(|&a| a == addr)?)))
+    };
+    let new_control: Vec<Vec<Control>> = new
+        .services
+        .iter()
+        .map(|svc| {
+            svc.backends
+                .iter()
+                .map(|&addr| find(svc.listen, addr).map_or(Control { drained: false, up: true, failed: false }, |(s, b)| control[s][b]))
+                .collect()
+        })
         .collect();
-    dp.apply_services(&config.services, &states)?;
-    Ok((dp, states))
+    let states: Vec<Vec<BackendState>> = new_control.iter().map(|s| s.iter().map(|c| c.state()).collect()).collect();
+    if let Err(e) = dp.apply_layout(&new.services, &layout, &states) {
+        // Put back what the running config says, so that the maps match it again.
+        let old_states: Vec<Vec<BackendState>> = control.iter().map(|s| s.iter().map(|c| c.state()).collect()).collect();
+        if let Err(undo) = dp.apply_layout(&old.config.services, &old.layout, &old_states) {
+            error!("restoring the running config in the maps after a failed reload: {undo:#}");
+        }
+        return Err(ReloadError::Failed(e.context("writing the new config into the maps")));
+    }
+    let mut retiring = sh.retiring.lock().unwrap();
+    for r in layout.retiring.iter().filter(|r| !retiring.contains(r)) {
+        let live = dp.slot_conns(r.slot).map(|c| c.live.max(0)).unwrap_or(0);
+        info!(backend = %r.addr, live, "backend removed from the config: draining; its open connections continue, and its slot is freed once they end");
+    }
+    *retiring = layout.retiring.clone();
+    drop(retiring);
+    let mut probes = sh.probes.lock().unwrap();
+    let new_probes: Vec<Vec<Probe>> = new
+        .services
+        .iter()
+        .map(|svc| svc.backends.iter().map(|&addr| find(svc.listen, addr).map_or_else(Probe::default, |(s, b)| probes[s][b].clone())).collect())
+        .collect();
+    let initial_up: Vec<Vec<bool>> = new_control.iter().map(|s| s.iter().map(|c| c.up).collect()).collect();
+    if new.alerts != old.config.alerts {
+        sh.alerts.configure(new.alerts.clone());
+    }
+    let current = Arc::new(Current {
+        passive_failed: health::PassiveFailed::new(&new.services),
+        config: new,
+        layout,
+        generation: old.generation + 1,
+    });
+    *probes = new_probes;
+    *control = new_control;
+    *sh.current.lock().unwrap() = current.clone();
+    drop(probes);
+    drop(dp);
+    drop(control);
+    for p in sh.probers.lock().unwrap().drain(..) {
+        p.abort();
+    }
+    start_health(sh, &current, initial_up);
+    Ok(ReloadResult { config: path.display().to_string(), changes })
+}
+
+/// What differs between two configs' services, one line each.
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut changes = Vec::new();
+    for svc in &new.services {
+        let Some(before) = old.services.iter().find(|s| s.name == svc.name) else {
+            changes.push(format!("service {} added ({}, {} backends)", svc.name, svc.listen, svc.backends.len()));
+            continue;
+        };
+        if before.listen != svc.listen {
+            changes.push(format!("service {}: listen {} -> {}", svc.name, before.listen, svc.listen));
+        }
+        for addr in svc.backends.iter().filter(|a| !before.backends.contains(a)) {
+            changes.push(format!("service {}: backend {addr} added", svc.name));
+        }
+        for addr in before.backends.iter().filter(|a| !svc.backends.contains(a)) {
+            changes.push(format!("service {}: backend {addr} removed (draining)", svc.name));
+        }
+        if before.health != svc.health {
+            changes.push(format!("service {}: health checks changed", svc.name));
+        }
+        if before.backends != svc.backends && changes.iter().all(|c| !c.starts_with(&format!("service {}: backend", svc.name))) {
+            changes.push(format!("service {}: backends reordered", svc.name));
+        }
+    }
+    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| n.name == s.name)) {
+        changes.push(format!("service {} removed (its backends drain)", svc.name));
+    }
+    if old.alerts != new.alerts {
+        changes.push("[alerts] changed".into());
+    }
+    changes
 }
 
 /// A periodic task's clock: a tick every `period` (late ticks delay the next ones rather than
@@ -425,13 +725,11 @@ struct Counts {
 }
 
 impl Counts {
-    fn read(dp: &Dataplane, config: &Config) -> anyhow::Result<Counts> {
+    fn read(dp: &Dataplane, slots: &[u32]) -> anyhow::Result<Counts> {
         let at_ns = monotonic_ns();
         let mut conns = HashMap::new();
-        for (s, svc) in config.services.iter().enumerate() {
-            for b in 0..svc.backends.len() {
-                conns.insert(dataplane::slot(s, b), (dp.conns(s, b)?.live, dp.total(s, b)?));
-            }
+        for &slot in slots {
+            conns.insert(slot, (dp.slot_conns(slot)?.live, dp.slot_total(slot)?));
         }
         Ok(Counts { at_ns, conns })
     }
@@ -446,7 +744,8 @@ impl Counts {
 /// FINs, killed clients, RSTs the data path never saw, SYNs that never became a connection).
 /// Flows whose socket is winding down (FIN_WAIT, CLOSE_WAIT, LAST_ACK, …) are kept while it
 /// does, because their last packets still need rewriting; TIME-WAIT counts as gone (see
-/// `sockdiag::tcp_sockets`). Returns the number of flows still tracked.
+/// `sockdiag::tcp_sockets`). Returns the number of flows still tracked, and per slot of
+/// `before` how many of them refer to it.
 ///
 /// The data path keeps counting while we read, and reading the socket table and the flows
 /// takes tens of milliseconds with many flows, so the count is never overwritten with what was
@@ -460,13 +759,13 @@ impl Counts {
 /// moves, that is all of it.
 fn reconcile(
     dp: &mut Dataplane,
-    config: &Config,
     before: &Counts,
     after: &Counts,
     table: &SocketTable,
     now_ns: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, HashMap<u32, u64>)> {
     let mut live: HashMap<u32, i64> = HashMap::new();
+    let mut per_slot: HashMap<u32, u64> = HashMap::new();
     let mut tracked = 0;
     for (rev, nat, flow) in dp.flows()? {
         let backend = dataplane::sock_addr(&rev.src_addr, rev.src_port, rev.family);
@@ -476,6 +775,7 @@ fn reconcile(
         match table.get(&(backend, client)) {
             Some(&state) => {
                 tracked += 1;
+                *per_slot.entry(nat.backend).or_default() += 1;
                 if existed && sockdiag::is_live(state) {
                     *live.entry(nat.backend).or_default() += 1;
                 }
@@ -487,6 +787,7 @@ fn reconcile(
                     // the next reconcile judges on its own.)
                 } else {
                     tracked += 1;
+                    *per_slot.entry(nat.backend).or_default() += 1;
                     // Too young to judge: count it as the data path does.
                     if existed && flow.is_some_and(|f| f.closed == lb_common::flow::FLOW_OPEN) {
                         *live.entry(nat.backend).or_default() += 1;
@@ -495,9 +796,8 @@ fn reconcile(
             }
         }
     }
-    for (s, svc) in config.services.iter().enumerate() {
-        for b in 0..svc.backends.len() {
-            let slot = dataplane::slot(s, b);
+    {
+        for &slot in before.conns.keys() {
             let ((live_before, total_before), (live_after, total_after)) = (before.get(slot), after.get(slot));
             let opened = total_after.wrapping_sub(total_before) as i64;
             let closed_meanwhile = (opened - (live_after - live_before)).max(0);
@@ -513,44 +813,54 @@ fn reconcile(
             // Nothing is written without a correction: a write can lose a change the data path
             // makes between our read and it.
             if correction != 0 {
-                let now = dp.conns(s, b)?.live;
+                let now = dp.slot_conns(slot)?.live;
                 dp.set_live(slot, now + correction)?;
             }
         }
     }
-    Ok(tracked)
+    Ok((tracked, per_slot))
 }
 
 struct Source(Arc<Shared>);
 
 impl StatusSource for Source {
     fn status(&self) -> anyhow::Result<Status> {
-        let Shared { config, control: _, dp, probes, flows, passive_failed: _ } = &*self.0;
-        let dp = dp.lock().unwrap();
-        let probes = probes.lock().unwrap().clone();
-        let states = dp.current_states(&config.services);
+        let sh = &*self.0;
+        // Held to the end: a reload cannot replace the config half-way through this snapshot.
+        let control = sh.control.lock().unwrap();
+        let dp = sh.dp.lock().unwrap();
+        let probes = sh.probes.lock().unwrap().clone();
+        let flows = &sh.flows;
+        let current = sh.current();
+        let (config, layout) = (&current.config, &current.layout);
+        let states = dp.layout_states(&config.services, layout);
         let mut services = Vec::new();
         for (s, svc) in config.services.iter().enumerate() {
             let mut backends = Vec::new();
             for (b, addr) in svc.backends.iter().enumerate() {
-                let conns = dp.conns(s, b)?;
-                let passive = dp.passive(s, b)?;
+                let slot = layout.slot(s, b);
+                let conns = dp.slot_conns(slot)?;
+                let passive = dp.slot_passive(slot)?;
                 let probe = &probes[s][b];
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
                     live_connections: conns.live.max(0) as u64,
-                    total_connections: dp.total(s, b)?,
+                    total_connections: dp.slot_total(slot)?,
                     failed_connections: passive.refused + passive.unanswered,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),
+                    checks_up: control[s][b].up,
+                    probes: probe.count,
+                    probes_passed_in_a_row: probe.passed_in_a_row,
                 });
             }
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 listen: svc.listen.to_string(),
                 mode: "l4".into(),
+                rise: svc.health.rise,
                 backends,
             });
         }
@@ -577,7 +887,9 @@ impl StatusSource for Source {
 
     fn set_drained(&self, service: &str, backend: SocketAddr, drained: bool) -> Result<DrainResult, ControlError> {
         let sh = &*self.0;
-        let services = &sh.config.services;
+        let mut control = sh.control.lock().unwrap();
+        let current = sh.current();
+        let services = &current.config.services;
         let s = services.iter().position(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
             name: service.into(),
             known: services.iter().map(|s| s.name.clone()).collect(),
@@ -588,20 +900,25 @@ impl StatusSource for Source {
             backend,
             known: svc.backends.iter().map(ToString::to_string).collect(),
         })?;
-        let mut control = sh.control.lock().unwrap();
         let c = &mut control[s][b];
         let before = c.drained;
         c.drained = drained;
         let state = c.state();
+        let slot = current.layout.slot(s, b);
         let mut dp = sh.dp.lock().unwrap();
         // Written even when nothing changed: the request then also repairs a map that says
         // otherwise. It is one array update: the next SYN already sees it.
-        if let Err(e) = dp.set_state(s, b, state) {
+        if let Err(e) = dp.set_slot_state(slot, state) {
             c.drained = before;
             return Err(e.context("writing the backend state").into());
         }
-        let live = dp.conns(s, b).map(|c| c.live.max(0) as u64).unwrap_or_default();
+        let live = dp.slot_conns(slot).map(|c| c.live.max(0) as u64).unwrap_or_default();
         drop(dp);
+        if !drained && state == BackendState::Down {
+            let error = sh.probes.lock().unwrap()[s][b].error.clone();
+            alert_down(sh, service, backend, error);
+        }
+        alert_service(sh, &current, &control, s);
         drop(control);
         let changed = before != drained;
         match (drained, changed) {
@@ -618,6 +935,13 @@ impl StatusSource for Source {
             state,
             healthy,
             live_connections: live,
+        })
+    }
+
+    fn reload(&self) -> Result<ReloadResult, ControlError> {
+        reload(&self.0).map_err(|e| match e {
+            ReloadError::Rejected(message) => ControlError::Rejected(message),
+            ReloadError::Failed(e) => ControlError::Failed(e),
         })
     }
 }

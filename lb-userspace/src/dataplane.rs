@@ -38,7 +38,11 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::{config, status::BackendState};
+use crate::{
+    config,
+    layout::{Layout, Occupancy},
+    status::BackendState,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -87,7 +91,7 @@ pub struct Dataplane {
     passive: Array<MapData, Passive>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
-    /// Backend state updates written by `set_state` since this `Dataplane` was opened: health
+    /// Backend state updates written by `set_slot_state` since this `Dataplane` was opened: health
     /// transitions and drains. Flapping backends must not turn into a storm of map writes.
     state_writes: u64,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
@@ -426,11 +430,54 @@ impl Dataplane {
             .collect()
     }
 
-    /// Writes services and backends. `states[s][b]` is each backend's state. Backends are
-    /// written before the services that point at them, and slots no longer used are emptied
-    /// after, so the data path never sees a service pointing at a half-written backend.
-    /// Live/total counts are kept for slots whose backend did not change.
+    /// Writes services and backends in the positional layout of a first start (backend `b` of
+    /// service `s` in slot `s * 16 + b`). `states[s][b]` is each backend's state.
     pub fn apply_services(&mut self, services: &[config::Service], states: &[Vec<BackendState>]) -> anyhow::Result<()> {
+        self.apply_layout(services, &Layout::positional(services), states)
+    }
+
+    /// The VIPs' blocks and the occupied backend slots, as the maps hold them now.
+    pub fn occupancy(&self) -> anyhow::Result<Occupancy> {
+        let mut now = Occupancy::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("reading SERVICES")?;
+            now.vips.insert(sock_addr(&key.addr, key.port, key.family), value.first_backend / MAX_BACKENDS_PER_SERVICE);
+        }
+        for slot in 0..MAX_BACKENDS {
+            let b = self.backends.get(&slot, 0)?;
+            if b.state != STATE_EMPTY {
+                now.slots.insert(slot, sock_addr(&b.addr, b.port, b.family));
+            }
+        }
+        Ok(now)
+    }
+
+    /// The state in the map of every backend of `layout`, or `None` for a slot that holds
+    /// another address (or none).
+    pub fn layout_states(&self, services: &[config::Service], layout: &Layout) -> Vec<Vec<Option<BackendState>>> {
+        services
+            .iter()
+            .enumerate()
+            .map(|(s, svc)| {
+                svc.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, addr)| {
+                        let cur = self.backends.get(&layout.slot(s, b), 0).ok()?;
+                        let (a, port, family) = map_addr(*addr);
+                        (cur.addr == a && cur.port == port && cur.family == family).then(|| state_of(cur.state)).flatten()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Writes services and backends where `layout` puts them. `states[s][b]` is each backend's
+    /// state; retiring slots are set draining (no new flows; theirs continue). Backends are
+    /// written before the services that point at them, and slots neither used nor retiring are
+    /// emptied after, so the data path never sees a service pointing at a half-written backend.
+    /// Live/total counts are kept for slots whose backend did not change.
+    pub fn apply_layout(&mut self, services: &[config::Service], layout: &Layout, states: &[Vec<BackendState>]) -> anyhow::Result<()> {
         let mut keep = std::collections::HashSet::new();
         // Ports first: a VIP port marked early only costs a hash lookup; one marked late would
         // let the first SYNs through unbalanced.
@@ -438,11 +485,21 @@ impl Dataplane {
         for &port in &ports {
             self.vip_ports.set(u32::from(port), 1, 0)?;
         }
+        let mut used = std::collections::HashSet::new();
+        for r in &layout.retiring {
+            let mut b = self.backends.get(&r.slot, 0)?;
+            if b.state != STATE_EMPTY {
+                b.state = STATE_DRAINING;
+                self.backends.set(r.slot, b, 0)?;
+            }
+            used.insert(r.slot);
+        }
         for (s, svc) in services.iter().enumerate() {
             for (b, addr) in svc.backends.iter().enumerate() {
-                let slot = slot(s, b);
+                let slot = layout.slot(s, b);
+                used.insert(slot);
                 let (a, port, family) = map_addr(*addr);
-                let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: s as u32 };
+                let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: layout.blocks[s] };
                 let old = self.backends.get(&slot, 0)?;
                 let same_backend = (old.addr, old.port, old.family) == (new.addr, new.port, new.family);
                 if !same_backend {
@@ -464,12 +521,8 @@ impl Dataplane {
             }
             let (addr, port, family) = map_addr(svc.listen);
             let key = ServiceKey { addr, port, family, proto: PROTO_TCP };
-            let value = Service {
-                id: s as u32,
-                first_backend: slot(s, 0),
-                backend_count: svc.backends.len() as u32,
-                flags: 0,
-            };
+            let (first_backend, backend_count) = layout.range(s);
+            let value = Service { id: layout.blocks[s], first_backend, backend_count, flags: 0 };
             self.services.insert(key, value, 0)?;
             keep.insert(key);
         }
@@ -482,14 +535,35 @@ impl Dataplane {
             }
         }
         for slot in 0..MAX_BACKENDS {
-            let (s, b) = ((slot / MAX_BACKENDS_PER_SERVICE) as usize, (slot % MAX_BACKENDS_PER_SERVICE) as usize);
-            let used = services.get(s).is_some_and(|svc| b < svc.backends.len());
-            if !used && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
-                self.backends.set(slot, Backend::default(), 0)?;
-                self.reset_counts(slot)?;
+            if !used.contains(&slot) && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
+                self.clear_slot(slot)?;
             }
         }
         Ok(())
+    }
+
+    /// Empties a slot and its counts (its backend left, and no flow refers to it any more).
+    pub fn clear_slot(&mut self, slot: u32) -> anyhow::Result<()> {
+        self.backends.set(slot, Backend::default(), 0)?;
+        self.reset_counts(slot)
+    }
+
+    /// The state of the backend in `slot`.
+    pub fn set_slot_state(&mut self, slot: u32, state: BackendState) -> anyhow::Result<()> {
+        let mut b = self.backends.get(&slot, 0)?;
+        b.state = state_value(state);
+        self.backends.set(slot, b, 0)?;
+        self.state_writes += 1;
+        Ok(())
+    }
+
+    pub fn slot_conns(&self, slot: u32) -> anyhow::Result<BackendConns> {
+        Ok(self.conns.get(&slot, 0)?)
+    }
+
+    /// Connections ever sent to the backend in `slot`.
+    pub fn slot_total(&self, slot: u32) -> anyhow::Result<u64> {
+        self.backend_flows(slot)
     }
 
     fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
@@ -501,38 +575,39 @@ impl Dataplane {
         Ok(())
     }
 
-    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
-        let slot = slot(service, backend);
-        let mut b = self.backends.get(&slot, 0)?;
-        b.state = state_value(state);
-        self.backends.set(slot, b, 0)?;
-        self.state_writes += 1;
-        Ok(())
-    }
-
     /// A backend comes (back) up: its passive failure window starts empty, and when the
     /// service has a `slow_start` its share of new connections ramps up from `now_ns`
     /// (CLOCK_MONOTONIC). Call before writing `Up`, so the ramp is in place when it can be
     /// chosen. Failure totals are kept.
-    pub fn restart_passive(&mut self, service: usize, backend: usize, now_ns: u64) -> anyhow::Result<()> {
-        let slot = slot(service, backend);
+    pub fn restart_passive(&mut self, slot: u32, now_ns: u64) -> anyhow::Result<()> {
         let p = self.passive.get(&slot, 0)?;
         let up_since_ns = if p.slow_start_ns > 0 { now_ns } else { 0 };
         self.passive.set(slot, Passive { fails: 0, window_start_ns: 0, up_since_ns, ..p }, 0)?;
         Ok(())
     }
 
-    /// A backend's passive health record (see `lb_common::backend::Passive`).
-    pub fn passive(&self, service: usize, backend: usize) -> anyhow::Result<Passive> {
-        Ok(self.passive.get(&slot(service, backend), 0)?)
+    /// The passive health record of the backend in `slot` (see `lb_common::backend::Passive`).
+    pub fn slot_passive(&self, slot: u32) -> anyhow::Result<Passive> {
+        Ok(self.passive.get(&slot, 0)?)
     }
 
-    /// Overwrites a backend's passive health record (tests set up ramps and windows with it).
+    /// A backend's passive health record, in the positional layout (tests).
+    pub fn passive(&self, service: usize, backend: usize) -> anyhow::Result<Passive> {
+        self.slot_passive(slot(service, backend))
+    }
+
+    /// Overwrites a backend's passive health record, in the positional layout (tests set up
+    /// ramps and windows with it).
     pub fn set_passive(&mut self, service: usize, backend: usize, passive: Passive) -> anyhow::Result<()> {
         Ok(self.passive.set(slot(service, backend), passive, 0)?)
     }
 
-    /// How many backend states `set_state` has written (see `state_writes`).
+    /// A backend's state, in the positional layout (tests).
+    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
+        self.set_slot_state(slot(service, backend), state)
+    }
+
+    /// How many backend states `set_slot_state` has written (see `state_writes`).
     pub fn state_writes(&self) -> u64 {
         self.state_writes
     }

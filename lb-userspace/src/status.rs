@@ -31,6 +31,17 @@ pub struct BackendStatus {
     pub last_probe_ms: Option<f64>,
     /// Why the last probe failed, if it did.
     pub last_error: Option<String>,
+    /// The health checks' verdict after rise/fall, whatever a drain says: the state an undrain
+    /// gives it.
+    #[serde(default)]
+    pub checks_up: bool,
+    /// Health probes of this backend so far (since the daemon started or the backend was
+    /// added), and how many of the latest passed in a row: `xlb rollout` waits for passes that
+    /// all came after its restart command.
+    #[serde(default)]
+    pub probes: u64,
+    #[serde(default)]
+    pub probes_passed_in_a_row: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +49,9 @@ pub struct ServiceStatus {
     pub name: String,
     pub listen: String,
     pub mode: String,
+    /// Consecutive passing probes that mark a backend up (`health.rise`).
+    #[serde(default)]
+    pub rise: u32,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -81,6 +95,16 @@ pub struct DrainResult {
     pub healthy: Option<bool>,
     /// Connections still open to the backend.
     pub live_connections: u64,
+}
+
+/// The answer to `POST /api/reload` when the new config was applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// The file read (the one the daemon was started with).
+    pub config: String,
+    /// What changed, one line each (`service web: backend 198.18.0.1:8004 added`); empty when
+    /// the file says what was already running.
+    pub changes: Vec<String>,
 }
 
 /// `GET /status`: the layout of nginx's `stub_status`, so that scripts and monitoring written
@@ -221,6 +245,9 @@ mod tests {
             healthy: None,
             last_probe_ms: None,
             last_error: None,
+            checks_up: state != BackendState::Down,
+            probes: 0,
+            probes_passed_in_a_row: 0,
         }
     }
 
@@ -232,6 +259,7 @@ mod tests {
                     name: "web".into(),
                     listen: "203.0.113.10:80".into(),
                     mode: "l4".into(),
+                    rise: 2,
                     backends: vec![
                         BackendStatus {
                             live_connections: 3,
@@ -254,6 +282,7 @@ mod tests {
                     name: "empty".into(),
                     listen: "[::1]:80".into(),
                     mode: "l4".into(),
+                    rise: 2,
                     backends: vec![],
                 },
             ],

@@ -690,7 +690,7 @@ fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
         assert_ne!(dport(&xdp(&dp, &syn).1), 8001, "a failed backend was chosen");
     }
     // Others' failures do not touch it; the daemon brings it back.
-    dp.restart_passive(0, 0, monotonic_ns()).unwrap();
+    dp.restart_passive(dataplane::slot(0, 0), monotonic_ns()).unwrap();
     dp.set_state(0, 0, BackendState::Up).unwrap();
     let p = dp.passive(0, 0).unwrap();
     assert_eq!((p.fails, p.window_start_ns, p.up_since_ns, p.refused), (0, 0, 0, 2), "window cleared, totals kept");
@@ -828,9 +828,9 @@ fn slow_start_ramps_a_recovered_backends_share_linearly() {
     }
     // The daemon starts the ramp when a backend comes back up (only with slow_start set).
     let before = monotonic_ns();
-    dp.restart_passive(2, 0, before).unwrap();
+    dp.restart_passive(dataplane::slot(2, 0), before).unwrap();
     assert_eq!(dp.passive(2, 0).unwrap().up_since_ns, before);
-    dp.restart_passive(0, 0, before).unwrap();
+    dp.restart_passive(dataplane::slot(0, 0), before).unwrap();
     assert_eq!(dp.passive(0, 0).unwrap().up_since_ns, 0, "no ramp without slow_start");
 }
 

@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
+    // A real SMTP server for the e-mail alert test.
+    ("python3-aiosmtpd", "aiosmtpd"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {

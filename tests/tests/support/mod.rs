@@ -7,6 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    sync::atomic::{AtomicBool, Ordering},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
@@ -575,6 +576,64 @@ impl Drop for Lb {
         }
         // Then the backends (Proc drops) and the topology (namespaces, leftover pins).
     }
+}
+
+/// Bounds the background load of `under_load`, whatever happens to the test.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+/// Results of the background load: requests that succeeded, per backend, and the failures.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub ok: usize,
+    pub served: [usize; BACKENDS],
+    pub failures: Vec<String>,
+}
+
+/// Runs `during` while two client threads send one short connection (`GET /`, HTTP/1.0) after
+/// another through the VIP; returns its result and what the load saw.
+pub fn under_load<T: Send>(lb: &Lb, during: impl FnOnce() -> T + Send) -> (T, Load) {
+    let stop = AtomicBool::new(false);
+    let vip = lb.vip;
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    lb.topo.in_client(|| {
+                        let mut load = Load::default();
+                        let start = Instant::now();
+                        while !stop.load(Ordering::Relaxed) && start.elapsed() < LOAD_LIMIT {
+                            match http_get(vip, "/", IO_TIMEOUT) {
+                                Ok(r) if r.status == 200 => {
+                                    load.ok += 1;
+                                    load.served[app_index(&r.body)] += 1;
+                                }
+                                Ok(r) => load.failures.push(format!("HTTP {}", r.status)),
+                                Err(e) => load.failures.push(e.to_string()),
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        load
+                    })
+                })
+            })
+            .collect();
+        // Some load before, so that every backend carries connections when the rollout starts.
+        std::thread::sleep(Duration::from_millis(300));
+        let result = during();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let mut total = Load::default();
+        for c in clients {
+            let load = c.join().expect("a load thread panicked");
+            total.ok += load.ok;
+            for i in 0..BACKENDS {
+                total.served[i] += load.served[i];
+            }
+            total.failures.extend(load.failures);
+        }
+        (result, total)
+    })
 }
 
 /// A connection through the VIP kept open between keep-alive requests.
