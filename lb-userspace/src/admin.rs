@@ -635,6 +635,7 @@ mod tests {
                     backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),
                     backend("203.0.113.10:8003", BackendState::Draining, 1, 9, None),
                 ],
+                https: None,
             }],
             dataplane: DataplaneStatus {
                 interfaces: vec![InterfaceStatus {

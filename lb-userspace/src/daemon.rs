@@ -7,28 +7,29 @@
 //! back whatever health says now.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
 };
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, ControlError, StatusSource},
-    config::Config,
-    dataplane::{self, Dataplane},
-    health, notify,
+    challenges::Challenges,
+    config::{Config, ServiceMode, Tls},
+    dataplane::{self, ConnsReader, Dataplane},
+    health, https, notify,
     sockdiag::{self, SocketTable},
     status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ServiceStatus, Status},
 };
@@ -67,8 +68,97 @@ impl Control {
     }
 }
 
+/// What the HTTPS proxy shares with the rest of the daemon (see `https::Backplane`).
+struct Backplane {
+    /// `usable[service][backend]`: up and not drained, as last written to the data path.
+    usable: Vec<Vec<AtomicBool>>,
+    /// Requests of the HTTPS path in flight, and sent in all, per backend address.
+    in_flight: HashMap<SocketAddr, (AtomicI64, AtomicU64)>,
+    /// The L4 slots of each backend address: where the data path counts its connections, and
+    /// where the in-flight requests are published for it.
+    l4_slots: HashMap<SocketAddr, Vec<u32>>,
+    conns: ConnsReader,
+    /// Fires when an in-flight count changes.
+    changed: Notify,
+    failures: mpsc::UnboundedSender<(usize, usize)>,
+}
+
+impl Backplane {
+    fn new(config: &Config, conns: ConnsReader, states: &[Vec<BackendState>], failures: mpsc::UnboundedSender<(usize, usize)>) -> Backplane {
+        let mut in_flight = HashMap::new();
+        let mut l4_slots: HashMap<SocketAddr, Vec<u32>> = HashMap::new();
+        for (s, svc) in config.services.iter().enumerate() {
+            for (b, &addr) in svc.backends.iter().enumerate() {
+                match svc.mode {
+                    ServiceMode::L4 => l4_slots.entry(addr).or_default().push(dataplane::slot(s, b)),
+                    _ => {
+                        in_flight.entry(addr).or_insert_with(Default::default);
+                    }
+                }
+            }
+        }
+        let usable = states.iter().map(|s| s.iter().map(|&st| AtomicBool::new(st == BackendState::Up)).collect()).collect();
+        Backplane { usable, in_flight, l4_slots, conns, changed: Notify::new(), failures }
+    }
+
+    fn set_state(&self, service: usize, backend: usize, state: BackendState) {
+        if let Some(u) = self.usable.get(service).and_then(|s| s.get(backend)) {
+            u.store(state == BackendState::Up, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes every address's in-flight count into the `PROXIED` entry of each L4 slot with
+    /// that address.
+    fn publish(&self, dp: &mut Dataplane) -> anyhow::Result<()> {
+        for (addr, slots) in &self.l4_slots {
+            let n = https::Backplane::in_flight(self, *addr);
+            for &slot in slots {
+                dp.set_proxied(slot, n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl https::Backplane for Backplane {
+    fn usable(&self, service: usize, backend: usize) -> bool {
+        self.usable.get(service).and_then(|s| s.get(backend)).is_some_and(|u| u.load(Ordering::Relaxed))
+    }
+
+    fn l4_live(&self, addr: SocketAddr) -> i64 {
+        self.l4_slots.get(&addr).map_or(0, |slots| slots.iter().map(|&s| self.conns.live(s).max(0)).sum())
+    }
+
+    fn in_flight(&self, addr: SocketAddr) -> i64 {
+        self.in_flight.get(&addr).map_or(0, |(n, _)| n.load(Ordering::Relaxed).max(0))
+    }
+
+    fn add_in_flight(&self, addr: SocketAddr, delta: i64) {
+        if let Some((n, total)) = self.in_flight.get(&addr) {
+            n.fetch_add(delta, Ordering::Relaxed);
+            if delta > 0 {
+                total.fetch_add(delta as u64, Ordering::Relaxed);
+            }
+            if self.l4_slots.contains_key(&addr) {
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    fn failed(&self, service: usize, backend: usize) {
+        let _ = self.failures.send((service, backend));
+    }
+}
+
+/// How long in-flight changes are gathered before they are written to the data path: one map
+/// write per burst of requests rather than two per request.
+const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(2);
+
 struct Shared {
     config: Config,
+    backplane: Arc<Backplane>,
+    /// Per service: the HTTPS counters (`None` for L4 services).
+    https_stats: Vec<Option<Arc<https::Stats>>>,
     /// Locked before `dp` when both are: a state is computed and written under this lock, so
     /// a drain and a health transition cannot interleave their writes.
     control: Mutex<Vec<Vec<Control>>>,
@@ -91,6 +181,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?;
+    // The HTTPS listeners and their certificates too.
+    let challenges = Challenges::new();
+    let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
+    let mut listeners = Vec::new();
+    let mut watchers = Vec::new();
+    for (s, svc) in config.services.iter().enumerate() {
+        if svc.mode == ServiceMode::L4 {
+            https_stats.push(None);
+            continue;
+        }
+        let stats = Arc::new(https::Stats::default());
+        https_stats.push(Some(stats.clone()));
+        let std_listener = https::bind(svc.listen).with_context(|| {
+            format!("service \"{}\": listening on {} (its listen address; is another server using it?)", svc.name, svc.listen)
+        })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let acceptor = match svc.https.as_ref().map(|h| &h.tls) {
+            Some(Tls::Files(files)) => {
+                let certs = files
+                    .iter()
+                    .map(https::tls::load_pair)
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .with_context(|| format!("service \"{}\": loading its certificates ([service.tls])", svc.name))?;
+                let resolver = https::tls::Resolver::new(certs, challenges.clone(), stats.clone());
+                watchers.push((svc.name.clone(), files.clone(), resolver.clone()));
+                Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
+            }
+            Some(Tls::Acme(_)) => {
+                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
+                // get a handshake.
+                let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
+                Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
+            }
+            None => None,
+        };
+        listeners.push((s, listener, acceptor));
+    }
     // A first start that fails half-way (say, the second interface refuses XDP) must not leave
     // the first one attached and the maps pinned with nobody managing them; a restart that
     // fails leaves the running data path alone.
@@ -137,8 +264,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             info!(service = %svc.name, backend = %addr, "backend draining (kept from before the restart; `xlb undrain` ends it)");
         }
     }
+    let (failures_tx, mut failures_rx) = mpsc::unbounded_channel::<(usize, usize)>();
+    let backplane = Arc::new(Backplane::new(&config, dp.conns_reader()?, &states, failures_tx));
+    let marked: health::MarkedDown =
+        Arc::new(config.services.iter().map(|s| s.backends.iter().map(|_| AtomicBool::new(false)).collect()).collect());
     let shared = Arc::new(Shared {
         config,
+        backplane,
+        https_stats,
         control: Mutex::new(control),
         dp: Mutex::new(dp),
         probes: Mutex::new(probes),
@@ -150,7 +283,99 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (results_tx, mut results_rx) = mpsc::unbounded_channel::<health::ProbeResult>();
     let (transitions_tx, mut transitions_rx) = mpsc::unbounded_channel::<health::Transition>();
     let initial_up = states.iter().map(|s| s.iter().map(|&st| st != BackendState::Down).collect()).collect();
-    let probers = health::spawn(&shared.config.services, initial_up, results_tx, transitions_tx, shutdown_rx.clone());
+    let probers = health::spawn_with_passive(
+        &shared.config.services,
+        initial_up,
+        marked.clone(),
+        results_tx,
+        transitions_tx,
+        shutdown_rx.clone(),
+    );
+
+    // Passive health: `max_fails` failed requests within `fail_timeout` take a backend out
+    // until its probes pass `rise` times.
+    let sh = shared.clone();
+    tasks.spawn(async move {
+        let mut recent: HashMap<(usize, usize), VecDeque<Instant>> = HashMap::new();
+        while let Some((s, b)) = failures_rx.recv().await {
+            let svc = &sh.config.services[s];
+            let Some(opts) = &svc.https else { continue };
+            if opts.max_fails == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            let fails = recent.entry((s, b)).or_default();
+            fails.push_back(now);
+            while fails.front().is_some_and(|&t| now.duration_since(t) > opts.fail_timeout) {
+                fails.pop_front();
+            }
+            if fails.len() < opts.max_fails as usize {
+                continue;
+            }
+            fails.clear();
+            let addr = svc.backends[b];
+            let mut control = sh.control.lock().unwrap();
+            let c = &mut control[s][b];
+            let was_up = c.up;
+            c.up = false;
+            marked[s][b].store(true, Ordering::Relaxed);
+            if c.drained || !was_up {
+                continue;
+            }
+            match sh.dp.lock().unwrap().set_state(s, b, c.state()) {
+                Ok(()) => {
+                    sh.backplane.set_state(s, b, c.state());
+                    warn!(service = %svc.name, backend = %addr, max_fails = opts.max_fails, fail_timeout = ?opts.fail_timeout,
+                        "backend down: requests to it failed (passive health); back after its probes pass")
+                }
+                Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
+            }
+        }
+    });
+
+    // The HTTPS path's in-flight requests, published to the data path on every change (a
+    // burst at a time) and every reconcile period.
+    let sh = shared.clone();
+    let mut stop = shutdown_rx.clone();
+    tasks.spawn(async move {
+        if sh.backplane.l4_slots.is_empty() || sh.backplane.in_flight.is_empty() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = sh.backplane.changed.notified() => tokio::time::sleep(PUBLISH_DEBOUNCE).await,
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            let sh = sh.clone();
+            let done = tokio::task::spawn_blocking(move || sh.backplane.publish(&mut sh.dp.lock().unwrap())).await;
+            if let Ok(Err(e)) = done {
+                warn!("publishing HTTPS requests in flight to the data path: {e:#}");
+            }
+        }
+    });
+
+    // The HTTPS and redirect listeners.
+    let hup = Arc::new(Notify::new());
+    for (s, listener, acceptor) in listeners {
+        let svc = &shared.config.services[s];
+        let stats = shared.https_stats[s].clone().expect("https and redirect services have stats");
+        let stop = shutdown_rx.clone();
+        match acceptor {
+            Some(acceptor) => {
+                let backplane: Arc<dyn https::Backplane> = shared.backplane.clone();
+                let proxy = https::proxy::Proxy::new(s, svc, backplane, stats);
+                tasks.spawn(proxy.serve(listener, acceptor, stop));
+            }
+            None => {
+                tasks.spawn(https::redirect::serve(svc.name.clone(), listener, challenges.clone(), stats, stop));
+            }
+        }
+        info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
+    }
+    for (name, files, resolver) in watchers {
+        tasks.spawn(https::tls::watch_files(name, files, resolver, hup.clone(), shutdown_rx.clone()));
+    }
 
     let sh = shared.clone();
     tasks.spawn(async move {
@@ -166,7 +391,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 info!(service = %svc.name, backend = %addr, "backend health checks {health}; it stays draining");
                 continue;
             }
-            match sh.dp.lock().unwrap().set_state(t.service, t.backend, c.state()) {
+            let written = sh.dp.lock().unwrap().set_state(t.service, t.backend, c.state());
+            if written.is_ok() {
+                sh.backplane.set_state(t.service, t.backend, c.state());
+            }
+            match written {
                 Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
                 Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
@@ -239,6 +468,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // SIGHUP reloads the certificates (and no longer ends the daemon, its default action).
+    let mut sighup = signal(SignalKind::hangup())?;
+    let reload = hup.clone();
+    tasks.spawn(async move {
+        while sighup.recv().await.is_some() {
+            info!("SIGHUP received: reloading certificates");
+            reload.notify_waiters();
+        }
+    });
     info!(admin = %listen, "xlb ready");
     if let Some(notifier) = &notifier {
         let services: Vec<&str> = shared.config.services.iter().map(|s| s.name.as_str()).collect();
@@ -455,7 +693,7 @@ struct Source(Arc<Shared>);
 
 impl StatusSource for Source {
     fn status(&self) -> anyhow::Result<Status> {
-        let Shared { config, control: _, dp, probes, flows } = &*self.0;
+        let Shared { config, backplane, https_stats, control: _, dp, probes, flows } = &*self.0;
         let dp = dp.lock().unwrap();
         let probes = probes.lock().unwrap().clone();
         let states = dp.current_states(&config.services);
@@ -463,13 +701,19 @@ impl StatusSource for Source {
         for (s, svc) in config.services.iter().enumerate() {
             let mut backends = Vec::new();
             for (b, addr) in svc.backends.iter().enumerate() {
-                let conns = dp.conns(s, b)?;
                 let probe = &probes[s][b];
+                // An HTTPS backend's connections are the proxy's requests in flight to it.
+                let (live, total) = match svc.mode {
+                    ServiceMode::L4 => (dp.conns(s, b)?.live.max(0) as u64, dp.total(s, b)?),
+                    _ => backplane.in_flight.get(addr).map_or((0, 0), |(n, t)| {
+                        (n.load(Ordering::Relaxed).max(0) as u64, t.load(Ordering::Relaxed))
+                    }),
+                };
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
-                    live_connections: conns.live.max(0) as u64,
-                    total_connections: dp.total(s, b)?,
+                    live_connections: live,
+                    total_connections: total,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),
@@ -478,8 +722,9 @@ impl StatusSource for Source {
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 listen: svc.listen.to_string(),
-                mode: "l4".into(),
+                mode: svc.mode.as_str().into(),
                 backends,
+                https: https_stats[s].as_ref().map(|st| st.snapshot()),
             });
         }
         Ok(Status {
@@ -523,6 +768,7 @@ impl StatusSource for Source {
             c.drained = before;
             return Err(e.context("writing the backend state").into());
         }
+        sh.backplane.set_state(s, b, state);
         let live = dp.conns(s, b).map(|c| c.live.max(0) as u64).unwrap_or_default();
         drop(dp);
         drop(control);

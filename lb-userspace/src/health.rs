@@ -4,6 +4,7 @@
 use std::{
     error::Error as _,
     net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -98,6 +99,23 @@ pub fn spawn(
     transitions: UnboundedSender<Transition>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
+    spawn_with_passive(services, initial_up, Arc::default(), results, transitions, shutdown)
+}
+
+/// Backends that passive health took out of rotation (`marked[service][backend]` set by the
+/// proxy's failures): each one's prober starts over from down, so the backend comes back only
+/// after `rise` passing probes, as with nginx's `fail_timeout` followed by a probe.
+pub type MarkedDown = Arc<Vec<Vec<AtomicBool>>>;
+
+/// `spawn`, with passive health marking backends down in `marked`.
+pub fn spawn_with_passive(
+    services: &[Service],
+    initial_up: Vec<Vec<bool>>,
+    marked: MarkedDown,
+    results: UnboundedSender<ProbeResult>,
+    transitions: UnboundedSender<Transition>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
     for (s, service) in services.iter().enumerate() {
         for (b, &addr) in service.backends.iter().enumerate() {
@@ -107,6 +125,7 @@ pub fn spawn(
                 .copied()
                 .unwrap_or(false);
             let prober = Prober {
+                marked: marked.clone(),
                 service: s,
                 backend: b,
                 addr,
@@ -122,6 +141,7 @@ pub fn spawn(
 }
 
 struct Prober {
+    marked: MarkedDown,
     service: usize,
     backend: usize,
     addr: SocketAddr,
@@ -154,6 +174,14 @@ impl Prober {
                         });
                 let latency = start.elapsed();
                 let (service, backend) = (self.service, self.backend);
+                if self
+                    .marked
+                    .get(service)
+                    .and_then(|m| m.get(backend))
+                    .is_some_and(|m| m.swap(false, std::sync::atomic::Ordering::Relaxed))
+                {
+                    self.state = Hysteresis::new(false, self.health.rise, self.health.fall);
+                }
                 if let Some(up) = self.state.record(outcome.is_ok())
                     && transitions
                         .send(Transition {
@@ -372,6 +400,7 @@ mod tests {
             listen: "203.0.113.10:80".parse().unwrap(),
             mode: ServiceMode::L4,
             backends,
+            https: None,
             health: Health {
                 check,
                 path: "/healthz?full=1".into(),

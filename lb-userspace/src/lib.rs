@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod https;
 pub mod notify;
 pub mod sockdiag;
 pub mod status;

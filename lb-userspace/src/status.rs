@@ -32,6 +32,9 @@ pub struct ServiceStatus {
     pub listen: String,
     pub mode: String,
     pub backends: Vec<BackendStatus>,
+    /// TLS and HTTP counters of an `https` or `redirect` service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<crate::https::HttpsStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -240,12 +243,14 @@ mod tests {
                         },
                         backend("[2001:db8::10]:8003", BackendState::Draining),
                     ],
+                    https: None,
                 },
                 ServiceStatus {
                     name: "empty".into(),
                     listen: "[::1]:80".into(),
                     mode: "l4".into(),
                     backends: vec![],
+                    https: None,
                 },
             ],
             dataplane: DataplaneStatus {
