@@ -142,9 +142,29 @@ pub fn render_table(status: &Status) -> String {
             ]);
         }
         if service.backends.is_empty() {
-            out += "  (no backends)\n";
+            if service.https.is_none() {
+                out += "  (no backends)\n";
+            }
         } else {
             out += &align(&rows, &[false, false, true, true, false, true, false]);
+        }
+        if let Some(h) = &service.https {
+            let r = &h.responses;
+            if service.mode == "https" {
+                let cert = match h.cert_expires_in_seconds {
+                    Some(s) if s < 0 => "EXPIRED".to_string(),
+                    Some(s) => format!("expires in {}d {}h", s / 86_400, s % 86_400 / 3600),
+                    None => "none yet".into(),
+                };
+                out += &format!(
+                    "  tls handshakes: {} full, {} resumed, {} failed  certificate: {cert}\n",
+                    h.handshakes_full, h.handshakes_resumed, h.handshakes_failed
+                );
+            }
+            out += &format!(
+                "  responses: 1xx {} 2xx {} 3xx {} 4xx {} 5xx {}  retries {}\n",
+                r.c1xx, r.c2xx, r.c3xx, r.c4xx, r.c5xx, h.retries
+            );
         }
         out.push('\n');
     }

@@ -482,8 +482,27 @@ fn proxies_http1_and_http2_with_headers() {
         site.curl(&["--http1.1", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", &format!("https://{SITE}/")]);
     assert!(status.success(), "curl: {out}");
     assert_eq!(out.trim(), "1.1 200", "curl over http/1.1");
-    let responses = &site.site_status()["https"]["responses"];
-    assert!(responses["2xx"].as_u64().unwrap() >= 20, "{responses}");
+    let https = &site.site_status()["https"];
+    assert!(https["responses"]["2xx"].as_u64().unwrap() >= 20, "{https}");
+    // The client keeps its session tickets, so its later connections resume.
+    let (full, resumed) = (https["handshakes_full"].as_u64().unwrap(), https["handshakes_resumed"].as_u64().unwrap());
+    println!("TLS handshakes: {full} full, {resumed} resumed");
+    assert!(resumed >= 10, "sessions should be resumed: {https}");
+    let days = https["cert_expires_in_seconds"].as_i64().unwrap() / 86_400;
+    assert!((88..=89).contains(&days), "the certificate expires in 89 days, not {days}: {https}");
+    let metrics = site.lb.topo.in_lb(|| http_get(ADMIN, "/metrics", IO_TIMEOUT)).unwrap().body;
+    for line in [
+        format!("xlb_tls_handshakes_total{{service=\"site\",kind=\"resumed\"}} {resumed}"),
+        "xlb_http_retries_total{service=\"site\"} 0".into(),
+        "xlb_http_responses_total{service=\"site\",class=\"5xx\"} 0".into(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing `{line}` in /metrics:\n{metrics}");
+    }
+    assert!(metrics.contains("xlb_certificate_expiry_seconds{service=\"site\"} "), "{metrics}");
+    let table = run_ok(site.lb.xlb(&["status"]), "xlb status");
+    assert!(table.contains("service site  listen 198.18.0.1:443  mode https"), "{table}");
+    assert!(table.contains(&format!("tls handshakes: {full} full, {resumed} resumed, 0 failed")), "{table}");
+    assert!(table.contains("certificate: expires in 8"), "{table}");
     site.lb.finish();
 }
 
