@@ -35,6 +35,7 @@ const L4_PORT: u16 = 8080;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const MAX_BODY: usize = 1 << 20;
 const HSTS: &str = "max-age=31536000; includeSubDomains";
 
 /// A CA made for one test, and certificates it signs.
@@ -302,6 +303,7 @@ backend_response = "10s"
 [service.limits]
 max_header_bytes = 16384
 max_headers = 50
+max_body_bytes = {MAX_BODY}
 [service.http]
 {http}
 {health}
@@ -809,6 +811,20 @@ fn slow_clients_are_timed_out() {
         let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
         let answer = site.request(false, "GET", "/", &many).unwrap();
         assert_eq!(answer.status, 431, "{answer:?}");
+
+        // Bodies over max_body_bytes: refused by Content-Length before anything is sent, and
+        // cut off when chunked. Neither counts against the backend.
+        let mut conn = site.connect(false).unwrap();
+        let big = Bytes::from(vec![b'x'; MAX_BODY + 1]);
+        let answer = rt.block_on(conn.send("POST", "/echo", &[], big)).unwrap();
+        assert_eq!(answer.status, 413, "{answer:?}");
+        let fits = Bytes::from(vec![b'x'; MAX_BODY]);
+        let answer = rt.block_on(site.connect(false).unwrap().send("POST", "/echo", &[], fits)).unwrap();
+        assert_eq!((answer.status, answer.json()["body_length"].as_u64()), (200, Some(MAX_BODY as u64)), "{answer:?}");
+        let chunked = rt.block_on(chunked_post(site.tcp(https), site.tls.clone(), 2 * MAX_BODY));
+        assert!(chunked.starts_with("HTTP/1.1 413"), "a chunked body over the limit: {chunked:?}");
+        let states: Vec<Value> = site.site_status()["backends"].as_array().unwrap().iter().map(|b| b["state"].clone()).collect();
+        assert!(states.iter().all(|s| s == "up"), "an oversize body counted against a backend: {states:?}");
         stop.store(true, Ordering::Relaxed);
     });
     let (ok, failed) = (ok.into_inner(), failed.into_inner());
@@ -816,6 +832,48 @@ fn slow_clients_are_timed_out() {
     assert_eq!(failed, 0, "the probe client failed while slow clients were being timed out");
     assert!(ok > 50, "the probe client made too few requests: {ok}");
     site.lb.finish();
+}
+
+/// A chunked `POST /echo` of `size` bytes written by hand; the start of what comes back.
+async fn chunked_post(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, size: usize) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let mut config = (*tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SITE).unwrap(), tcp)
+        .await
+        .unwrap();
+    let head = format!("POST /echo HTTP/1.1\r\nHost: {SITE}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let _ = tls.write_all(head.as_bytes()).await;
+    let chunk = vec![b'x'; 16 * 1024];
+    let (reader, mut writer) = tokio::io::split(tls);
+    let write = async move {
+        let mut sent = 0;
+        while sent < size {
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+            sent += chunk.len();
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+        // Keep the write half open until the answer is read.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let read = async move {
+        let mut reader = reader;
+        let mut buf = vec![0; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            other => format!("no answer: {other:?}"),
+        }
+    };
+    tokio::select! {
+        answer = read => answer,
+        () = async { write.await; std::future::pending::<()>().await } => unreachable!(),
+    }
 }
 
 /// Whether the peer closes (EOF or reset) `stream` within `limit`.

@@ -293,6 +293,11 @@ impl Proxy {
                         self.fail(b, &mut tried);
                         continue;
                     }
+                    if let Some(answer) = client_side(e.error()) {
+                        // The client's body broke off or ran over the limit: nothing the
+                        // backend did, and nothing that can be sent again.
+                        return Err(answer);
+                    }
                     debug!(service = %self.name, backend = %addr, "request failed: {}", e.error());
                     self.backplane.failed(self.service, b);
                     if replayable {
@@ -409,6 +414,19 @@ impl<B: Body + Unpin> Body for Guarded<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The answer when a request failed because of its own body: past `max_body_bytes` (a body
+/// without Content-Length is only measured as it streams), or the client stopped sending it.
+fn client_side(e: &hyper::Error) -> Option<(StatusCode, &'static str)> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return Some((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"));
+        }
+        source = cause.source();
+    }
+    e.is_user().then_some((StatusCode::BAD_REQUEST, "the request body broke off\n"))
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
