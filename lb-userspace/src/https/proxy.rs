@@ -532,10 +532,13 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<client_http1::Se
     Ok(sender)
 }
 
+/// A kept-alive backend connection and when it went idle.
+type Idle = (client_http1::SendRequest<ProxyBody>, Instant);
+
 /// Idle kept-alive connections to the backends.
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(client_http1::SendRequest<ProxyBody>, Instant)>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
 }
 
 impl Pool {
