@@ -141,11 +141,13 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&stop| stop).await;
 }
 
-async fn connection(
-    stream: TcpStream,
-    source: Arc<dyn StatusSource>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves one admin API connection until the client closes it or shutdown. Any byte stream
+/// will do, so the fuzz target (lb-userspace/fuzz/fuzz_targets/admin_request.rs) feeds it
+/// arbitrary requests.
+pub async fn connection<S>(stream: S, source: Arc<dyn StatusSource>, mut shutdown: watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| {
         let source = source.clone();
         async move { Ok::<_, Infallible>(route(&request, source).await) }
