@@ -28,7 +28,10 @@ use hyper_util::rt::TokioIo;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport as _, Tokio1Executor,
     message::{Mailbox, header::ContentType},
-    transport::smtp::authentication::Credentials,
+    transport::smtp::{
+        authentication::Credentials,
+        client::{Certificate, Tls, TlsParameters},
+    },
 };
 use serde_json::json;
 use tokio::{
@@ -406,11 +409,19 @@ struct Email {
 
 impl Email {
     fn new(config: &EmailConfig, host: &str, max_per_minute: u32) -> anyhow::Result<Email> {
-        let EmailConfig { host: server, port, tls, from, to, credentials, timeout } = config;
+        let EmailConfig { host: server, port, tls, from, to, credentials, timeout, ca_file: _, ca_pem } = config;
+        let parameters = || -> anyhow::Result<TlsParameters> {
+            let mut parameters = TlsParameters::builder(server.clone());
+            if let Some(pem) = ca_pem {
+                parameters = parameters.add_root_certificate(Certificate::from_pem(pem).context("alerts.email.ca_file")?);
+            }
+            Ok(parameters.build_rustls()?)
+        };
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(server);
         let builder = match tls {
-            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(server)?,
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(server)?,
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(server),
+            SmtpTls::StartTls => builder.tls(Tls::Required(parameters()?)),
+            SmtpTls::Tls => builder.tls(Tls::Wrapper(parameters()?)),
+            SmtpTls::None => builder,
         };
         let mut builder = builder.port(*port).timeout(Some(*timeout));
         if let Some(c) = credentials {

@@ -211,3 +211,86 @@ timeout = "2s"
     drop(smtp);
     lb.finish();
 }
+
+/// `openssl` with `args`; panics with its output unless it succeeds.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.current_dir(dir).args(args);
+    run_ok(cmd, &format!("openssl {}", args.join(" ")));
+}
+
+/// E-mail over STARTTLS to a relay whose certificate a private CA signed: untrusted without
+/// `ca_file` (the delivery fails, and says why), delivered once `ca_file` names the CA (applied
+/// by `xlb reload`). aiosmtpd refuses mail before STARTTLS, so a delivered mail went over TLS.
+#[test]
+fn email_alerts_use_starttls_and_a_private_ca() {
+    let mut lb = Lb::prepare("alerts-tls", Family::V4);
+    let ip = lb.backends[0].ip();
+    let dir = lb.dir.clone();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=xlb test CA", "-keyout", "ca.key", "-out", "ca.pem"];
+    ca.extend(ec);
+    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+    openssl(&dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=smtp.xlb.test", "-keyout", "smtp.key", "-out", "smtp.csr"];
+    csr.extend(ec);
+    openssl(&dir, &csr);
+    std::fs::write(
+        dir.join("smtp.ext"),
+        format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &["x509", "-req", "-days", "2", "-in", "smtp.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "smtp.ext", "-out", "smtp.pem"],
+    );
+    let mut aiosmtpd = lb.topo.lb("aiosmtpd");
+    aiosmtpd
+        .args(["-n", "-l", &format!("{ip}:{SMTP_PORT}"), "--tlscert"])
+        .arg(dir.join("smtp.pem"))
+        .arg("--tlskey")
+        .arg(dir.join("smtp.key"))
+        .env("PYTHONUNBUFFERED", "1");
+    let smtp = lb.topo.spawn(aiosmtpd, "aiosmtpd");
+    wait_until(Duration::from_secs(10), "aiosmtpd to listen", || {
+        lb.topo.ss_lb(&["-Htln", &format!("sport = :{SMTP_PORT}")]).contains(&SMTP_PORT.to_string())
+    });
+    let base = std::fs::read_to_string(&lb.config).unwrap();
+    let alerts = format!(
+        r#"
+[alerts.email]
+host = "{ip}"
+port = {SMTP_PORT}
+tls = "starttls"
+from = "xlb@xlb.test"
+to = ["ops@xlb.test"]
+timeout = "3s"
+"#
+    );
+    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{alerts}")).unwrap();
+    lb.spawn_apps();
+    lb.start_daemon();
+    lb.wait_healthy();
+
+    // Only Mozilla's roots: the relay's certificate is not trusted, nothing is delivered.
+    let app2 = lb.backends[1];
+    drop(lb.apps[1].take());
+    lb.daemon().wait_for_output("alerts: e-mail delivery failed (attempt 1 of 3", ALERT_DEADLINE);
+    let log = lb.daemon().output();
+    assert!(log.contains("UnknownIssuer"), "the failure should say the issuer is unknown:\n{log}");
+    assert!(subjects(&smtp).is_empty(), "{:?}", subjects(&smtp));
+
+    // Trust the CA (a reload applies it); the recovery then arrives, over STARTTLS.
+    let ca_file = dir.join("ca.pem");
+    let with_ca = alerts.replace("timeout = \"3s\"", &format!("timeout = \"3s\"\nca_file = \"{}\"", ca_file.display()));
+    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{with_ca}")).unwrap();
+    let out = run_ok(lb.xlb(&["reload"]), "xlb reload");
+    assert!(out.contains("[alerts] changed"), "{out}");
+    lb.apps[1] = Some(lb.spawn_app(1));
+    wait_until(ALERT_DEADLINE, "the recovery by mail over STARTTLS", || {
+        mails(&smtp, &format!("RECOVERED: web backend {app2}")) == 1
+    });
+    println!("mail subjects: {:?}", subjects(&smtp));
+    drop(smtp);
+    lb.finish();
+}
