@@ -571,11 +571,19 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
 /// What differs between two configs' services, one line each.
 fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
+    // A service is the same one when its name or, renamed, its VIP is (the maps know it by VIP).
+    let same = |a: &crate::config::Service, b: &crate::config::Service| {
+        a.name == b.name || (a.listen == b.listen && !new.services.iter().any(|n| n.name == a.name))
+    };
     for svc in &new.services {
-        let Some(before) = old.services.iter().find(|s| s.name == svc.name) else {
-            changes.push(format!("service {} added ({}, {} backends)", svc.name, svc.listen, svc.backends.len()));
+        let Some(before) = old.services.iter().find(|s| same(s, svc)) else {
+            let n = svc.backends.len();
+            changes.push(format!("service {} added ({}, {n} backend{})", svc.name, svc.listen, if n == 1 { "" } else { "s" }));
             continue;
         };
+        if before.name != svc.name {
+            changes.push(format!("service {} renamed to {}", before.name, svc.name));
+        }
         if before.listen != svc.listen {
             changes.push(format!("service {}: listen {} -> {}", svc.name, before.listen, svc.listen));
         }
@@ -592,7 +600,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             changes.push(format!("service {}: backends reordered", svc.name));
         }
     }
-    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| n.name == s.name)) {
+    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| same(s, n))) {
         changes.push(format!("service {} removed (its backends drain)", svc.name));
     }
     if old.alerts != new.alerts {
@@ -850,5 +858,49 @@ impl StatusSource for Source {
             ReloadError::Rejected(message) => ControlError::Rejected(message),
             ReloadError::Failed(e) => ControlError::Failed(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(services: &str) -> Config {
+        let text = format!("[dataplane]\ninterfaces = [\"lo\"]\n{services}");
+        Config::parse(std::path::Path::new("/etc/xlb/xlb.toml"), &text).unwrap()
+    }
+
+    fn service(name: &str, listen: &str, backends: &str) -> String {
+        format!("[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [{backends}]\n")
+    }
+
+    #[test]
+    fn reload_changes_are_described() {
+        let a = "\"127.0.0.1:8001\"";
+        let b = "\"127.0.0.1:8002\"";
+        let c = "\"127.0.0.1:8003\"";
+        let old = config(&(service("web", "127.0.0.1:80", &format!("{a}, {b}")) + &service("api", "127.0.0.1:81", a)));
+        assert!(describe_changes(&old, &old.clone()).is_empty());
+        let new = config(
+            &(service("web", "127.0.0.1:80", &format!("{b}, {c}"))
+                + &service("app", "127.0.0.1:81", a)
+                + &service("admin", "127.0.0.1:82", c)),
+        );
+        assert_eq!(
+            describe_changes(&old, &new),
+            [
+                "service web: backend 127.0.0.1:8003 added",
+                "service web: backend 127.0.0.1:8001 removed (draining)",
+                "service api renamed to app",
+                "service admin added (127.0.0.1:82, 1 backend)",
+            ]
+        );
+        let reordered = config(&(service("web", "127.0.0.1:80", &format!("{b}, {a}")) + &service("api", "127.0.0.1:81", a)));
+        assert_eq!(describe_changes(&old, &reordered), ["service web: backends reordered"]);
+        let gone = config(&service("web", "127.0.0.1:8080", &format!("{a}, {b}")));
+        assert_eq!(
+            describe_changes(&old, &gone),
+            ["service web: listen 127.0.0.1:80 -> 127.0.0.1:8080", "service api removed (its backends drain)"]
+        );
     }
 }
