@@ -144,6 +144,7 @@ pub struct Alerts {
 #[derive(Debug)]
 enum Command {
     Event(Event),
+    Known(Event),
     Configure(Option<AlertsConfig>),
 }
 
@@ -159,6 +160,12 @@ impl Alerts {
     /// Reports an event; it is sent (or not: see the module doc) in the background.
     pub fn notify(&self, event: Event) {
         let _ = self.tx.send(Command::Event(event));
+    }
+
+    /// Records a failure as already reported, without sending it: what a restarted daemon finds
+    /// failing was reported by the daemon before it, and its recovery must still be sent.
+    pub fn known_failing(&self, event: Event) {
+        let _ = self.tx.send(Command::Known(event));
     }
 
     /// Applies the `[alerts]` of a new config (after a reload). What was reported failing stays
@@ -338,6 +345,11 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, config: Option<AlertsConf
             command = rx.recv() => match command {
                 None => break,
                 Some(Command::Configure(config)) => chans = channels(config.as_ref()),
+                Some(Command::Known(event)) => {
+                    if event.failing() {
+                        dedup.admit(&event);
+                    }
+                }
                 Some(Command::Event(event)) => {
                     if !dedup.admit(&event) {
                         continue;

@@ -206,6 +206,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     let initial_up = states.iter().map(|s| s.iter().map(|&st| st != BackendState::Down).collect()).collect();
+    {
+        // What is down already was reported by the daemon before this one: only its recovery
+        // is news.
+        let control = shared.control.lock().unwrap();
+        let current = shared.current();
+        for (s, svc) in current.config.services.iter().enumerate() {
+            for (b, &addr) in svc.backends.iter().enumerate() {
+                if control[s][b].state() == BackendState::Down {
+                    let reason = "down when the daemon started".to_owned();
+                    shared.alerts.known_failing(Event::BackendDown { service: svc.name.clone(), backend: addr, reason });
+                }
+            }
+            if !control[s].iter().any(|c| c.state() == BackendState::Up) {
+                shared.alerts.known_failing(Event::ServiceDown { service: svc.name.clone() });
+            }
+        }
+    }
     start_health(&shared, &shared.current(), initial_up);
 
     let sh = shared.clone();

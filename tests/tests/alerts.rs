@@ -208,6 +208,19 @@ timeout = "2s"
     let service_down = events.iter().position(|(e, _)| e == "service_down").unwrap();
     let service_up = events.iter().position(|(e, _)| e == "service_recovered").unwrap();
     assert!(service_down < service_up, "{events:?}");
+
+    // Down across a daemon restart: the new daemon does not repeat the failure, and sends the
+    // recovery.
+    drop(lb.apps[1].take());
+    await_alert(&hook, &smtp, "backend_down", &app2, &format!("DOWN: web backend {app2}"), 3);
+    let old = lb.daemon.take().expect("the daemon runs");
+    assert!(old.terminate().success(), "{}", old.output());
+    lb.start_daemon();
+    std::thread::sleep(HEALTH_INTERVAL * 10);
+    assert_eq!(hook.count("backend_down", &app2), 3, "{:?}", hook.events());
+    lb.apps[1] = Some(lb.spawn_app(1));
+    await_alert(&hook, &smtp, "backend_recovered", &app2, &format!("RECOVERED: web backend {app2}"), 3);
+    assert_eq!(hook.events().len(), 12, "{:?}", hook.events());
     drop(smtp);
     lb.finish();
 }
