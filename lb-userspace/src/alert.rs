@@ -145,7 +145,7 @@ pub struct Alerts {
 enum Command {
     Event(Event),
     Known(Event),
-    Configure(Option<AlertsConfig>),
+    Configure(Box<Option<AlertsConfig>>),
 }
 
 impl Alerts {
@@ -171,7 +171,7 @@ impl Alerts {
     /// Applies the `[alerts]` of a new config (after a reload). What was reported failing stays
     /// so, and its recovery is sent on the new channels.
     pub fn configure(&self, config: Option<AlertsConfig>) {
-        let _ = self.tx.send(Command::Configure(config));
+        let _ = self.tx.send(Command::Configure(Box::new(config)));
     }
 }
 
@@ -344,7 +344,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, config: Option<AlertsConf
         tokio::select! {
             command = rx.recv() => match command {
                 None => break,
-                Some(Command::Configure(config)) => chans = channels(config.as_ref()),
+                Some(Command::Configure(config)) => chans = channels(config.as_ref().as_ref()),
                 Some(Command::Known(event)) => {
                     if event.failing() {
                         dedup.admit(&event);
@@ -454,7 +454,8 @@ impl Email {
             builder = builder.to(to.clone());
         }
         let mail = builder.header(ContentType::TEXT_PLAIN).body(message.body(&self.host, self.max_per_minute))?;
-        self.transport.send(mail).await.context("sending over SMTP")?;
+        // lettre's message already names its causes; a chain would repeat them.
+        self.transport.send(mail).await.map_err(|e| anyhow!("sending over SMTP: {e}"))?;
         Ok(())
     }
 }
@@ -469,12 +470,20 @@ struct Webhook {
 impl Webhook {
     fn new(config: &WebhookConfig, host: &str) -> anyhow::Result<Webhook> {
         let uri: hyper::Uri = config.url.parse().context("alerts.webhook.url")?;
-        let tls = (uri.scheme_str() == Some("https")).then(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let tls = (uri.scheme_str() == Some("https")).then(|| -> anyhow::Result<_> {
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            if let Some(pem) = &config.ca_pem {
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert.context("alerts.webhook.ca_file")?).context("alerts.webhook.ca_file")?;
+                }
+            }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| tokio_rustls::TlsConnector::from(Arc::new(b.with_root_certificates(roots).with_no_client_auth())))
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
         });
         Ok(Webhook { uri, tls: tls.transpose()?, timeout: config.timeout, host: host.to_owned() })
     }

@@ -342,30 +342,36 @@ impl Config {
 
 impl Config {
     /// Reads the files the config names for credentials and trust (`alerts.email.password_file`,
-    /// `alerts.email.ca_file`).
+    /// `alerts.email.ca_file`, `alerts.webhook.ca_file`).
     pub fn read_secrets(&mut self) -> Result<(), ConfigError> {
         let path = self.path.clone();
         let error = |message: String| ConfigError { path: path.clone(), line: None, message };
+        let read_ca = |key: &str, file: &Path| -> Result<Vec<u8>, ConfigError> {
+            let pem = std::fs::read(file)
+                .map_err(|e| error(format!("{key} \"{}\": cannot read it: {e}", file.display())))?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+            let certificates: Result<Vec<CertificateDer>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+            match certificates {
+                Ok(c) if !c.is_empty() => Ok(pem),
+                outcome => {
+                    let why = outcome.err().map_or_else(|| "none found".to_owned(), |e| e.to_string());
+                    Err(error(format!(
+                        "{key} \"{}\": not PEM certificates ({why}); it must hold the CA certificate(s) as -----BEGIN CERTIFICATE----- blocks",
+                        file.display()
+                    )))
+                }
+            }
+        };
+        if let Some(webhook) = self.alerts.as_mut().and_then(|a| a.webhook.as_mut())
+            && let Some(file) = &webhook.ca_file
+        {
+            webhook.ca_pem = Some(read_ca("alerts.webhook.ca_file", file)?);
+        }
         let Some(email) = self.alerts.as_mut().and_then(|a| a.email.as_mut()) else {
             return Ok(());
         };
         if let Some(file) = &email.ca_file {
-            let pem = std::fs::read(file).map_err(|e| {
-                error(format!("alerts.email.ca_file \"{}\": cannot read it: {e}", file.display()))
-            })?;
-            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-            let certificates: Result<Vec<CertificateDer>, _> = CertificateDer::pem_slice_iter(&pem).collect();
-            match certificates {
-                Ok(c) if !c.is_empty() => {}
-                outcome => {
-                    let why = outcome.err().map_or_else(|| "none found".to_owned(), |e| e.to_string());
-                    return Err(error(format!(
-                        "alerts.email.ca_file \"{}\": not PEM certificates ({why}); it must hold the CA certificate(s) as -----BEGIN CERTIFICATE----- blocks",
-                        file.display()
-                    )));
-                }
-            }
-            email.ca_pem = Some(pem);
+            email.ca_pem = Some(read_ca("alerts.email.ca_file", file)?);
         }
         let Some(credentials) = email.credentials.as_mut() else {
             return Ok(());
@@ -807,6 +813,10 @@ pub struct WebhookConfig {
     /// `http://` or `https://` URL that gets a JSON `POST` per alert.
     pub url: String,
     pub timeout: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots, for an https hook with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read by `Config::load`.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
@@ -838,6 +848,7 @@ struct RawEmail {
 struct RawWebhook {
     url: Spanned<String>,
     timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
@@ -947,7 +958,13 @@ fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigE
         None => Duration::from_secs(10),
         Some(v) => duration(src, v, "alerts.webhook.timeout")?,
     };
-    Ok(WebhookConfig { url: text.clone(), timeout })
+    if let Some(ca) = &raw.ca_file
+        && !text.starts_with("https://")
+    {
+        return Err(src.at(ca, "alerts.webhook.ca_file is set but the url is not https://: a CA is only used for https"));
+    }
+    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    Ok(WebhookConfig { url: text.clone(), timeout, ca_file, ca_pem: None })
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
