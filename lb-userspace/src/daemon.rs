@@ -224,20 +224,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut ticks = Ticks::new(RECONCILE_INTERVAL);
         while ticks.next(&mut stop).await {
             let sh = sh.clone();
-            let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let before = Counts::read(&sh.dp.lock().unwrap(), &sh.config)?;
-                let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
-                let mut dp = sh.dp.lock().unwrap();
-                let after = Counts::read(&dp, &sh.config)?;
-                let flows = reconcile(&mut dp, &sh.config, &before, &after, &table, monotonic_ns())?;
-                sh.flows.store(flows, Ordering::Relaxed);
-                drop(dp);
-                passive_tick(&sh)
+            let done = tokio::task::spawn_blocking(move || -> (anyhow::Result<()>, anyhow::Result<()>) {
+                let reconciled = (|| {
+                    let before = Counts::read(&sh.dp.lock().unwrap(), &sh.config)?;
+                    let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
+                    let mut dp = sh.dp.lock().unwrap();
+                    let after = Counts::read(&dp, &sh.config)?;
+                    let flows = reconcile(&mut dp, &sh.config, &before, &after, &table, monotonic_ns())?;
+                    sh.flows.store(flows, Ordering::Relaxed);
+                    Ok(())
+                })();
+                // Whatever became of the reconcile: a failed backend must be noticed.
+                (reconciled, passive_tick(&sh))
             })
             .await;
             match done {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("reconciling live connection counts: {e:#}"),
+                Ok((reconciled, passive)) => {
+                    if let Err(e) = reconciled {
+                        warn!("reconciling live connection counts: {e:#}");
+                    }
+                    if let Err(e) = passive {
+                        warn!("reading passive health failures: {e:#}");
+                    }
+                }
                 Err(e) => error!("reconcile task failed: {e}"),
             }
         }
