@@ -173,6 +173,15 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
     // Nothing goes to it while it is failed, even though it is the least loaded.
     assert_eq!(lb.spread(9)[0], 0, "a failed backend got a new connection");
 
+    // A restarted daemon keeps it failed (it is in the maps) until its probes pass.
+    let daemon = lb.daemon.take().expect("the daemon runs");
+    assert!(daemon.terminate().success(), "{}", daemon.output());
+    drop(daemon);
+    lb.start_daemon();
+    let view = lb.view();
+    assert_eq!(view[0].state, "failed", "the restart forgot the passive failure: {view:?}");
+    assert_eq!(lb.spread(6)[0], 0, "a failed backend got a new connection after the restart");
+
     // The probes bring it back: `rise` (2) successes at the 2 s interval.
     let app1 = lb.spawn_app(0);
     lb.apps[0] = Some(app1);
