@@ -235,48 +235,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut ticks = Ticks::new(RECONCILE_INTERVAL);
         while ticks.next(&mut stop).await {
             let sh = sh.clone();
-            let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let slots = |sh: &Shared| -> Vec<u32> {
-                    let current = sh.current();
-                    let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
-                    slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
-                    slots
-                };
-                let before = {
-                    let dp = sh.dp.lock().unwrap();
-                    Counts::read(&dp, &slots(&sh))?
-                };
-                let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
-                let mut dp = sh.dp.lock().unwrap();
-                let after = Counts::read(&dp, &slots(&sh))?;
-                let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
-                sh.flows.store(flows, Ordering::Relaxed);
-                // A removed backend's slot is freed once no tracked flow refers to it: the data
-                // path would otherwise count that flow's close against the slot's next owner.
-                let mut retiring = sh.retiring.lock().unwrap();
-                let mut kept = Vec::with_capacity(retiring.len());
-                for r in retiring.drain(..) {
-                    if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
-                        kept.push(r);
-                        continue;
-                    }
-                    match dp.clear_slot(r.slot) {
-                        Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
-                        Err(e) => {
-                            warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+            let done = tokio::task::spawn_blocking(move || -> (anyhow::Result<()>, anyhow::Result<()>) {
+                let reconciled = (|| -> anyhow::Result<()> {
+                    let slots = |sh: &Shared| -> Vec<u32> {
+                        let current = sh.current();
+                        let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
+                        slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
+                        slots
+                    };
+                    let before = {
+                        let dp = sh.dp.lock().unwrap();
+                        Counts::read(&dp, &slots(&sh))?
+                    };
+                    let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
+                    let mut dp = sh.dp.lock().unwrap();
+                    let after = Counts::read(&dp, &slots(&sh))?;
+                    let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
+                    sh.flows.store(flows, Ordering::Relaxed);
+                    // A removed backend's slot is freed once no tracked flow refers to it: the data
+                    // path would otherwise count that flow's close against the slot's next owner.
+                    let mut retiring = sh.retiring.lock().unwrap();
+                    let mut kept = Vec::with_capacity(retiring.len());
+                    for r in retiring.drain(..) {
+                        if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
                             kept.push(r);
+                            continue;
+                        }
+                        match dp.clear_slot(r.slot) {
+                            Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
+                            Err(e) => {
+                                warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+                                kept.push(r);
+                            }
                         }
                     }
-                }
-                *retiring = kept;
-                drop(retiring);
-                drop(dp);
-                passive_tick(&sh)
+                    *retiring = kept;
+                    Ok(())
+                })();
+                // Whatever became of the reconcile: a failed backend must be noticed.
+                (reconciled, passive_tick(&sh))
             })
             .await;
             match done {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("reconciling live connection counts: {e:#}"),
+                Ok((reconciled, passive)) => {
+                    if let Err(e) = reconciled {
+                        warn!("reconciling live connection counts: {e:#}");
+                    }
+                    if let Err(e) = passive {
+                        warn!("reading passive health failures: {e:#}");
+                    }
+                }
                 Err(e) => error!("reconcile task failed: {e}"),
             }
         }
