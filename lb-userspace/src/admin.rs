@@ -432,6 +432,7 @@ impl Collector for InterfaceInfo {
 fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
     let live = Family::<BackendLabels, Gauge>::default();
     let total = Family::<BackendLabels, Counter>::default();
+    let failed = Family::<BackendLabels, Counter>::default();
     let up = Family::<StateLabels, Gauge>::default();
     let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
     for service in &status.services {
@@ -445,10 +446,14 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
             total
                 .get_or_create(&labels)
                 .inc_by(backend.total_connections);
+            failed
+                .get_or_create(&labels)
+                .inc_by(backend.failed_connections);
             for (state, name) in [
                 (BackendState::Up, "up"),
                 (BackendState::Down, "down"),
                 (BackendState::Draining, "draining"),
+                (BackendState::Failed, "failed"),
             ] {
                 let labels = StateLabels {
                     service: labels.service.clone(),
@@ -475,8 +480,13 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         total,
     );
     registry.register(
+        "xlb_backend_failed_connections",
+        "New connections the backend refused or never answered (passive health)",
+        failed,
+    );
+    registry.register(
         "xlb_backend_up",
-        "1 for the backend's current state (up, down or draining), 0 for the others",
+        "1 for the backend's current state (up, down, draining or failed), 0 for the others",
         up,
     );
     registry.register_with_unit(
@@ -690,6 +700,7 @@ mod tests {
             state,
             live_connections: live,
             total_connections: total,
+            failed_connections: 0,
             healthy: probe.map(|_| state == BackendState::Up),
             last_probe_ms: probe,
             last_error: (state == BackendState::Down)
@@ -779,6 +790,9 @@ mod tests {
             "# TYPE xlb_backend_connections counter".into(),
             format!("xlb_backend_connections_total{{{b1}}} 120"),
             format!("xlb_backend_connections_total{{{b2}}} 7"),
+            "# TYPE xlb_backend_failed_connections counter".into(),
+            format!("xlb_backend_failed_connections_total{{{b1}}} 0"),
+            format!("xlb_backend_up{{{b1},state=\"failed\"}} 0"),
             format!("xlb_backend_up{{{b1},state=\"up\"}} 1"),
             format!("xlb_backend_up{{{b1},state=\"down\"}} 0"),
             format!("xlb_backend_up{{{b2},state=\"down\"}} 1"),

@@ -81,7 +81,19 @@ pub struct Service {
     pub mode: ServiceMode,
     pub backends: Vec<SocketAddr>,
     pub health: Health,
+    /// Passive health (nginx semantics): this many failed connections to a backend within
+    /// `fail_timeout` take it out until its health checks pass again; 0 disables.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// A backend back up after being down ramps its share of new connections up over this
+    /// long; zero: at once.
+    pub slow_start: Duration,
 }
+
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `fail_timeout` and `slow_start` (the data path's arithmetic is sized for it).
+pub const MAX_PASSIVE_DURATION: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceMode {
@@ -170,6 +182,9 @@ struct RawService {
     mode: Option<Spanned<String>>,
     backends: Spanned<Vec<Spanned<String>>>,
     health: Option<RawHealth>,
+    max_fails: Option<Spanned<i64>>,
+    fail_timeout: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -647,6 +662,35 @@ fn parse_service(
         return Err(src.at(value, format!("{what} backend \"{addr}\": {problem}")));
     }
     let health = parse_health(src, raw.health, what)?;
+    let max_fails = match &raw.max_fails {
+        None => DEFAULT_MAX_FAILS,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 0..=1000) => n,
+            _ => {
+                return Err(src.at(
+                    v,
+                    format!(
+                        "{what} max_fails = {}: out of range; use 0 (passive health checks off) \
+                         to 1000 failed connections",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    let passive_duration = |value: &Option<Spanned<String>>, key: &str, default: Duration, zero_ok: bool| {
+        let Some(v) = value else { return Ok(default) };
+        let d = duration(src, v, &format!("{what} {key}"))?;
+        if d.is_zero() && !zero_ok {
+            return Err(src.at(v, format!("{what} {key} is zero; use e.g. \"10s\" (or max_fails = 0 to turn passive health checks off)")));
+        }
+        if d > MAX_PASSIVE_DURATION {
+            return Err(src.at(v, format!("{what} {key} \"{}\": too long; use at most \"1h\"", v.get_ref())));
+        }
+        Ok(d)
+    };
+    let fail_timeout = passive_duration(&raw.fail_timeout, "fail_timeout", DEFAULT_FAIL_TIMEOUT, false)?;
+    let slow_start = passive_duration(&raw.slow_start, "slow_start", Duration::ZERO, true)?;
     let name = raw.name.into_inner();
     Ok((
         Service {
@@ -655,6 +699,9 @@ fn parse_service(
             mode,
             backends,
             health,
+            max_fails,
+            fail_timeout,
+            slow_start,
         },
         lines,
     ))
@@ -1105,6 +1152,9 @@ fall = 2
                     rise: 2,
                     fall: 2,
                 },
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(10),
+                slow_start: Duration::ZERO,
             }]
         );
         assert_eq!(config.lines.interfaces, vec![2]);
@@ -1495,6 +1545,38 @@ fall = 2
                 )
             );
         }
+    }
+
+    #[test]
+    fn passive_health_keys() {
+        let backends = "\"203.0.113.10:8001\"";
+        let svc = |keys: &str| parse(&web(backends, keys)).map(|c| c.services[0].clone());
+        let s = svc("").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (1, Duration::from_secs(10), Duration::ZERO));
+        let s = svc("max_fails = 3\nfail_timeout = \"2s 500ms\"\nslow_start = \"30s\"").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (3, Duration::from_millis(2500), Duration::from_secs(30)));
+        assert_eq!(svc("max_fails = 0").unwrap().max_fails, 0);
+        let e = |keys: &str| svc(keys).expect_err("should be rejected").to_string();
+        for v in [-1, 1001] {
+            assert_eq!(
+                e(&format!("max_fails = {v}")),
+                format!(
+                    "/etc/xlb/xlb.toml:8: service \"web\" max_fails = {v}: out of range; use 0 (passive \
+                     health checks off) to 1000 failed connections"
+                )
+            );
+        }
+        assert_eq!(
+            e("fail_timeout = \"0s\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" fail_timeout is zero; use e.g. \"10s\" (or max_fails = 0 \
+             to turn passive health checks off)"
+        );
+        assert!(e("fail_timeout = \"ten\"").starts_with("/etc/xlb/xlb.toml:8: service \"web\" fail_timeout \"ten\": not a duration"));
+        assert_eq!(
+            e("slow_start = \"2h\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" slow_start \"2h\": too long; use at most \"1h\""
+        );
+        assert!(e("max_fails = \"1\"").contains("max_fails"), "{}", e("max_fails = \"1\""));
     }
 
     #[test]

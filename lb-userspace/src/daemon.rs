@@ -67,6 +67,9 @@ struct Control {
     drained: bool,
     /// The health checks' verdict after rise/fall.
     up: bool,
+    /// The data path's passive health checks took the backend out (it wrote `Failed`), and
+    /// the probes have not passed `rise` times since. `up` is false meanwhile.
+    failed: bool,
 }
 
 impl Control {
@@ -74,7 +77,8 @@ impl Control {
         match self {
             Control { drained: true, .. } => BackendState::Draining,
             Control { up: true, .. } => BackendState::Up,
-            Control { up: false, .. } => BackendState::Down,
+            Control { failed: true, .. } => BackendState::Failed,
+            Control { .. } => BackendState::Down,
         }
     }
 }
@@ -85,6 +89,8 @@ struct Current {
     layout: Layout,
     /// Counts reloads: health reports from the probers of an earlier config are dropped.
     generation: u64,
+    /// Tells a backend's prober that the data path failed it (see `passive_tick`).
+    passive_failed: health::PassiveFailed,
 }
 
 /// Locks are taken in the order of the fields (`reloading`, `control`, `dp`, `retiring`,
@@ -177,7 +183,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // like every backend the maps do not say is down, and the probes correct that.
     let control = states
         .iter()
-        .map(|s| s.iter().map(|&st| Control { drained: st == BackendState::Draining, up: st != BackendState::Down }).collect())
+        .map(|s| {
+            s.iter()
+                .map(|&st| Control {
+                    drained: st == BackendState::Draining,
+                    up: !matches!(st, BackendState::Down | BackendState::Failed),
+                    failed: st == BackendState::Failed,
+                })
+                .collect()
+        })
         .collect();
     for (svc, states) in config.services.iter().zip(&states) {
         for (addr, _) in svc.backends.iter().zip(states).filter(|(_, st)| **st == BackendState::Draining) {
@@ -196,7 +210,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dp: Mutex::new(dp),
         retiring: Mutex::new(retiring),
         probes: Mutex::new(probes),
-        current: Mutex::new(Arc::new(Current { config, layout, generation: 0 })),
+        current: Mutex::new(Arc::new(Current {
+            passive_failed: health::PassiveFailed::new(&config.services),
+            config,
+            layout,
+            generation: 0,
+        })),
         flows: AtomicU64::new(0),
         probers: Mutex::new(Vec::new()),
         runtime: tokio::runtime::Handle::current(),
@@ -205,7 +224,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let mut tasks = tokio::task::JoinSet::new();
 
-    let initial_up = states.iter().map(|s| s.iter().map(|&st| st != BackendState::Down).collect()).collect();
+    // A backend the data path failed must pass `rise` probes, like one that was down.
+    let initial_up =
+        states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
     {
         // What is down already was reported by the daemon before this one: only its recovery
         // is news.
@@ -213,7 +234,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let current = shared.current();
         for (s, svc) in current.config.services.iter().enumerate() {
             for (b, &addr) in svc.backends.iter().enumerate() {
-                if control[s][b].state() == BackendState::Down {
+                if matches!(control[s][b].state(), BackendState::Down | BackendState::Failed) {
                     let reason = "down when the daemon started".to_owned();
                     shared.alerts.known_failing(Event::BackendDown { service: svc.name.clone(), backend: addr, reason });
                 }
@@ -231,46 +252,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut ticks = Ticks::new(RECONCILE_INTERVAL);
         while ticks.next(&mut stop).await {
             let sh = sh.clone();
-            let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let slots = |sh: &Shared| -> Vec<u32> {
-                    let current = sh.current();
-                    let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
-                    slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
-                    slots
-                };
-                let before = {
-                    let dp = sh.dp.lock().unwrap();
-                    Counts::read(&dp, &slots(&sh))?
-                };
-                let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
-                let mut dp = sh.dp.lock().unwrap();
-                let after = Counts::read(&dp, &slots(&sh))?;
-                let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
-                sh.flows.store(flows, Ordering::Relaxed);
-                // A removed backend's slot is freed once no tracked flow refers to it: the data
-                // path would otherwise count that flow's close against the slot's next owner.
-                let mut retiring = sh.retiring.lock().unwrap();
-                let mut kept = Vec::with_capacity(retiring.len());
-                for r in retiring.drain(..) {
-                    if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
-                        kept.push(r);
-                        continue;
-                    }
-                    match dp.clear_slot(r.slot) {
-                        Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
-                        Err(e) => {
-                            warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+            let done = tokio::task::spawn_blocking(move || -> (anyhow::Result<()>, anyhow::Result<()>) {
+                let reconciled = (|| -> anyhow::Result<()> {
+                    let slots = |sh: &Shared| -> Vec<u32> {
+                        let current = sh.current();
+                        let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
+                        slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
+                        slots
+                    };
+                    let before = {
+                        let dp = sh.dp.lock().unwrap();
+                        Counts::read(&dp, &slots(&sh))?
+                    };
+                    let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
+                    let mut dp = sh.dp.lock().unwrap();
+                    let after = Counts::read(&dp, &slots(&sh))?;
+                    let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
+                    sh.flows.store(flows, Ordering::Relaxed);
+                    // A removed backend's slot is freed once no tracked flow refers to it: the data
+                    // path would otherwise count that flow's close against the slot's next owner.
+                    let mut retiring = sh.retiring.lock().unwrap();
+                    let mut kept = Vec::with_capacity(retiring.len());
+                    for r in retiring.drain(..) {
+                        if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
                             kept.push(r);
+                            continue;
+                        }
+                        match dp.clear_slot(r.slot) {
+                            Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
+                            Err(e) => {
+                                warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+                                kept.push(r);
+                            }
                         }
                     }
-                }
-                *retiring = kept;
-                Ok(())
+                    *retiring = kept;
+                    Ok(())
+                })();
+                // Whatever became of the reconcile: a failed backend must be noticed.
+                (reconciled, passive_tick(&sh))
             })
             .await;
             match done {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("reconciling live connection counts: {e:#}"),
+                Ok((reconciled, passive)) => {
+                    if let Err(e) = reconciled {
+                        warn!("reconciling live connection counts: {e:#}");
+                    }
+                    if let Err(e) = passive {
+                        warn!("reading passive health failures: {e:#}");
+                    }
+                }
                 Err(e) => error!("reconcile task failed: {e}"),
             }
         }
@@ -398,6 +429,46 @@ fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Layout, Vec<Vec
     Ok((dp, layout, states))
 }
 
+/// Takes note of backends the data path has failed (passive health: it wrote `Failed` itself,
+/// see `lb_common::backend::Passive`): they count as down until their probes pass `rise`
+/// times, and their prober is told so. The data path stopped choosing them already.
+fn passive_tick(sh: &Shared) -> anyhow::Result<()> {
+    let mut control = sh.control.lock().unwrap();
+    let mut dp = sh.dp.lock().unwrap();
+    let current = sh.current();
+    let states = dp.layout_states(&current.config.services, &current.layout);
+    for (s, svc) in current.config.services.iter().enumerate() {
+        for (b, addr) in svc.backends.iter().enumerate() {
+            if states[s][b] != Some(BackendState::Failed) || control[s][b].failed {
+                continue;
+            }
+            let slot = current.layout.slot(s, b);
+            let c = &mut control[s][b];
+            c.failed = true;
+            c.up = false;
+            current.passive_failed.set(s, b);
+            // Only an up backend can be failed; a drain that raced the data path's write wins.
+            if c.drained {
+                dp.set_slot_state(slot, c.state()).context("writing the backend state")?;
+            }
+            let p = dp.slot_passive(slot)?;
+            warn!(
+                service = %svc.name,
+                backend = %addr,
+                refused = p.refused,
+                unanswered = p.unanswered,
+                "backend failed (passive): {} failed connection(s) within {}; no new connections go to it until its health checks pass {} time(s)",
+                svc.max_fails,
+                humantime::format_duration(svc.fail_timeout),
+                svc.health.rise,
+            );
+            alert_down(sh, &svc.name, *addr, Some(format!("{} connection(s) refused or unanswered", p.refused + p.unanswered)));
+            alert_service(sh, &current, &control, s);
+        }
+    }
+    Ok(())
+}
+
 /// Starts probing the backends of `current` (starting from `initial_up`), and the two tasks
 /// that act on the probes' reports. They stop when the daemon does, or when a reload aborts
 /// them; a report that arrives after a reload is dropped (`generation`).
@@ -406,7 +477,14 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
     let (results_tx, mut results_rx) = mpsc::unbounded_channel::<health::ProbeResult>();
     let (transitions_tx, mut transitions_rx) = mpsc::unbounded_channel::<health::Transition>();
     let _guard = sh.runtime.enter();
-    let mut tasks = health::spawn(&current.config.services, initial_up, results_tx, transitions_tx, sh.shutdown.clone());
+    let mut tasks = health::spawn_with_passive(
+        &current.config.services,
+        initial_up,
+        &current.passive_failed,
+        results_tx,
+        transitions_tx,
+        sh.shutdown.clone(),
+    );
     let s = sh.clone();
     tasks.push(sh.runtime.spawn(async move {
         while let Some(t) = transitions_rx.recv().await {
@@ -419,7 +497,9 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
             let svc = &current.config.services[t.service];
             let addr = svc.backends[t.backend];
             let c = &mut control[t.service][t.backend];
+            let was_failed = c.failed;
             c.up = t.up;
+            c.failed = false;
             if t.up {
                 // Sent only if its going down was (see `alert`).
                 sh.alerts.notify(Event::BackendUp { service: svc.name.clone(), backend: addr });
@@ -432,7 +512,16 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
                 alert_service(sh, &current, &control, t.service);
                 continue;
             }
-            match sh.dp.lock().unwrap().set_slot_state(current.layout.slot(t.service, t.backend), c.state()) {
+            let slot = current.layout.slot(t.service, t.backend);
+            let mut dp = sh.dp.lock().unwrap();
+            // Back up: an empty failure window, and the slow-start ramp from now.
+            let written = if t.up { dp.restart_passive(slot, monotonic_ns()) } else { Ok(()) };
+            let written = written.and_then(|()| dp.set_slot_state(slot, c.state()));
+            drop(dp);
+            match written {
+                Ok(()) if t.up && was_failed => {
+                    info!(service = %svc.name, backend = %addr, "backend up: health checks pass again after the passive failure")
+                }
                 Ok(()) if t.up => info!(service = %svc.name, backend = %addr, "backend up"),
                 Ok(()) => warn!(service = %svc.name, backend = %addr, "backend down: no new connections go to it"),
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
@@ -541,7 +630,7 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
         .map(|svc| {
             svc.backends
                 .iter()
-                .map(|&addr| find(svc.listen, addr).map_or(Control { drained: false, up: true }, |(s, b)| control[s][b]))
+                .map(|&addr| find(svc.listen, addr).map_or(Control { drained: false, up: true, failed: false }, |(s, b)| control[s][b]))
                 .collect()
         })
         .collect();
@@ -571,7 +660,12 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     if new.alerts != old.config.alerts {
         sh.alerts.configure(new.alerts.clone());
     }
-    let current = Arc::new(Current { config: new, layout, generation: old.generation + 1 });
+    let current = Arc::new(Current {
+        passive_failed: health::PassiveFailed::new(&new.services),
+        config: new,
+        layout,
+        generation: old.generation + 1,
+    });
     *probes = new_probes;
     *control = new_control;
     *sh.current.lock().unwrap() = current.clone();
@@ -779,12 +873,14 @@ impl StatusSource for Source {
             for (b, addr) in svc.backends.iter().enumerate() {
                 let slot = layout.slot(s, b);
                 let conns = dp.slot_conns(slot)?;
+                let passive = dp.slot_passive(slot)?;
                 let probe = &probes[s][b];
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
                     live_connections: conns.live.max(0) as u64,
                     total_connections: dp.slot_total(slot)?,
+                    failed_connections: passive.refused + passive.unanswered,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
                     last_error: probe.error.clone(),
@@ -812,7 +908,12 @@ impl StatusSource for Source {
                 pin_path: dp.pin_path().display().to_string(),
                 flows: flows.load(Ordering::Relaxed),
                 max_flows: u64::from(dp.max_flows()),
-                counters: dp.counters()?,
+                counters: {
+                    let mut counters = dp.counters()?;
+                    // Not a data-path counter, but the daemon's map writes for backend states.
+                    counters.insert("backend_state_writes".into(), dp.state_writes());
+                    counters
+                },
             },
         })
     }

@@ -30,7 +30,7 @@ use aya::{
 };
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION, Meta, PROTO_TCP,
-    backend::{Backend, BackendConns, MAX_BACKENDS, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_UP},
+    backend::{Backend, BackendConns, MAX_BACKENDS, Passive, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_FAILED, STATE_UP},
     flow::{Closed, Flow, FlowKey, ReplyNat},
     maps, programs,
     service::{MAX_BACKENDS_PER_SERVICE, Service, ServiceKey},
@@ -88,8 +88,12 @@ pub struct Dataplane {
     closed: HashMap<MapData, FlowKey, Closed>,
     vip_ports: Array<MapData, u8>,
     proxied: Array<MapData, i64>,
+    passive: Array<MapData, Passive>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
+    /// Backend state updates written by `set_slot_state` since this `Dataplane` was opened: health
+    /// transitions and drains. Flapping backends must not turn into a storm of map writes.
+    state_writes: u64,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
     pub adopted: bool,
 }
@@ -119,6 +123,7 @@ fn state_value(state: BackendState) -> u32 {
         BackendState::Up => STATE_UP,
         BackendState::Down => STATE_DOWN,
         BackendState::Draining => STATE_DRAINING,
+        BackendState::Failed => STATE_FAILED,
     }
 }
 
@@ -127,6 +132,7 @@ fn state_of(value: u32) -> Option<BackendState> {
         STATE_UP => Some(BackendState::Up),
         STATE_DOWN => Some(BackendState::Down),
         STATE_DRAINING => Some(BackendState::Draining),
+        STATE_FAILED => Some(BackendState::Failed),
         _ => None,
     }
 }
@@ -157,7 +163,7 @@ struct Expected {
     max_entries: u32,
 }
 
-fn expected_maps(max_flows: u32) -> [Expected; 11] {
+fn expected_maps(max_flows: u32) -> [Expected; 12] {
     let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
     [
         e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
@@ -171,6 +177,7 @@ fn expected_maps(max_flows: u32) -> [Expected; 11] {
         e(maps::META, 4, size_of::<Meta>(), 1),
         e(maps::VIP_PORTS, 4, 1, lb_common::service::VIP_PORTS_LEN),
         e(maps::PROXIED, 4, 8, MAX_BACKENDS),
+        e(maps::PASSIVE, 4, size_of::<Passive>(), MAX_BACKENDS),
     ]
 }
 
@@ -313,10 +320,12 @@ impl Dataplane {
             closed: take(&mut ebpf, maps::CLOSED)?,
             vip_ports: take(&mut ebpf, maps::VIP_PORTS)?,
             proxied: take(&mut ebpf, maps::PROXIED)?,
+            passive: take(&mut ebpf, maps::PASSIVE)?,
             stats: take(&mut ebpf, maps::STATS)?,
             ebpf,
             logger,
             interfaces,
+            state_writes: 0,
             adopted,
         })
     }
@@ -348,6 +357,24 @@ impl Dataplane {
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutput { verdict: result.return_value, data: out, duration: result.duration })
+    }
+
+    /// Instructions the verifier processed for each program when loading it (the kernel's
+    /// `verified_insns`): what its load time grows with.
+    pub fn verified_instructions(&self) -> anyhow::Result<Vec<(&'static str, u32)>> {
+        [programs::XDP, programs::TC_EGRESS]
+            .into_iter()
+            .map(|name| {
+                let program = self.ebpf.program(name).with_context(|| format!("program {name} missing"))?;
+                let info = match program {
+                    aya::programs::Program::Xdp(p) => p.info(),
+                    aya::programs::Program::SchedClassifier(p) => p.info(),
+                    _ => bail!("unexpected type of program {name}"),
+                }
+                .with_context(|| format!("reading the info of {name}"))?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// The `FLOWS` entry of a client → VIP 4-tuple.
@@ -474,8 +501,21 @@ impl Dataplane {
                 let (a, port, family) = map_addr(*addr);
                 let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: layout.blocks[s] };
                 let old = self.backends.get(&slot, 0)?;
-                if (old.addr, old.port, old.family) != (new.addr, new.port, new.family) {
+                let same_backend = (old.addr, old.port, old.family) == (new.addr, new.port, new.family);
+                if !same_backend {
                     self.reset_counts(slot)?;
+                }
+                // Passive health settings go in before the backend can be chosen; its failure
+                // window and ramp stay unless the slot now holds another backend.
+                let before = self.passive.get(&slot, 0)?;
+                let passive = Passive {
+                    max_fails: svc.max_fails,
+                    fail_timeout_ns: svc.fail_timeout.as_nanos() as u64,
+                    slow_start_ns: svc.slow_start.as_nanos() as u64,
+                    ..if same_backend { before } else { Passive::default() }
+                };
+                if passive != before {
+                    self.passive.set(slot, passive, 0)?;
                 }
                 self.backends.set(slot, new, 0)?;
             }
@@ -513,6 +553,7 @@ impl Dataplane {
         let mut b = self.backends.get(&slot, 0)?;
         b.state = state_value(state);
         self.backends.set(slot, b, 0)?;
+        self.state_writes += 1;
         Ok(())
     }
 
@@ -527,18 +568,48 @@ impl Dataplane {
 
     fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
         self.conns.set(slot, BackendConns::default(), 0)?;
+        self.passive.set(slot, Passive::default(), 0)?;
         self.proxied.set(slot, 0, 0)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         self.backend_flows.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         Ok(())
     }
 
-    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
-        let slot = slot(service, backend);
-        let mut b = self.backends.get(&slot, 0)?;
-        b.state = state_value(state);
-        self.backends.set(slot, b, 0)?;
+    /// A backend comes (back) up: its passive failure window starts empty, and when the
+    /// service has a `slow_start` its share of new connections ramps up from `now_ns`
+    /// (CLOCK_MONOTONIC). Call before writing `Up`, so the ramp is in place when it can be
+    /// chosen. Failure totals are kept.
+    pub fn restart_passive(&mut self, slot: u32, now_ns: u64) -> anyhow::Result<()> {
+        let p = self.passive.get(&slot, 0)?;
+        let up_since_ns = if p.slow_start_ns > 0 { now_ns } else { 0 };
+        self.passive.set(slot, Passive { fails: 0, window_start_ns: 0, up_since_ns, ..p }, 0)?;
         Ok(())
+    }
+
+    /// The passive health record of the backend in `slot` (see `lb_common::backend::Passive`).
+    pub fn slot_passive(&self, slot: u32) -> anyhow::Result<Passive> {
+        Ok(self.passive.get(&slot, 0)?)
+    }
+
+    /// A backend's passive health record, in the positional layout (tests).
+    pub fn passive(&self, service: usize, backend: usize) -> anyhow::Result<Passive> {
+        self.slot_passive(slot(service, backend))
+    }
+
+    /// Overwrites a backend's passive health record, in the positional layout (tests set up
+    /// ramps and windows with it).
+    pub fn set_passive(&mut self, service: usize, backend: usize, passive: Passive) -> anyhow::Result<()> {
+        Ok(self.passive.set(slot(service, backend), passive, 0)?)
+    }
+
+    /// A backend's state, in the positional layout (tests).
+    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
+        self.set_slot_state(slot(service, backend), state)
+    }
+
+    /// How many backend states `set_slot_state` has written (see `state_writes`).
+    pub fn state_writes(&self) -> u64 {
+        self.state_writes
     }
 
     pub fn conns(&self, service: usize, backend: usize) -> anyhow::Result<BackendConns> {

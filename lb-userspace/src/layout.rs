@@ -170,6 +170,9 @@ mod tests {
             mode: config::ServiceMode::L4,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
             health: config::Health::default(),
+            max_fails: 1,
+            fail_timeout: std::time::Duration::from_secs(10),
+            slow_start: std::time::Duration::ZERO,
         }
     }
 

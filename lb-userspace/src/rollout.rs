@@ -96,6 +96,7 @@ fn state_name(state: BackendState) -> &'static str {
         BackendState::Up => "up",
         BackendState::Down => "down",
         BackendState::Draining => "draining",
+        BackendState::Failed => "failed (passive)",
     }
 }
 

@@ -7,6 +7,9 @@ pub enum BackendState {
     Up,
     Down,
     Draining,
+    /// Taken out by the data path's passive health checks (`max_fails` failed connections
+    /// within `fail_timeout`); back up once the health probes pass `rise` times.
+    Failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,6 +21,10 @@ pub struct BackendStatus {
     pub live_connections: u64,
     /// Flows ever sent to this backend through the data path.
     pub total_connections: u64,
+    /// New connections the backend refused (RST) or never answered, as the data path saw
+    /// them; with passive health on, each one was retried on the next backend.
+    #[serde(default)]
+    pub failed_connections: u64,
     /// Result of the last health probe; `None` before the first one.
     pub healthy: Option<bool>,
     /// Duration of the last probe in milliseconds.
@@ -142,6 +149,7 @@ pub fn render_table(status: &Status) -> String {
                 BackendState::Up => "up",
                 BackendState::Down => "down",
                 BackendState::Draining => "draining",
+                BackendState::Failed => "failed (passive)",
             };
             let healthy = match b.healthy {
                 Some(true) => "yes",
@@ -233,6 +241,7 @@ mod tests {
             state,
             live_connections: 0,
             total_connections: 0,
+            failed_connections: 0,
             healthy: None,
             last_probe_ms: None,
             last_error: None,
@@ -315,5 +324,34 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
   new_flows  12052
 ";
         assert_eq!(render_table(&status), expected);
+    }
+
+    #[test]
+    fn table_says_who_failed_a_backend() {
+        let status = Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: "203.0.113.10:80".into(),
+                mode: "l4".into(),
+                rise: 2,
+                backends: vec![BackendStatus {
+                    total_connections: 40,
+                    failed_connections: 1,
+                    healthy: Some(true),
+                    last_probe_ms: Some(0.5),
+                    ..backend("203.0.113.10:8001", BackendState::Failed)
+                }],
+            }],
+            dataplane: DataplaneStatus::default(),
+        };
+        let table = render_table(&status);
+        assert!(
+            table.contains("  203.0.113.10:8001  failed (passive)     0     40  yes      0.5ms  -\n"),
+            "{table}"
+        );
+        // The JSON says `failed`, with the count of failed connections.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["services"][0]["backends"][0]["state"], "failed");
+        assert_eq!(json["services"][0]["backends"][0]["failed_connections"], 1);
     }
 }

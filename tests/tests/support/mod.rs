@@ -152,6 +152,19 @@ impl Lb {
     }
 
     pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
+        self.write_config_with(interfaces, xdp_mode, HEALTH_INTERVAL, HEALTH_TIMEOUT, "");
+    }
+
+    /// The config with other health probe timing, and `service_keys` (TOML lines such as
+    /// `max_fails = 0`) added to the service.
+    pub fn write_config_with(
+        &self,
+        interfaces: &[&str],
+        xdp_mode: &str,
+        interval: Duration,
+        timeout: Duration,
+        service_keys: &str,
+    ) {
         let list = |items: Vec<String>| {
             items
                 .iter()
@@ -173,6 +186,7 @@ name = "web"
 listen = "{vip}"
 mode = "l4"
 backends = [{backends}]
+{service_keys}
 
 [service.health]
 check = "http"
@@ -186,8 +200,8 @@ fall = {FALL}
             pin_path = self.topo.pin_path.display(),
             vip = self.vip,
             backends = list(self.backends.iter().map(ToString::to_string).collect()),
-            interval = HEALTH_INTERVAL.as_millis(),
-            timeout = HEALTH_TIMEOUT.as_millis(),
+            interval = interval.as_millis(),
+            timeout = timeout.as_millis(),
         );
         std::fs::write(&self.config, text)
             .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
