@@ -4,6 +4,8 @@
 //!   every packet of a tracked flow gets its destination rewritten to that backend.
 //! - `xlb_tc_egress` (TC, egress): the backend's replies get their source rewritten back to the
 //!   VIP.
+//! - Both watch new flows' handshakes for passive health (`passive.rs`): TC sees a backend
+//!   refuse a SYN with RST, XDP sees a client retransmit a SYN its backend never answered.
 //! - Anything that is not a tracked flow or a SYN to a VIP passes byte-for-byte untouched.
 #![no_std]
 #![no_main]

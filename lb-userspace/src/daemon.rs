@@ -395,6 +395,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A backend the data path failed must pass `rise` probes, like one that was down.
     let initial_up =
         states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
+    {
+        // What is down already was reported by the daemon before this one: only its recovery
+        // is news.
+        let control = shared.control.lock().unwrap();
+        let current = shared.current();
+        for (s, svc) in current.config.services.iter().enumerate() {
+            for (b, &addr) in svc.backends.iter().enumerate() {
+                if matches!(control[s][b].state(), BackendState::Down | BackendState::Failed) {
+                    let reason = "down when the daemon started".to_owned();
+                    shared.alerts.known_failing(Event::BackendDown { service: svc.name.clone(), backend: addr, reason });
+                }
+            }
+            if !control[s].iter().any(|c| c.state() == BackendState::Up) {
+                shared.alerts.known_failing(Event::ServiceDown { service: svc.name.clone() });
+            }
+        }
+    }
     start_health(&shared, &shared.current(), initial_up);
 
     // Passive health of the HTTPS path: `max_fails` failed requests within `fail_timeout` take
@@ -492,48 +509,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut ticks = Ticks::new(RECONCILE_INTERVAL);
         while ticks.next(&mut stop).await {
             let sh = sh.clone();
-            let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let slots = |sh: &Shared| -> Vec<u32> {
-                    let current = sh.current();
-                    let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
-                    slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
-                    slots
-                };
-                let before = {
-                    let dp = sh.dp.lock().unwrap();
-                    Counts::read(&dp, &slots(&sh))?
-                };
-                let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
-                let mut dp = sh.dp.lock().unwrap();
-                let after = Counts::read(&dp, &slots(&sh))?;
-                let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
-                sh.flows.store(flows, Ordering::Relaxed);
-                // A removed backend's slot is freed once no tracked flow refers to it: the data
-                // path would otherwise count that flow's close against the slot's next owner.
-                let mut retiring = sh.retiring.lock().unwrap();
-                let mut kept = Vec::with_capacity(retiring.len());
-                for r in retiring.drain(..) {
-                    if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
-                        kept.push(r);
-                        continue;
-                    }
-                    match dp.clear_slot(r.slot) {
-                        Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
-                        Err(e) => {
-                            warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+            let done = tokio::task::spawn_blocking(move || -> (anyhow::Result<()>, anyhow::Result<()>) {
+                let reconciled = (|| -> anyhow::Result<()> {
+                    let slots = |sh: &Shared| -> Vec<u32> {
+                        let current = sh.current();
+                        let mut slots: Vec<u32> = current.layout.backends().map(|(_, _, slot)| slot).collect();
+                        slots.extend(sh.retiring.lock().unwrap().iter().map(|r| r.slot));
+                        slots
+                    };
+                    let before = {
+                        let dp = sh.dp.lock().unwrap();
+                        Counts::read(&dp, &slots(&sh))?
+                    };
+                    let table = sockdiag::tcp_sockets().context("reading the socket table (sock_diag)")?;
+                    let mut dp = sh.dp.lock().unwrap();
+                    let after = Counts::read(&dp, &slots(&sh))?;
+                    let (flows, per_slot) = reconcile(&mut dp, &before, &after, &table, monotonic_ns())?;
+                    sh.flows.store(flows, Ordering::Relaxed);
+                    // A removed backend's slot is freed once no tracked flow refers to it: the data
+                    // path would otherwise count that flow's close against the slot's next owner.
+                    let mut retiring = sh.retiring.lock().unwrap();
+                    let mut kept = Vec::with_capacity(retiring.len());
+                    for r in retiring.drain(..) {
+                        if per_slot.get(&r.slot).copied().unwrap_or(0) > 0 {
                             kept.push(r);
+                            continue;
+                        }
+                        match dp.clear_slot(r.slot) {
+                            Ok(()) => info!(backend = %r.addr, slot = r.slot, "removed backend has no connections left; its slot is free"),
+                            Err(e) => {
+                                warn!(backend = %r.addr, slot = r.slot, "clearing the slot of a removed backend: {e:#}");
+                                kept.push(r);
+                            }
                         }
                     }
-                }
-                *retiring = kept;
-                drop(retiring);
-                drop(dp);
-                passive_tick(&sh)
+                    *retiring = kept;
+                    Ok(())
+                })();
+                // Whatever became of the reconcile: a failed backend must be noticed.
+                (reconciled, passive_tick(&sh))
             })
             .await;
             match done {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("reconciling live connection counts: {e:#}"),
+                Ok((reconciled, passive)) => {
+                    if let Err(e) = reconciled {
+                        warn!("reconciling live connection counts: {e:#}");
+                    }
+                    if let Err(e) = passive {
+                        warn!("reading passive health failures: {e:#}");
+                    }
+                }
                 Err(e) => error!("reconcile task failed: {e}"),
             }
         }
@@ -930,11 +955,19 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
 /// What differs between two configs' services, one line each.
 fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
+    // A service is the same one when its name or, renamed, its VIP is (the maps know it by VIP).
+    let same = |a: &crate::config::Service, b: &crate::config::Service| {
+        a.name == b.name || (a.listen == b.listen && !new.services.iter().any(|n| n.name == a.name))
+    };
     for svc in &new.services {
-        let Some(before) = old.services.iter().find(|s| s.name == svc.name) else {
-            changes.push(format!("service {} added ({}, {} backends)", svc.name, svc.listen, svc.backends.len()));
+        let Some(before) = old.services.iter().find(|s| same(s, svc)) else {
+            let n = svc.backends.len();
+            changes.push(format!("service {} added ({}, {n} backend{})", svc.name, svc.listen, if n == 1 { "" } else { "s" }));
             continue;
         };
+        if before.name != svc.name {
+            changes.push(format!("service {} renamed to {}", before.name, svc.name));
+        }
         if before.listen != svc.listen {
             changes.push(format!("service {}: listen {} -> {}", svc.name, before.listen, svc.listen));
         }
@@ -951,7 +984,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             changes.push(format!("service {}: backends reordered", svc.name));
         }
     }
-    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| n.name == s.name)) {
+    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| same(s, n))) {
         changes.push(format!("service {} removed (its backends drain)", svc.name));
     }
     if old.alerts != new.alerts {
@@ -1224,5 +1257,49 @@ impl StatusSource for Source {
             ReloadError::Rejected(message) => ControlError::Rejected(message),
             ReloadError::Failed(e) => ControlError::Failed(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(services: &str) -> Config {
+        let text = format!("[dataplane]\ninterfaces = [\"lo\"]\n{services}");
+        Config::parse(std::path::Path::new("/etc/xlb/xlb.toml"), &text).unwrap()
+    }
+
+    fn service(name: &str, listen: &str, backends: &str) -> String {
+        format!("[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [{backends}]\n")
+    }
+
+    #[test]
+    fn reload_changes_are_described() {
+        let a = "\"127.0.0.1:8001\"";
+        let b = "\"127.0.0.1:8002\"";
+        let c = "\"127.0.0.1:8003\"";
+        let old = config(&(service("web", "127.0.0.1:80", &format!("{a}, {b}")) + &service("api", "127.0.0.1:81", a)));
+        assert!(describe_changes(&old, &old.clone()).is_empty());
+        let new = config(
+            &(service("web", "127.0.0.1:80", &format!("{b}, {c}"))
+                + &service("app", "127.0.0.1:81", a)
+                + &service("admin", "127.0.0.1:82", c)),
+        );
+        assert_eq!(
+            describe_changes(&old, &new),
+            [
+                "service web: backend 127.0.0.1:8003 added",
+                "service web: backend 127.0.0.1:8001 removed (draining)",
+                "service api renamed to app",
+                "service admin added (127.0.0.1:82, 1 backend)",
+            ]
+        );
+        let reordered = config(&(service("web", "127.0.0.1:80", &format!("{b}, {a}")) + &service("api", "127.0.0.1:81", a)));
+        assert_eq!(describe_changes(&old, &reordered), ["service web: backends reordered"]);
+        let gone = config(&service("web", "127.0.0.1:8080", &format!("{a}, {b}")));
+        assert_eq!(
+            describe_changes(&old, &gone),
+            ["service web: listen 127.0.0.1:80 -> 127.0.0.1:8080", "service api removed (its backends drain)"]
+        );
     }
 }

@@ -350,4 +350,34 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
 ";
         assert_eq!(render_table(&status), expected);
     }
+
+    #[test]
+    fn table_says_who_failed_a_backend() {
+        let status = Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: "203.0.113.10:80".into(),
+                mode: "l4".into(),
+                rise: 2,
+                backends: vec![BackendStatus {
+                    total_connections: 40,
+                    failed_connections: 1,
+                    healthy: Some(true),
+                    last_probe_ms: Some(0.5),
+                    ..backend("203.0.113.10:8001", BackendState::Failed)
+                }],
+                https: None,
+            }],
+            dataplane: DataplaneStatus::default(),
+        };
+        let table = render_table(&status);
+        assert!(
+            table.contains("  203.0.113.10:8001  failed (passive)     0     40  yes      0.5ms  -\n"),
+            "{table}"
+        );
+        // The JSON says `failed`, with the count of failed connections.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["services"][0]["backends"][0]["state"], "failed");
+        assert_eq!(json["services"][0]["backends"][0]["failed_connections"], 1);
+    }
 }

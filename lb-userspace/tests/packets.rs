@@ -699,6 +699,23 @@ fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
 }
 
 #[test]
+fn ipv6_backends_are_failed_the_same_way() {
+    // `CONFIG`'s service 2 (IPv6) has the default max_fails = 1.
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 2, &[0, 3]);
+    let syn = v6(CLIENT6, 46500, VIP6, 80, SYN);
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST6.into(), 8001).bytes());
+    let rst = v6(HOST6, 8001, CLIENT6, 46500, RST | ACK);
+    assert_eq!(tc(&dp, &rst).0, TC_ACT_SHOT);
+    assert!(dp.flow(&syn.key()).is_none());
+    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+    assert_eq!(dp.current_states(&config.services)[2][0], Some(BackendState::Failed));
+    assert_eq!(dp.passive(2, 0).unwrap().refused, 1);
+    // The client's retransmission goes to the other backend, however loaded.
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST6.into(), 8002).bytes());
+}
+
+#[test]
 fn failures_older_than_fail_timeout_do_not_count() {
     let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
     // One failure 11 s ago (fail_timeout 10 s): a new one starts a fresh window.

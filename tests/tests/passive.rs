@@ -165,11 +165,22 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
     assert!(state[1..].iter().all(|b| b.state == "up"), "{state:?}");
     let table = run_ok(lb.xlb(&["status"]), "xlb status");
     assert!(table.contains("failed (passive)"), "xlb status should say who took app-1 out:\n{table}");
-    let log = lb.daemon().output();
-    assert!(log.contains("backend failed (passive)"), "the daemon should log the passive failure:\n{log}");
+    lb.poll(Duration::from_secs(2), "the daemon's log of the passive failure", |lb| {
+        let log = lb.daemon().output();
+        log.contains("backend failed (passive)").then_some(()).ok_or(log)
+    });
 
     // Nothing goes to it while it is failed, even though it is the least loaded.
     assert_eq!(lb.spread(9)[0], 0, "a failed backend got a new connection");
+
+    // A restarted daemon keeps it failed (it is in the maps) until its probes pass.
+    let daemon = lb.daemon.take().expect("the daemon runs");
+    assert!(daemon.terminate().success(), "{}", daemon.output());
+    drop(daemon);
+    lb.start_daemon();
+    let view = lb.view();
+    assert_eq!(view[0].state, "failed", "the restart forgot the passive failure: {view:?}");
+    assert_eq!(lb.spread(6)[0], 0, "a failed backend got a new connection after the restart");
 
     // The probes bring it back: `rise` (2) successes at the 2 s interval.
     let app1 = lb.spawn_app(0);
@@ -205,5 +216,73 @@ fn probes_alone_take_longer() {
     assert!(!refused.is_empty(), "with passive health off the clients see the refusals");
     let deadline = HEALTH_INTERVAL * (FALL + 1);
     assert!(detection <= deadline, "probes took {detection:?}, more than {deadline:?}");
+    lb.finish();
+}
+
+#[test]
+fn backend_ignoring_new_connections_is_taken_out_and_its_syns_go_elsewhere() {
+    // app-1 hangs: its listening socket is there but drops every packet (a socket filter that
+    // accepts nothing), as a stalled host or a firewall mistake would. Clients' SYNs to it get
+    // no answer at all; probes every 2 s would need 2 timeouts to notice.
+    let lb = Lb::prepare("silent", Family::V4);
+    let interval = Duration::from_secs(2);
+    lb.write_config_with(&["xlb0"], "auto", interval, Duration::from_secs(1), "max_fails = 1");
+    let mut lb = lb.start_all();
+    let app1 = lb.apps[0].take().expect("app-1 runs");
+    app1.kill9();
+    drop(app1);
+    let addr = lb.backends[0];
+    let silent = lb.topo.in_lb(|| -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        // Classic BPF `ret #0`: keep nothing. TCP runs a listener's filter on every SYN.
+        socket.attach_filter(&[socket2::SockFilter::new(0x06, 0, 0, 0)])?;
+        socket.listen(128)?;
+        Ok(socket)
+    });
+    let silent = silent.unwrap_or_else(|e| panic!("a silent listener on {addr}: {e}"));
+
+    let vip = lb.vip;
+    let mut attempts = Vec::new();
+    for _ in 0..6 {
+        let begun = Instant::now();
+        let served = lb
+            .topo
+            .in_client(|| http_get(vip, "/", Duration::from_secs(5)))
+            .map(|r| app_index(&r.body))
+            .unwrap_or_else(|e| panic!("a new connection failed: {e}; so far {attempts:?}"));
+        attempts.push((served, begun.elapsed()));
+    }
+    let slow: Vec<_> = attempts.iter().filter(|(_, took)| *took >= RETRIED).collect();
+    let (view, _) = lb.poll(Duration::from_secs(1), "app-1 failed (passive)", |lb| {
+        let view = lb.view();
+        (view[0].state == "failed").then(|| view.clone()).ok_or_else(|| format!("{view:?}"))
+    });
+    let failed = failed_connections(&lb);
+    println!(
+        "silent app-1: 6 new connections {:?}; data path failed connections {failed:?}; states {:?}",
+        attempts.iter().map(|(b, took)| format!("app-{} in {} ms", b + 1, took.as_millis())).collect::<Vec<_>>(),
+        view.iter().map(|v| v.state.clone()).collect::<Vec<_>>()
+    );
+    assert!(attempts.iter().all(|&(b, _)| b != 0), "the silent app-1 answered: {attempts:?}");
+    assert_eq!(slow.len(), 1, "exactly one connection should have waited for its SYN retransmission: {attempts:?}");
+    assert_eq!(failed, [1, 0, 0], "one unanswered SYN counted for app-1");
+    // The daemon takes note on its next tick (every 500 ms) and says why.
+    lb.poll(Duration::from_secs(2), "the daemon's log of the passive failure", |lb| {
+        let log = lb.daemon().output();
+        log.contains("backend failed (passive)").then_some(()).ok_or(log)
+    });
+
+    // Answering again: the probes bring it back (rise 2 at 2 s) and it gets connections.
+    drop(silent);
+    let app1 = lb.spawn_app(0);
+    lb.apps[0] = Some(app1);
+    lb.poll(interval * 4, "app-1 up again", |lb| {
+        let view = lb.view();
+        (view[0].state == "up").then_some(()).ok_or_else(|| format!("{view:?}"))
+    });
+    let served = lb.spread(9);
+    assert!(served[0] > 0, "app-1 is back but gets nothing: {served:?}");
     lb.finish();
 }
