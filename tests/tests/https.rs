@@ -715,6 +715,54 @@ fn backend_killed_mid_stream() {
     site.lb.finish();
 }
 
+/// Passive health: a backend that fails requests (closes without answering) is taken out at
+/// once by the proxy, before its probes (which pass) could notice anything; an idempotent
+/// request goes on to the next backend, a POST is not sent again.
+#[test]
+fn failing_requests_take_backends_out() {
+    let site = Site::start("https-passive");
+    let before: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
+    let answer = site.request(false, "POST", "/abort", &[]).unwrap();
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
+    let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
+    let marks = || site.lb.daemon().output().matches("requests to it failed (passive health)").count();
+    site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
+    assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
+    let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
+    assert_eq!(site.site_status()["backends"][victim]["state"], "down");
+    // Its probes pass, so it comes back after `rise` probes.
+    let all_up = |what: &str| {
+        site.lb.poll(Duration::from_secs(5), what, |lb| {
+            let s = lb.status();
+            let b = s["services"][1]["backends"].as_array().unwrap().clone();
+            b.iter().all(|b| b["state"] == "up").then_some(()).ok_or_else(|| format!("{b:?}"))
+        })
+    };
+    let (_, took) = all_up("the backend back after its probes");
+    println!("app-{} back up {} ms after passive health took it out", victim + 1, took.as_millis());
+
+    // Every backend fails a GET: each is tried once and taken out, the client gets 502.
+    let answer = site.request(false, "GET", "/abort", &[]).unwrap();
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let gets: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "GET")).collect();
+    println!("GET /abort reached the backends {gets:?} times");
+    assert_eq!(gets, [1; BACKENDS], "each backend should get the GET exactly once");
+    site.lb.poll(Duration::from_secs(2), "every backend taken out", |_| {
+        (marks() == 1 + BACKENDS).then_some(()).ok_or_else(|| format!("{} taken out", marks()))
+    });
+    assert_eq!(site.site_status()["https"]["retries"].as_u64(), Some(BACKENDS as u64 - 1));
+    all_up("the backends back after their probes");
+    assert!(site.get() < BACKENDS);
+    site.lb.finish();
+}
+
+/// How many `/abort` requests with `method` a demo backend has logged.
+fn aborts(app: &xlb_tests::Proc, method: &str) -> usize {
+    app.output().matches(&format!("request {method} /abort")).count()
+}
+
 /// How many POSTs a demo backend has logged.
 fn posts(app: &xlb_tests::Proc) -> usize {
     app.output().matches("request POST ").count()

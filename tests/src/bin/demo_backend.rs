@@ -4,9 +4,9 @@
 //! `GET /` → `served by <name>`; `/health`, `/health/ready`, `/health/live` → JSON status
 //! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
 //! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
-//! (method, target, headers, peer, body length), to check what a proxy added.
+//! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
+//! the connection without an answer, as a crashing handler would.
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -112,6 +112,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `/abort` fails with.
+#[derive(Debug)]
+struct Aborted;
+
+impl std::fmt::Display for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("aborted on request")
+    }
+}
+
+impl std::error::Error for Aborted {}
+
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -140,7 +152,7 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Aborted> {
     state.served.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
     if state.log_requests && !path.starts_with("/health") {
@@ -166,6 +178,8 @@ async fn handle(
         .map_or(0, |b| b.to_bytes().len());
     let response = match path.as_str() {
         "/" => served_by(&state),
+        // hyper closes the connection when the service fails.
+        "/abort" => return Err(Aborted),
         "/echo" => respond(
             &state,
             StatusCode::OK,
