@@ -552,6 +552,11 @@ fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Vec<Vec<Backend
         .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
         .collect();
     dp.apply_services(&config.services, &states)?;
+    // Requests a previous daemon had in flight died with it; and a backend that is no longer
+    // behind an https service must not keep what was published for it.
+    for slot in 0..lb_common::backend::MAX_BACKENDS {
+        dp.set_proxied(slot, 0)?;
+    }
     Ok((dp, states))
 }
 

@@ -504,6 +504,59 @@ fn proxies_http1_and_http2_with_headers() {
     site.lb.finish();
 }
 
+/// An `Upgrade` (HTTP/1.1, as WebSockets use it) passes through both ways, and the tunnel counts
+/// as a request in flight to its backend while it is open.
+#[test]
+fn upgrades_pass_through() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let site = Site::start("https-upgrade");
+    let tcp = site.tcp(site.https());
+    let (head, mut tls) = site.rt.block_on(async {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let mut config = (*site.tls).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(SITE).unwrap(), tcp)
+            .await
+            .unwrap();
+        let request = format!("GET /upgrade HTTP/1.1\r\nHost: {SITE}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = tokio::time::timeout(IO_TIMEOUT, tls.read(&mut byte)).await.expect("the 101 in time").unwrap();
+            assert_eq!(n, 1, "closed inside the response head: {}", String::from_utf8_lossy(&head));
+            head.push(byte[0]);
+        }
+        (String::from_utf8(head).unwrap(), tls)
+    });
+    println!("{}", head.trim());
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupgrade: echo\r\n") && lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(lower.contains("\r\nx-backend-server: 198.18.0.1:800"), "{head}");
+    let in_flight = |site: &Site| -> u64 {
+        site.site_status()["backends"].as_array().unwrap().iter().map(|b| b["live_connections"].as_u64().unwrap()).sum()
+    };
+    for message in ["hello", "through the tunnel"] {
+        let echoed = site.rt.block_on(async {
+            tls.write_all(message.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; message.len()];
+            tokio::time::timeout(IO_TIMEOUT, tls.read_exact(&mut buf)).await.expect("the echo in time").unwrap();
+            String::from_utf8(buf).unwrap()
+        });
+        assert_eq!(echoed, message);
+    }
+    assert_eq!(in_flight(&site), 1, "the open tunnel counts as a request in flight");
+    drop(tls);
+    site.lb.poll(Duration::from_secs(3), "the closed tunnel to stop counting", |_| {
+        let n = in_flight(&site);
+        (n == 0).then_some(()).ok_or_else(|| format!("{n} in flight"))
+    });
+    site.lb.finish();
+}
+
 /// Test 2: port 80 answers with a redirect keeping path and query (and serves no unknown ACME
 /// challenge); TLS 1.0 and 1.1 handshakes are refused, 1.2 and 1.3 accepted.
 #[test]

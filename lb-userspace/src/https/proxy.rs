@@ -477,8 +477,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in [&header::CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+    for name in [&header::CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
         headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::UPGRADE);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -493,11 +496,7 @@ fn backend_head(parts: &hyper::http::request::Parts, peer: SocketAddr, host: Hea
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.uri = target.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     let mut headers = parts.headers.clone();
-    let upgrade_value = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers, upgrade);
-    if let (true, Some(v)) = (upgrade, upgrade_value) {
-        headers.insert(header::UPGRADE, v);
-    }
     // The client got its 100 Continue from us as soon as its body was asked for; a backend
     // answering one more would confuse the exchange.
     headers.remove(header::EXPECT);

@@ -5,7 +5,8 @@
 //! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
 //! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
 //! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
-//! the connection without an answer, as a crashing handler would.
+//! the connection without an answer, as a crashing handler would; `/upgrade` with `Upgrade:
+//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them.
 use std::{
     net::SocketAddr,
     sync::{
@@ -143,13 +144,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             let _ = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Aborted> {
@@ -157,6 +159,19 @@ async fn handle(
     let path = req.uri().path().to_owned();
     if state.log_requests && !path.starts_with("/health") {
         println!("request {} {}", req.method(), req.uri());
+    }
+    if path == "/upgrade" && req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            }
+        });
+        let mut response = respond(&state, StatusCode::SWITCHING_PROTOCOLS, "text/plain", String::new());
+        response.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
+        response.headers_mut().insert("upgrade", HeaderValue::from_static("echo"));
+        return Ok(response);
     }
     let method = req.method().to_string();
     let target = req.uri().to_string();
