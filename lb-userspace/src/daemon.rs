@@ -186,6 +186,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
     let mut listeners = Vec::new();
     let mut watchers = Vec::new();
+    // The certificate stores of ACME-managed services, by service index, for the certificate
+    // manager; it answers challenges through `challenges`.
+    let mut acme_resolvers: Vec<(usize, Arc<https::tls::Resolver>)> = Vec::new();
     for (s, svc) in config.services.iter().enumerate() {
         if svc.mode == ServiceMode::L4 {
             https_stats.push(None);
@@ -209,9 +212,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             Some(Tls::Acme(_)) => {
-                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
-                // get a handshake.
+                // Until the certificate manager has issued one (and installs it with
+                // `Resolver::set`), only TLS-ALPN-01 validations get a handshake.
                 let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
+                acme_resolvers.push((s, resolver.clone()));
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             None => None,
@@ -372,6 +376,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
         info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
+    }
+    for (s, _) in &acme_resolvers {
+        warn!(
+            service = %shared.config.services[*s].name,
+            "tls.acme: no certificate manager runs in this version of xlb, so the service has no certificate; use cert and key files"
+        );
     }
     for (name, files, resolver) in watchers {
         tasks.spawn(https::tls::watch_files(name, files, resolver, hup.clone(), shutdown_rx.clone()));

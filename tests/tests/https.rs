@@ -501,6 +501,21 @@ fn proxies_http1_and_http2_with_headers() {
     assert!(table.contains("service site  listen 198.18.0.1:443  mode https"), "{table}");
     assert!(table.contains(&format!("tls handshakes: {full} full, {resumed} resumed, 0 failed")), "{table}");
     assert!(table.contains("certificate: expires in 8"), "{table}");
+
+    // A drained backend gets no new HTTPS requests; undrained, it does again.
+    let first = site.lb.backends[0].to_string();
+    run_ok(site.lb.xlb(&["drain", "site", &first]), "xlb drain");
+    let mut served = [0; BACKENDS];
+    for _ in 0..6 {
+        served[site.get()] += 1;
+    }
+    assert_eq!(served[0], 0, "a drained backend got HTTPS requests: {served:?}");
+    run_ok(site.lb.xlb(&["undrain", "site", &first]), "xlb undrain");
+    let mut served = [0; BACKENDS];
+    for _ in 0..6 {
+        served[site.get()] += 1;
+    }
+    assert!(served[0] > 0, "an undrained backend got no HTTPS requests: {served:?}");
     site.lb.finish();
 }
 

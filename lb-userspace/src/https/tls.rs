@@ -77,14 +77,39 @@ pub fn load_pair(files: &CertFiles) -> anyhow::Result<Loaded> {
         ),
         e => anyhow::anyhow!("reading private key file {}: {e}", key.display()),
     })?;
-    let (names, not_after) = describe(&chain[0]).with_context(|| format!("{}: the leaf certificate", cert.display()))?;
-    let certified = CertifiedKey::from_der(chain, der, &provider()).map_err(|e| {
-        anyhow::anyhow!(
+    from_der(chain, der).map_err(|e| match e {
+        Mismatch::Leaf(e) => e.context(format!("{}: the leaf certificate", cert.display())),
+        Mismatch::Key(e) => anyhow::anyhow!(
             "{} and {} do not go together ({e}); give the key the certificate was issued for",
             cert.display(),
             key.display()
-        )
-    })?;
+        ),
+    })
+}
+
+/// A certificate chain and key in PEM held in memory, as an ACME client gets them.
+pub fn load_pem(chain: &[u8], key: &[u8]) -> anyhow::Result<Loaded> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .context("not a PEM certificate chain")?;
+    if chain.is_empty() {
+        bail!("no CERTIFICATE block in the chain");
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).context("no usable PEM private key")?;
+    from_der(chain, key).map_err(|e| match e {
+        Mismatch::Leaf(e) => e.context("the leaf certificate"),
+        Mismatch::Key(e) => anyhow::anyhow!("the key does not belong to the certificate ({e})"),
+    })
+}
+
+enum Mismatch {
+    Leaf(anyhow::Error),
+    Key(rustls::Error),
+}
+
+fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Loaded, Mismatch> {
+    let (names, not_after) = describe(&chain[0]).map_err(Mismatch::Leaf)?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(Mismatch::Key)?;
     Ok(Loaded { key: Arc::new(certified), names, not_after })
 }
 
@@ -367,6 +392,10 @@ mod tests {
         let swapped = CertFiles { cert: a.key.clone(), key: a.cert.clone() };
         let e = format!("{:#}", load_pair(&swapped).err().unwrap());
         assert!(e.contains("no CERTIFICATE block"), "{e}");
+        let pem = |p: &PathBuf| std::fs::read(p).unwrap();
+        assert_eq!(load_pem(&pem(&a.cert), &pem(&a.key)).unwrap().names, ["a.example"]);
+        let e = format!("{:#}", load_pem(&pem(&a.cert), &pem(&b.key)).err().unwrap());
+        assert!(e.starts_with("the key does not belong to the certificate"), "{e}");
         let missing = CertFiles { cert: pki.dir.join("nope.crt"), key: a.key.clone() };
         let e = format!("{:#}", load_pair(&missing).err().unwrap());
         assert!(e.starts_with(&format!("reading certificate file {}", missing.cert.display())), "{e}");
