@@ -268,6 +268,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
     let mut https_listeners = Vec::new();
     let mut watchers = Vec::new();
+    // The certificate stores of ACME-managed services, by service index, for the certificate
+    // manager; it answers challenges through `challenges`.
+    let mut acme_resolvers: Vec<(usize, Arc<https::tls::Resolver>)> = Vec::new();
     for (s, svc) in config.services.iter().enumerate() {
         if svc.mode == ServiceMode::L4 {
             https_stats.push(None);
@@ -297,9 +300,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             Some(Tls::Acme(_)) => {
-                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
-                // get a handshake.
+                // Until the certificate manager has issued one (and installs it with
+                // `Resolver::set`), only TLS-ALPN-01 validations get a handshake.
                 let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
+                acme_resolvers.push((s, resolver.clone()));
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             None => None,
@@ -499,6 +503,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
     }
+    for (s, _) in &acme_resolvers {
+        warn!(
+            service = %shared.current().config.services[*s].name,
+            "tls.acme: no certificate manager runs in this version of xlb, so the service has no certificate; use cert and key files"
+        );
+    }
     for (name, files, resolver) in watchers {
         tasks.spawn(https::tls::watch_files(name, files, resolver, certificates.clone(), shutdown_rx.clone()));
     }
@@ -684,6 +694,11 @@ fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Layout, Vec<Vec
         .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
         .collect();
     dp.apply_layout(&config.services, &layout, &states)?;
+    // Requests a previous daemon had in flight died with it; and a backend that is no longer
+    // behind an https service must not keep what was published for it.
+    for slot in 0..lb_common::backend::MAX_BACKENDS {
+        dp.set_proxied(slot, 0)?;
+    }
     Ok((dp, layout, states))
 }
 
