@@ -43,6 +43,22 @@ pub struct Run {
     pub syn_retrans: u64,
     /// CPU time of the xlb daemon, as a fraction of one CPU (its own, CPU 0).
     pub xlb_busy: f64,
+    /// CPU time of nginx (master and workers of every nginx), as a fraction of one CPU.
+    pub nginx_busy: f64,
+    /// Wall time the CPU figures cover (from /proc/stat), seconds.
+    pub elapsed: f64,
+}
+
+impl Run {
+    /// µs of the serving process's CPU time per request or handshake: the xlb daemon for xlb's
+    /// arms, nginx for nginx's.
+    pub fn server_us_per_op(&self) -> f64 {
+        let busy = match self.arm {
+            "C" | "E" => self.xlb_busy,
+            _ => self.nginx_busy,
+        };
+        busy * self.elapsed * 1e6 / (self.requests.max(1) as f64)
+    }
 }
 
 impl Run {
@@ -98,7 +114,8 @@ pub fn wrk(
     if mode == Mode::NewConn {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://{}/", target(topology, arm)));
+    let scheme = if mode == Mode::TlsKeepAlive { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://{}/", target(topology, arm)));
     let (out, cpu) = measured(topology, cmd, "wrk", seconds, stop)?;
     let parsed = parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
     Ok(cpu.run(arm, mode, parsed))
@@ -128,6 +145,43 @@ pub fn fixed_rate(
     let parsed = parse_rate_client(&out)
         .with_context(|| format!("unexpected xlb-rate-client output:\n{out}"))?;
     Ok(cpu.run(arm, Mode::FixedRate, parsed))
+}
+
+/// The TLS handshake client (`tls::CLIENT`) in `mode` (`FullHandshake` or `ResumedHandshake`):
+/// one handshake counts as one request.
+pub fn handshakes(
+    topology: &Topology,
+    client: &std::path::Path,
+    arm: &Arm,
+    mode: Mode,
+    seconds: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<Run> {
+    let which = match mode {
+        Mode::FullHandshake => "full",
+        Mode::ResumedHandshake => "resumed",
+        _ => bail!("{} is not a handshake mode", mode.name()),
+    };
+    let cmd = super::tls::handshake_command(topology, client, arm.port, which, seconds);
+    let (out, cpu) = measured(topology, cmd, "tls client", seconds, stop)?;
+    let h = super::tls::parse_handshakes(&out)
+        .with_context(|| format!("unexpected TLS client output:\n{out}"))?;
+    if mode == Mode::ResumedHandshake && h.resumed * 10 < h.done * 9 {
+        bail!(
+            "arm {}: only {} of {} handshakes resumed a session: the server does not resume",
+            arm.id,
+            h.resumed,
+            h.done
+        );
+    }
+    let parsed = Parsed {
+        requests: h.done,
+        seconds: seconds as f64,
+        rps: h.done as f64 / seconds as f64,
+        errors: h.errors,
+        ..Parsed::default()
+    };
+    Ok(cpu.run(arm, mode, parsed))
 }
 
 /// What a load generator reported.
@@ -178,6 +232,7 @@ fn measured(
     let mut delta = before.delta(&after);
     delta.others = used(&procs_before, &procs_after, Owner::Other);
     delta.xlb = used(&procs_before, &procs_after, Owner::Xlb);
+    delta.nginx = used(&procs_before, &procs_after, Owner::Nginx);
     delta.syn_retrans = syn_after.saturating_sub(syn_before);
     Ok((out, delta))
 }
@@ -253,6 +308,9 @@ impl Namespaces {
                 }
                 let owner = match netns(pid) {
                     Some(ino) if self.0.contains(&ino) && name.ends_with("(xlb") => Owner::Xlb,
+                    Some(ino) if self.0.contains(&ino) && name.ends_with("(nginx") => {
+                        Owner::Nginx
+                    }
                     Some(ino) if self.0.contains(&ino) => Owner::Bench,
                     _ => Owner::Other,
                 };
@@ -266,6 +324,8 @@ impl Namespaces {
 enum Owner {
     /// The xlb daemon.
     Xlb,
+    /// nginx, master and workers.
+    Nginx,
     /// Anything else of the bench's (backends, proxies, load generators).
     Bench,
     /// Not ours: noise.
@@ -411,6 +471,7 @@ impl CpuStat {
                 .collect(),
             others: 0,
             xlb: 0,
+            nginx: 0,
             syn_retrans: 0,
         }
     }
@@ -423,6 +484,8 @@ struct CpuDelta {
     others: u64,
     /// Jiffies of the xlb daemon.
     xlb: u64,
+    /// Jiffies of nginx.
+    nginx: u64,
     syn_retrans: u64,
 }
 
@@ -454,11 +517,14 @@ impl CpuDelta {
             other_busy: self.others as f64 / (self.all.total as f64).max(1.0),
             syn_retrans: self.syn_retrans,
             xlb_busy: self.xlb as f64 / (self.all.total as f64).max(1.0) * self.cpus.len() as f64,
+            nginx_busy: self.nginx as f64 / (self.all.total as f64).max(1.0)
+                * self.cpus.len() as f64,
+            elapsed: self.all.total as f64 / clock_ticks() / self.cpus.len().max(1) as f64,
         }
     }
 }
 
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }
