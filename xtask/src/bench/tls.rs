@@ -201,7 +201,6 @@ http {{
     }}
     server {{
         listen {listen} ssl;
-        http2 on;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.3;
