@@ -47,6 +47,79 @@ pub struct Run {
     pub nginx_busy: f64,
     /// Wall time the CPU figures cover (from /proc/stat), seconds.
     pub elapsed: f64,
+    /// xlb's XDP and TC programs: average ns per packet in this run, from the kernel's BPF
+    /// run-time statistics (`bpftool prog show`: run_time_ns / run_cnt).
+    pub xdp_ns: Option<f64>,
+    pub tc_ns: Option<f64>,
+}
+
+/// `run_time_ns` and `run_cnt` of one program.
+#[derive(Clone, Copy, Default)]
+pub struct RunTime {
+    ns: u64,
+    count: u64,
+}
+
+impl RunTime {
+    fn ns_per_run(&self, before: &RunTime) -> Option<f64> {
+        let count = self.count.checked_sub(before.count).filter(|&c| c > 0)?;
+        Some(self.ns.saturating_sub(before.ns) as f64 / count as f64)
+    }
+}
+
+/// The run-time statistics of xlb's pinned programs.
+pub struct ProgramStats {
+    xdp: RunTime,
+    tc: RunTime,
+}
+
+impl ProgramStats {
+    pub fn read(topology: &Topology) -> ProgramStats {
+        let one = |pin: &str| -> RunTime {
+            let path = topology.pin_path.join(pin);
+            let Ok(out) = Command::new("bpftool")
+                .args(["-j", "prog", "show", "pinned"])
+                .arg(&path)
+                .output()
+            else {
+                return RunTime::default();
+            };
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            RunTime {
+                ns: v["run_time_ns"].as_u64().unwrap_or(0),
+                count: v["run_cnt"].as_u64().unwrap_or(0),
+            }
+        };
+        ProgramStats {
+            xdp: one("prog_xdp"),
+            tc: one("prog_tc_egress"),
+        }
+    }
+}
+
+/// Turns on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while alive,
+/// restoring the previous setting after. They cost two clock reads per program run, the same
+/// for every xlb run; the no-op program of the other arms pays them too.
+pub struct BpfStats(Option<String>);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> BpfStats {
+        let previous = std::fs::read_to_string(BPF_STATS).ok();
+        if std::fs::write(BPF_STATS, "1").is_err() {
+            eprintln!("bench: could not enable {BPF_STATS}: no per-program run times");
+        }
+        BpfStats(previous)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, previous.trim());
+        }
+    }
 }
 
 impl Run {
@@ -116,9 +189,18 @@ pub fn wrk(
     }
     let scheme = if mode == Mode::TlsKeepAlive { "https" } else { "http" };
     cmd.arg(format!("{scheme}://{}/", target(topology, arm)));
+    // xlb's programs' own run time in this traffic (kernel.bpf_stats_enabled, set by `run`).
+    let programs = arm.tax == super::Tax::Xlb && mode != Mode::TlsKeepAlive;
+    let before = programs.then(|| ProgramStats::read(topology));
     let (out, cpu) = measured(topology, cmd, "wrk", seconds, stop)?;
     let parsed = parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
-    Ok(cpu.run(arm, mode, parsed))
+    let mut run = cpu.run(arm, mode, parsed);
+    if let Some(before) = before {
+        let after = ProgramStats::read(topology);
+        run.xdp_ns = after.xdp.ns_per_run(&before.xdp);
+        run.tc_ns = after.tc.ns_per_run(&before.tc);
+    }
+    Ok(run)
 }
 
 /// The open-loop client (`xlb-rate-client`) at `rate` req/s over 32 keep-alive connections.
@@ -520,6 +602,8 @@ impl CpuDelta {
             nginx_busy: self.nginx as f64 / (self.all.total as f64).max(1.0)
                 * self.cpus.len() as f64,
             elapsed: self.all.total as f64 / clock_ticks() / self.cpus.len().max(1) as f64,
+            xdp_ns: None,
+            tc_ns: None,
         }
     }
 }

@@ -242,6 +242,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
     // Drop order (reverse of declaration) is the cleanup order, on success, error and panic
     // alike: XDP programs and the daemon (`xlb detach`), proxies, backends, namespaces, files.
+    let _bpf_stats = measure::BpfStats::enable();
     let files = peers::TempFiles::new()?;
     let topology = Topology::new("bench");
     peers::tune(&topology)?;

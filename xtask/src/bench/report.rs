@@ -266,6 +266,19 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
 
     let _ = writeln!(
         w,
+        "\n## xlb's programs in this traffic (kernel BPF run-time statistics, medians)\n\n\
+         `bpftool prog show` run_time_ns / run_cnt over each of C's runs: what a packet costs in \
+         the real data path, every packet of the run counted (SYNs, data, ACKs, FINs).\n\n\
+         | run | XDP ns/packet | TC egress ns/packet |\n|---|---:|---:|"
+    );
+    for mode in [Mode::KeepAlive, Mode::NewConn] {
+        let xdp = median(&field(runs, "C", mode, |r| r.xdp_ns.unwrap_or(f64::NAN)));
+        let tc = median(&field(runs, "C", mode, |r| r.tc_ns.unwrap_or(f64::NAN)));
+        let _ = writeln!(w, "| {} | {xdp:.0} | {tc:.0} |", mode.name());
+    }
+
+    let _ = writeln!(
+        w,
         "\n## Latency at a fixed {} req/s (50 % of the slowest arm's keep-alive maximum)\n\n\
          Open loop over {} keep-alive connections, each latency measured from the request's \
          scheduled send time (coordinated omission corrected); medians over {} round(s).\n\n\
