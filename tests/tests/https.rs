@@ -799,7 +799,7 @@ fn failing_requests_take_backends_out() {
     site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
     assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
     let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
-    assert_eq!(site.site_status()["backends"][victim]["state"], "down");
+    assert_eq!(site.site_status()["backends"][victim]["state"], "failed");
     // Its probes pass, so it comes back after `rise` probes.
     let all_up = |what: &str| {
         site.lb.poll(Duration::from_secs(5), what, |lb| {
