@@ -421,9 +421,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Passive health of the HTTPS path: `max_fails` failed requests within `fail_timeout` take
     // a backend out until its probes pass `rise` times.
     let sh = shared.clone();
+    let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {
         let mut recent: HashMap<(usize, usize), VecDeque<Instant>> = HashMap::new();
-        while let Some((s, b)) = failures_rx.recv().await {
+        loop {
+            // The sender lives as long as the daemon: stop on shutdown, not on a closed channel.
+            let (s, b) = tokio::select! {
+                f = failures_rx.recv() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
             let mut control = sh.control.lock().unwrap();
             let current = sh.current();
             let svc = &current.config.services[s];

@@ -1085,3 +1085,137 @@ fn testssl_finds_nothing_medium_or_worse() {
     assert!(!findings.is_empty(), "testssl.sh reported nothing at all; exit {status}:\n{out}");
     site.lb.finish();
 }
+
+/// The daemon on listening sockets held by its parent, as systemd holds them for xlb.socket
+/// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`): the admin API, the HTTPS and the redirect
+/// listener.
+fn socket_activated(lb: &Lb, sockets: &[std::net::TcpListener; 3]) -> Command {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let mut cmd = lb.topo.lb("sh");
+    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(xlb_tests::xlb_bin())
+        .args(["run", "--config"])
+        .arg(&lb.config)
+        .env("LISTEN_FDS", "3")
+        .env("LISTEN_FDNAMES", "admin:https:http");
+    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 3];
+            for (h, &fd) in high.iter_mut().zip(&fds) {
+                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 100);
+                if *h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if nix::libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Operations test 3: the daemon restarted 20 times (SIGTERM, then a new one) on the sockets
+/// systemd holds for it, under a stream of HTTPS requests on new connections: not one is
+/// refused, reset or failed. A stopping daemon stops accepting and finishes what it has; the
+/// connections that arrive meanwhile wait in the socket's queue for the next daemon.
+#[test]
+fn https_listener_handover_across_20_restarts() {
+    const RESTARTS: usize = 20;
+    const CLIENTS: usize = 4;
+    let mut lb = Lb::prepare("handover", Family::V4);
+    let ip: IpAddr = lb.topo.lb_v4.into();
+    lb.vip = SocketAddr::new(ip, L4_PORT);
+    let pki = Pki::new(&lb.dir);
+    pki.install("first");
+    write_config_with(&lb, &pki, "");
+    for i in 0..BACKENDS {
+        let app = spawn_app(&lb, i);
+        lb.apps.push(Some(app));
+    }
+    let sockets = lb.topo.in_lb(|| {
+        [ADMIN, SocketAddr::new(ip, HTTPS_PORT), SocketAddr::new(ip, HTTP_PORT)]
+            .map(|a| std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")))
+    });
+    lb.start_daemon_with(socket_activated(&lb, &sockets));
+    lb.wait_healthy();
+    let site = Site { tls: client_config(&pki.ca_path()), pki, ip, lb, rt: runtime() };
+    assert!(site.lb.daemon().output().contains("listening on the socket passed by systemd"));
+    let site = std::sync::Mutex::new(site);
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let errors = std::sync::Mutex::new(Vec::new());
+    let (tls, https) = {
+        let s = site.lock().unwrap();
+        (s.tls.clone(), s.https())
+    };
+    let topo_ns = site.lock().unwrap().lb.topo.client_ns.clone();
+    let mut restart_ms = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            let (stop, ok, failed, errors, tls, topo_ns) = (&stop, &ok, &failed, &errors, tls.clone(), topo_ns.clone());
+            scope.spawn(move || {
+                let rt = runtime();
+                // This thread's connections come from the client namespace (setns moves only
+                // the calling thread).
+                let ns = std::fs::File::open(format!("/run/netns/{topo_ns}")).expect("the client namespace");
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the client namespace");
+                while !stop.load(Ordering::Relaxed) {
+                    let result = TcpStream::connect_timeout(&https, IO_TIMEOUT)
+                        .map_err(|e| format!("connect: {e}"))
+                        .and_then(|tcp| {
+                            tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                            rt.block_on(async {
+                                let mut conn = Conn::open(tcp, tls.clone(), false).await?;
+                                conn.send("GET", "/", &[], Bytes::new()).await
+                            })
+                        });
+                    match result {
+                        Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.lock().unwrap().push(format!("{other:?}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..RESTARTS {
+            let mut s = site.lock().unwrap();
+            let old = s.lb.daemon.take().expect("a daemon runs");
+            let started = Instant::now();
+            let status = old.terminate();
+            assert!(status.success(), "xlb run exited with {status}:\n{}", old.output());
+            if std::env::var_os("XLB_DEBUG_HANDOVER").is_some() {
+                let out = old.output();
+                let tail: Vec<&str> = out.lines().rev().take(8).collect();
+                eprintln!("stopped in {} ms: {:?}", started.elapsed().as_millis(), tail);
+            }
+            let cmd = socket_activated(&s.lb, &sockets);
+            s.lb.start_daemon_with(cmd);
+            restart_ms.push(started.elapsed().as_millis());
+            drop(s);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    restart_ms.sort_unstable();
+    println!(
+        "{RESTARTS} restarts (SIGTERM to `xlb ready` of the next: median {} ms, max {} ms) under {CLIENTS} clients: {ok} requests answered 200, {failed} failed",
+        restart_ms[restart_ms.len() / 2],
+        restart_ms[restart_ms.len() - 1]
+    );
+    assert_eq!(failed, 0, "requests failed across restarts: {:?}", errors.into_inner().unwrap());
+    assert!(ok > 200, "too few requests to show anything: {ok}");
+    let site = site.into_inner().unwrap();
+    site.lb.finish();
+}

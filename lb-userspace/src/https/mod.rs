@@ -147,11 +147,18 @@ pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     pub requests: AtomicI64,
+    /// Whether a request has started on the connection yet.
+    pub served: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), requests: AtomicI64::new(0) })
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicI64::new(0),
+            served: Default::default(),
+        })
     }
 
     fn touch(&self) {

@@ -77,6 +77,10 @@ pub struct Proxy {
     next: AtomicUsize,
 }
 
+/// How long a stopping daemon waits for the first request of a connection it has just
+/// accepted before closing it (see `Proxy::connection`).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 impl Proxy {
     pub fn new(
         service: usize,
@@ -96,14 +100,28 @@ impl Proxy {
         })
     }
 
-    /// Accepts connections on `listener` until `stop` fires.
+    /// Accepts connections on `listener` until `stop` fires; then waits (at most the backend
+    /// response timeout) for the open connections to finish their requests. Connections not
+    /// yet accepted stay in the socket's queue: with socket activation the socket outlives the
+    /// daemon, and the next one serves them, so a restart refuses and resets nothing.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
-        let limit = Arc::new(Semaphore::new(self.options.limits.max_connections));
+        let max = self.options.limits.max_connections;
+        let limit = Arc::new(Semaphore::new(max));
+        let drained = |limit: Arc<Semaphore>, name: String, wait: Duration| async move {
+            // Every connection holds a permit until it ends.
+            let all = u32::try_from(max).unwrap_or(u32::MAX);
+            if tokio::time::timeout(wait, limit.acquire_many(all)).await.is_err() {
+                warn!(service = %name, open = max - limit.available_permits(), "stopping with connections still open after {wait:?}");
+            }
+        };
         loop {
             // At the limit, further connections wait in the kernel's backlog.
             let permit = tokio::select! {
                 p = limit.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    drop(listener);
+                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                }
             };
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -115,7 +133,10 @@ impl Proxy {
                         continue;
                     }
                 },
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    drop((listener, permit));
+                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                }
             };
             let proxy = self.clone();
             let acceptor = acceptor.clone();
@@ -189,7 +210,25 @@ impl Proxy {
                 return;
             }
             () = activity.idle(t.idle) => {}
-            _ = stop.changed() => {}
+            _ = stop.changed() => {
+                // Stopping. A connection that has not sent its first request yet is about to:
+                // closing it now would fail that request, so it gets a moment first.
+                let first = async {
+                    while !activity.served.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(service = %self.name, %peer, "connection ended: {e}");
+                        }
+                        return;
+                    }
+                    () = first => {}
+                    () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+                }
+            }
         }
         conn.as_mut().graceful_shutdown();
         // Requests in flight get to finish, within bounds.
@@ -198,6 +237,7 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
         activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.served.store(true, Ordering::Relaxed);
         let done = RequestDone(activity);
         let mut response = match self.forward(req, peer).await {
             Ok(r) => r,
