@@ -542,7 +542,7 @@ impl Manager {
                         service,
                         step = ?e.step,
                         failures,
-                        "acme: service {service}: certificate renewal failed while {e}; \
+                        "acme: service {service}: ordering a certificate failed while {e}; \
                          {keeping}; next attempt at {}",
                         humantime::format_rfc3339_seconds(retry)
                     );

@@ -19,6 +19,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
+    // Let's Encrypt's test CA (and its DNS server) for the ACME scenario test.
+    ("pebble", "pebble"),
+    ("pebble", "pebble-challtestsrv"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {
