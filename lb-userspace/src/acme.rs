@@ -24,7 +24,11 @@ use std::{
     io::{self, Write as _},
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -34,8 +38,8 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier,
-    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType,
+    HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::{
     RootCertStore,
@@ -244,6 +248,22 @@ pub struct AcmeStatus {
     pub failures: u32,
 }
 
+impl AcmeStatus {
+    /// For the admin API and the status page: times as RFC 3339 (UTC, seconds), absent ones as
+    /// `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let time =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        serde_json::json!({
+            "not_after": time(self.not_after),
+            "last_renewal": time(self.last_renewal),
+            "next_attempt": time(self.next_attempt),
+            "last_error": self.last_error,
+            "failures": self.failures,
+        })
+    }
+}
+
 /// Called with each new certificate once it is on disk: the key to serve, and the chain as PEM.
 pub type OnCert = Arc<dyn Fn(Arc<CertifiedKey>, Vec<u8>) + Send + Sync>;
 
@@ -349,7 +369,11 @@ pub fn next_attempt(
 
 struct Shared {
     status: Mutex<AcmeStatus>,
-    renew: Notify,
+    /// Set by `renew_now`, cleared when an attempt ends: a request made while an order is
+    /// under way is answered by that order, not by a second one right after it (the CA's rate
+    /// limits count duplicate certificates).
+    forced: AtomicBool,
+    wake: Notify,
 }
 
 /// The running manager of one service. Dropping it stops the manager (an order under way is
@@ -366,7 +390,8 @@ impl ManagerHandle {
 
     /// Orders a new certificate now, whatever the current one's expiry (admin API, tests).
     pub fn renew_now(&self) {
-        self.shared.renew.notify_one();
+        self.shared.forced.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -376,7 +401,25 @@ impl Drop for ManagerHandle {
     }
 }
 
-type AcmeHttp = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
+/// The HTTPS client instant-acme talks through. Ours rather than its default one, so that the
+/// trusted roots and the crypto provider are chosen here.
+#[derive(Clone)]
+struct AcmeHttp(HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>);
+
+impl HttpClient for AcmeHttp {
+    fn request(
+        &self,
+        request: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let response = self.0.request(request);
+        Box::pin(async move {
+            response
+                .await
+                .map(BytesResponse::from)
+                .map_err(|e| instant_acme::Error::Other(Box::new(e)))
+        })
+    }
+}
 
 /// One service's certificate manager; runs as a task, see [`Manager::spawn`].
 pub struct Manager {
@@ -411,7 +454,8 @@ impl Manager {
         let http = http_client(settings.ca.as_deref())?;
         let shared = Arc::new(Shared {
             status: Mutex::default(),
-            renew: Notify::new(),
+            forced: AtomicBool::new(false),
+            wake: Notify::new(),
         });
         let mut manager = Manager {
             settings,
@@ -472,6 +516,9 @@ impl Manager {
             self.shared.status.lock().unwrap().next_attempt = Some(next);
             // Sleeps in bounded slices until `next`, or until asked to renew now.
             let forced = loop {
+                if self.shared.forced.load(Ordering::SeqCst) {
+                    break true;
+                }
                 let Ok(wait) = next.duration_since(SystemTime::now()) else {
                     break false;
                 };
@@ -480,7 +527,7 @@ impl Manager {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(wait.min(MAX_SLEEP)) => {}
-                    () = self.shared.renew.notified() => break true,
+                    () = self.shared.wake.notified() => {}
                 }
             };
             let service = self.settings.service.clone();
@@ -501,6 +548,7 @@ impl Manager {
                     ),
                 })
             });
+            self.shared.forced.store(false, Ordering::SeqCst);
             let now = SystemTime::now();
             match result {
                 Ok(issued) => {
@@ -873,7 +921,9 @@ fn http_client(ca: Option<&Path>) -> anyhow::Result<AcmeHttp> {
         .https_only()
         .enable_http1()
         .wrap_connector(tcp);
-    Ok(HyperClient::builder(TokioExecutor::new()).build(connector))
+    Ok(AcmeHttp(
+        HyperClient::builder(TokioExecutor::new()).build(connector),
+    ))
 }
 
 /// Reads a chain and key pair as stored, checking that they belong together.
@@ -1083,6 +1133,27 @@ mod tests {
                 DEFAULT_RETRY_MAX
             ),
             at(160)
+        );
+    }
+
+    #[test]
+    fn status_as_json() {
+        let status = AcmeStatus {
+            not_after: Some(at(20_000)),
+            last_error: Some("placing the order: connection refused".into()),
+            last_renewal: None,
+            next_attempt: Some(at(19_970) + Duration::from_secs(90)),
+            failures: 2,
+        };
+        assert_eq!(
+            status.to_json(),
+            serde_json::json!({
+                "not_after": "2024-10-04T00:00:00Z",
+                "last_renewal": null,
+                "next_attempt": "2024-09-04T00:01:30Z",
+                "last_error": "placing the order: connection refused",
+                "failures": 2,
+            })
         );
     }
 
