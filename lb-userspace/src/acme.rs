@@ -922,7 +922,11 @@ fn http_client(ca: Option<&Path>) -> anyhow::Result<AcmeHttp> {
         .enable_http1()
         .wrap_connector(tcp);
     Ok(AcmeHttp(
-        HyperClient::builder(TokioExecutor::new()).build(connector),
+        // No idle connections kept: an order is a dozen requests every two months, and a
+        // kept connection that the CA closes just as it is reused fails a request for nothing.
+        HyperClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector),
     ))
 }
 
