@@ -707,3 +707,53 @@ fn failures_keep_the_certificate_are_reported_and_retried() {
     assert_ne!(lb.serial(), issued);
     assert_eq!(manager.status().last_error, None);
 }
+
+#[test]
+fn a_stored_certificate_near_its_end_is_served_then_renewed() {
+    let world = World::new("acme-due");
+    let lb = Lb::new();
+    let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
+    world.on_lb(async move {
+        serve_http01(SocketAddr::from((LB, 80)), challenges.clone()).await;
+        serve_https(https_addr(), challenges, current).await;
+    });
+    // A 70-day certificate with 10 days left, as an earlier run would have stored it: due,
+    // since less than 30 days remain.
+    let settings = world.settings("old", ChallengeKind::Http01);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![DOMAIN.to_owned()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(60);
+    params.not_after = now + time::Duration::days(10);
+    let old = params.self_signed(&key).unwrap();
+    fs::create_dir_all(settings.service_dir()).unwrap();
+    fs::write(settings.cert_path(), old.pem()).unwrap();
+    fs::write(settings.key_path(), key.serialize_pem()).unwrap();
+    // Looser than the manager's own modes: it tightens them when it writes.
+    fs::set_permissions(settings.cert_path(), fs::Permissions::from_mode(0o644)).unwrap();
+
+    let manager = lb.spawn(&world, settings.clone());
+    // Served at once, before the CA is asked...
+    assert_eq!(
+        lb.swaps(),
+        1,
+        "the stored certificate is handed over by spawn"
+    );
+    assert_eq!(lb.serial(), serial(old.der()));
+    // ...and replaced without being asked.
+    wait_for_swaps(&lb, &manager, 2);
+    let renewed = lb.serial();
+    assert_ne!(renewed, serial(old.der()));
+    let status = manager.status();
+    assert_eq!(status.last_error, None);
+    assert!(status.not_after.unwrap() > SystemTime::now() + Duration::from_secs(365 * 86400));
+    assert_eq!(mode(&settings.cert_path()), 0o600);
+    assert_eq!(mode(&settings.service_dir()), 0o700);
+    let roots = world.issuing_roots();
+    let served = world.on_client(async move {
+        let (mut send, serial) = tls_http1(https_addr(), DOMAIN, roots).await.unwrap();
+        assert_eq!(get(&mut send, "/").await.unwrap().0, StatusCode::OK);
+        serial
+    });
+    assert_eq!(served, renewed);
+}
