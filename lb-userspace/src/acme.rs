@@ -431,6 +431,8 @@ pub struct Manager {
     account: Option<Account>,
     /// Validity of the certificate being served.
     validity: Option<(SystemTime, SystemTime)>,
+    /// The stored certificate is not for exactly the configured domains: due at once.
+    names_changed: bool,
     last_failure: Option<(SystemTime, u32)>,
 }
 
@@ -439,6 +441,8 @@ struct Issued {
     key: Arc<CertifiedKey>,
     chain_pem: Vec<u8>,
     validity: (SystemTime, SystemTime),
+    /// The DNS names the certificate is for.
+    names: Vec<String>,
 }
 
 impl Manager {
@@ -465,6 +469,7 @@ impl Manager {
             http,
             account: None,
             validity: None,
+            names_changed: false,
             last_failure: None,
         };
         manager.load_stored();
@@ -493,6 +498,17 @@ impl Manager {
                     "acme: serving the stored certificate {}",
                     cert_path.display()
                 );
+                // Served meanwhile all the same: it still covers the names it has.
+                if !same_names(&issued.names, &self.settings.domains) {
+                    info!(
+                        service,
+                        "acme: the stored certificate is for {} but the domains are now {}: \
+                         ordering a new one",
+                        issued.names.join(","),
+                        self.settings.domains.join(",")
+                    );
+                    self.names_changed = true;
+                }
                 (self.on_cert)(issued.key, issued.chain_pem);
             }
             // Kept as they are (the next successful order replaces them), so nothing is lost
@@ -507,7 +523,7 @@ impl Manager {
     async fn run(mut self) {
         loop {
             let next = next_attempt(
-                self.validity,
+                self.validity.filter(|_| !self.names_changed),
                 self.settings.renew_before,
                 self.last_failure,
                 self.settings.retry_min,
@@ -559,6 +575,7 @@ impl Manager {
                         self.settings.service_dir().display()
                     );
                     self.validity = Some(issued.validity);
+                    self.names_changed = false;
                     self.last_failure = None;
                     {
                         let mut status = self.shared.status.lock().unwrap();
@@ -573,7 +590,7 @@ impl Manager {
                     let failures = self.last_failure.map_or(0, |(_, n)| n) + 1;
                     self.last_failure = Some((now, failures));
                     let retry = next_attempt(
-                        self.validity,
+                        self.validity.filter(|_| !self.names_changed),
                         self.settings.renew_before,
                         self.last_failure,
                         self.settings.retry_min,
@@ -946,6 +963,7 @@ fn parse_pair(chain_pem: &[u8], key_pem: &[u8]) -> Result<Issued, String> {
         return Err("no certificate in the chain".to_owned());
     };
     let validity = validity(end_entity)?;
+    let names = dns_names(end_entity)?;
     let key_der = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("private key is not PEM: {e}"))?;
     let key = CertifiedKey::from_der(chain, key_der, &provider())
@@ -954,7 +972,39 @@ fn parse_pair(chain_pem: &[u8], key_pem: &[u8]) -> Result<Issued, String> {
         key: Arc::new(key),
         chain_pem: chain_pem.to_vec(),
         validity,
+        names,
     })
+}
+
+/// The DNS names in a certificate's subjectAltName.
+fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?;
+    Ok(san
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Whether a certificate for `names` is one for `domains` (order and case aside).
+fn same_names(names: &[String], domains: &[String]) -> bool {
+    let set = |list: &[String]| {
+        list.iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    set(names) == set(domains)
 }
 
 /// (notBefore, notAfter) of a certificate.
@@ -1244,6 +1294,12 @@ mod tests {
         )
         .unwrap();
         assert!(issued.validity.0 < issued.validity.1);
+        assert_eq!(issued.names, ["a.example"]);
+        assert!(same_names(&issued.names, &["A.example".into()]));
+        assert!(!same_names(
+            &issued.names,
+            &["a.example".into(), "b.example".into()]
+        ));
         let err = parse_pair(
             a.cert.pem().as_bytes(),
             b.signing_key.serialize_pem().as_bytes(),

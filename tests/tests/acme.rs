@@ -596,7 +596,7 @@ fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
     // A restart serves the stored certificate at once and orders nothing.
     drop(manager);
     let before = lb.swaps();
-    let manager = lb.spawn(&world, settings);
+    let manager = lb.spawn(&world, settings.clone());
     assert_eq!(
         lb.swaps(),
         before + 1,
@@ -608,6 +608,43 @@ fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
     let status = manager.status();
     assert_eq!(status.last_renewal, None, "{status:?}");
     assert!(status.next_attempt.unwrap() > SystemTime::now() + Duration::from_secs(86400));
+
+    // A domain added to the settings: the stored certificate is served until one for both
+    // names replaces it, at once.
+    drop(manager);
+    let mut settings = settings;
+    settings.domains.push(format!("www.{DOMAIN}"));
+    let manager = lb.spawn(&world, settings);
+    assert_eq!(lb.swaps(), before + 2);
+    assert_eq!(lb.serial(), second);
+    wait_for_swaps(&lb, &manager, before + 3);
+    let names = {
+        let swaps = lb.swaps.lock().unwrap();
+        let chain = &swaps.last().unwrap().1;
+        let cert = CertificateDer::pem_slice_iter(chain)
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let mut names: Vec<String> = parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names,
+        [
+            format!("DNSName({DOMAIN})"),
+            format!("DNSName(www.{DOMAIN})")
+        ]
+    );
 }
 
 #[test]
