@@ -1,5 +1,8 @@
 //! Backends: `BACKENDS` (address and state), `BACKEND_CONNS` (live connections, updated
-//! atomically from every CPU) and `BACKEND_FLOWS` (per-CPU new-flow counters: the total).
+//! atomically from every CPU), `BACKEND_FLOWS` (per-CPU new-flow counters: the total) and
+//! `PROXIED` (an `i64` per slot: requests the daemon's HTTPS proxy has in flight to the slot's
+//! backend address, written only by the daemon and added to `live` when choosing, so the XDP
+//! path and the HTTPS path balance one shared load).
 
 use crate::service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
 

@@ -42,10 +42,11 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const META: &str = "META";
     pub const VIP_PORTS: &str = "VIP_PORTS";
+    pub const PROXIED: &str = "PROXIED";
     /// Every map that is pinned under `pin_path` and adopted by a restarted daemon.
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 11] = [
         SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, CLOSED, STATS, META,
-        VIP_PORTS,
+        VIP_PORTS, PROXIED,
     ];
 }
 

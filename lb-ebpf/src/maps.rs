@@ -31,6 +31,10 @@ pub static BACKENDS: Array<Backend, MAX_BACKENDS_> = Array::new();
 #[btf_map]
 pub static BACKEND_CONNS: Array<BackendConns, MAX_BACKENDS_> = Array::new();
 
+/// In-flight HTTPS requests to each slot's backend address (see `lb_common::backend`).
+#[btf_map]
+pub static PROXIED: Array<i64, MAX_BACKENDS_> = Array::new();
+
 #[btf_map]
 pub static BACKEND_FLOWS: PerCpuArray<u64, MAX_BACKENDS_> = PerCpuArray::new();
 

@@ -5,7 +5,7 @@ use lb_common::{
     service::{MAX_BACKENDS_PER_SERVICE, Service},
 };
 
-use crate::maps::{BACKEND_CONNS, BACKENDS};
+use crate::maps::{BACKEND_CONNS, BACKENDS, PROXIED};
 
 /// Each backend's score is its live count above the time it was last chosen (in µs, 40 bits:
 /// wraps every 12.7 days, which at worst misorders one tie). Lowest wins: fewest connections,
@@ -48,6 +48,12 @@ pub fn least_conns(svc: &Service, now_ns: u64) -> Option<u32> {
         let Some(c) = BACKEND_CONNS.get_ptr(slot) else { continue };
         let (live, stamp) =
             unsafe { (core::ptr::read_volatile(&raw const (*c).live), core::ptr::read_volatile(&raw const (*c).last_chosen_ns)) };
+        // The daemon's HTTPS requests in flight to the same backend count as connections too.
+        let proxied = match PROXIED.get_ptr(slot) {
+            Some(p) => unsafe { core::ptr::read_volatile(p) },
+            None => 0,
+        };
+        let live = live.saturating_add(if proxied < 0 { 0 } else { proxied });
         let live = if live < 0 { 0 } else { (live as u64).min(MAX_LIVE) };
         let score = (live << STAMP_BITS) | ((stamp >> 10) & ((1 << STAMP_BITS) - 1));
         if score < best_score {

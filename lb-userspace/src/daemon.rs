@@ -412,8 +412,9 @@ fn reconcile(
             }
             None => {
                 let age = flow.map_or(u64::MAX, |f| now_ns.saturating_sub(f.created_ns));
-                if age > NO_SOCKET_GRACE_NS {
-                    dp.remove_flow(&rev, &nat);
+                if age > NO_SOCKET_GRACE_NS && dp.remove_flow(&rev, &nat, flow.as_ref()) {
+                    // Forgotten. (Not removed: the 4-tuple carries a new connection now, which
+                    // the next reconcile judges on its own.)
                 } else {
                     tracked += 1;
                     // Too young to judge: count it as the data path does.

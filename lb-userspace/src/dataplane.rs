@@ -83,6 +83,7 @@ pub struct Dataplane {
     replies: HashMap<MapData, FlowKey, ReplyNat>,
     closed: HashMap<MapData, FlowKey, Closed>,
     vip_ports: Array<MapData, u8>,
+    proxied: Array<MapData, i64>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
@@ -152,7 +153,7 @@ struct Expected {
     max_entries: u32,
 }
 
-fn expected_maps(max_flows: u32) -> [Expected; 10] {
+fn expected_maps(max_flows: u32) -> [Expected; 11] {
     let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
     [
         e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
@@ -165,6 +166,7 @@ fn expected_maps(max_flows: u32) -> [Expected; 10] {
         e(maps::STATS, 4, size_of::<Stats>(), 1),
         e(maps::META, 4, size_of::<Meta>(), 1),
         e(maps::VIP_PORTS, 4, 1, lb_common::service::VIP_PORTS_LEN),
+        e(maps::PROXIED, 4, 8, MAX_BACKENDS),
     ]
 }
 
@@ -306,6 +308,7 @@ impl Dataplane {
             replies: take(&mut ebpf, maps::REPLIES)?,
             closed: take(&mut ebpf, maps::CLOSED)?,
             vip_ports: take(&mut ebpf, maps::VIP_PORTS)?,
+            proxied: take(&mut ebpf, maps::PROXIED)?,
             stats: take(&mut ebpf, maps::STATS)?,
             ebpf,
             logger,
@@ -451,6 +454,7 @@ impl Dataplane {
 
     fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
         self.conns.set(slot, BackendConns::default(), 0)?;
+        self.proxied.set(slot, 0, 0)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         self.backend_flows.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         Ok(())
@@ -477,6 +481,19 @@ impl Dataplane {
             self.conns.set(slot, c, 0)?;
         }
         Ok(())
+    }
+
+    /// Sets how many requests the HTTPS proxy has in flight to this slot's backend address; the
+    /// XDP path adds it to the slot's live count when choosing. Only the daemon writes it.
+    pub fn set_proxied(&mut self, slot: u32, in_flight: i64) -> anyhow::Result<()> {
+        if self.proxied.get(&slot, 0)? != in_flight {
+            self.proxied.set(slot, in_flight, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn proxied(&self, slot: u32) -> anyhow::Result<i64> {
+        Ok(self.proxied.get(&slot, 0)?)
     }
 
     /// Connections ever sent to a backend: its new flows, summed over CPUs.
@@ -544,12 +561,30 @@ impl Dataplane {
             .collect())
     }
 
-    /// Forgets a flow in both directions.
-    pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat) {
+    /// Forgets a flow in both directions, as `flows()` returned it (`seen`). A client may have
+    /// reused the 4-tuple for a new connection since (with `tcp_tw_reuse`, a busy client cycles
+    /// through its ports in seconds), and the data path then replaced the entries: those belong
+    /// to the new connection and are left alone, else its next packets would find no flow and
+    /// be answered with a reset. Returns whether the flow was removed.
+    ///
+    /// The check and the removal are separate system calls, so a reuse landing between them
+    /// (microseconds, against the milliseconds a reconcile takes to walk the flows) still
+    /// loses its entries.
+    pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat, seen: Option<&Flow>) -> bool {
         let fwd = rev.forward_of_reply(nat);
+        let now = self.flows.get(&fwd, 0).ok();
+        let same = match (seen, now) {
+            (_, None) => true,
+            (Some(seen), Some(now)) => seen.created_ns == now.created_ns && seen.backend == now.backend,
+            (None, Some(_)) => false,
+        };
+        if !same {
+            return false;
+        }
         let _ = self.replies.remove(rev);
         let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
+        true
     }
 }
 

@@ -9,7 +9,11 @@ use lb_common::{
     backend::BackendConns,
     flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
 };
-use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
+use xlb::{
+    config::Config,
+    dataplane::{self, Dataplane},
+    status::BackendState,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -296,6 +300,25 @@ fn syn_to_vip_is_dnated_to_the_least_loaded_backend() {
 }
 
 #[test]
+fn https_requests_in_flight_count_as_connections() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[1, 1, 1]);
+    // The HTTPS proxy has 2 requests in flight to app-1 and 1 to app-3: app-2 is least loaded.
+    dp.set_proxied(dataplane::slot(0, 0), 2).unwrap();
+    dp.set_proxied(dataplane::slot(0, 2), 1).unwrap();
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40001, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40001, VIP, 80, SYN).with_dst(HOST.into(), 8002).bytes());
+    // Now app-2 has 2 live and app-3 1 live + 1 proxied: app-3 (chosen longer ago than app-2).
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40002, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40002, VIP, 80, SYN).with_dst(HOST.into(), 8003).bytes());
+    assert_eq!(live(&dp, 0, 2), 2, "proxied requests are not added to the map's live count");
+    // A negative value (never written by the daemon) is treated as zero, not as a bonus.
+    dp.set_proxied(dataplane::slot(0, 0), -100).unwrap();
+    let (_, out) = xdp(&dp, &v4(CLIENT, 40003, VIP, 80, SYN));
+    assert_eq!(out, v4(CLIENT, 40003, VIP, 80, SYN).with_dst(HOST.into(), 8001).bytes());
+}
+
+#[test]
 fn established_packets_follow_their_flow_and_replies_come_back_from_the_vip() {
     let mut dp = setup(&[]);
     set_live(&mut dp, 1, &[5, 5, 0]);
@@ -354,6 +377,31 @@ fn fin_closes_a_flow_once_and_keeps_it_for_the_teardown() {
     assert_eq!(out, syn.with_dst(HOST.into(), 8002).bytes());
     assert_eq!(dp.flow(&syn.key()).unwrap().closed, FLOW_OPEN);
     assert_eq!(live(&dp, 0, 1), 1);
+}
+
+#[test]
+fn forgetting_a_flow_spares_a_new_connection_on_the_same_4_tuple() {
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    let syn = v4(CLIENT, 40015, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    xdp(&dp, &v4(CLIENT, 40015, VIP, 80, FIN | ACK));
+    // The daemon's snapshot of the old, closed flow ...
+    let snapshot = dp.flows().unwrap();
+    let (rev, nat, seen) = snapshot.iter().find(|(_, _, f)| f.is_some()).copied().unwrap();
+    // ... then the client reuses the port; this time app-2 is least loaded.
+    set_live(&mut dp, 0, &[4, 0, 4]);
+    let (_, out) = xdp(&dp, &syn);
+    assert_eq!(out, syn.with_dst(HOST.into(), 8002).bytes());
+    assert!(!dp.remove_flow(&rev, &nat, seen.as_ref()), "the snapshot is stale: nothing removed");
+    let flow = dp.flow(&syn.key()).expect("the new connection keeps its flow");
+    assert_eq!((flow.backend, flow.closed), (1, FLOW_OPEN));
+    let ack = v4(CLIENT, 40015, VIP, 80, ACK);
+    assert_eq!(xdp(&dp, &ack).1, ack.with_dst(HOST.into(), 8002).bytes());
+    // A current snapshot is removed in both directions.
+    let (rev, nat, seen) = dp.flows().unwrap()[0];
+    assert!(dp.remove_flow(&rev, &nat, seen.as_ref()));
+    assert!(dp.flow(&syn.key()).is_none() && dp.reply(&rev).is_none() && dp.flows().unwrap().is_empty());
 }
 
 #[test]

@@ -17,6 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
     ("curl", "curl"),
+    ("wrk", "wrk"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
     // Let's Encrypt's test CA (and its DNS server) for the ACME scenario test.
