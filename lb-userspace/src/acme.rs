@@ -115,7 +115,7 @@ pub struct AcmeSettings {
     pub directory: String,
     /// Contact URLs for the account, e.g. `mailto:ops@example.com`.
     pub contact: Vec<String>,
-    /// The names the certificate is for; the first one is its subject.
+    /// The names the certificate is for (its subjectAltName).
     pub domains: Vec<String>,
     /// A PEM file with the root certificate(s) that the ACME server's own HTTPS certificate
     /// chains to; only these are then trusted. Without it, the Mozilla roots (webpki-roots).
