@@ -1246,6 +1246,22 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_ca_file_is_named() {
+        let missing = Path::new("/nonexistent/xlb-acme-ca.pem");
+        let err = http_client(Some(missing)).err().unwrap().to_string();
+        assert!(
+            err.contains("/nonexistent/xlb-acme-ca.pem: cannot read PEM certificates"),
+            "{err}"
+        );
+        let empty = std::env::temp_dir().join(format!("xlb-acme-ca-{}.pem", std::process::id()));
+        fs::write(&empty, "not a certificate\n").unwrap();
+        let err = http_client(Some(&empty)).err().unwrap().to_string();
+        fs::remove_file(&empty).unwrap();
+        assert!(err.contains("no certificate in it"), "{err}");
+        assert!(http_client(None).is_ok());
+    }
+
+    #[test]
     fn stored_files_are_private_and_replaced_whole() {
         let dir = std::env::temp_dir().join(format!("xlb-acme-unit-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
