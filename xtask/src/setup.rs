@@ -26,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("systemd", "systemd-analyze"),
     // A real SMTP server for the e-mail alert test.
     ("python3-aiosmtpd", "aiosmtpd"),
+    // Let's Encrypt's test CA (and its DNS server) for the ACME scenario test.
+    ("pebble", "pebble"),
+    ("pebble", "pebble-challtestsrv"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {
