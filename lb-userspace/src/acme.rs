@@ -246,6 +246,9 @@ pub struct AcmeStatus {
     pub next_attempt: Option<SystemTime>,
     /// Failed attempts in a row.
     pub failures: u32,
+    /// Attempts finished (either way) since the manager started: one that asked for a renewal
+    /// waits for this to move on, then reads the outcome.
+    pub attempts: u64,
 }
 
 impl AcmeStatus {
@@ -260,6 +263,7 @@ impl AcmeStatus {
             "next_attempt": time(self.next_attempt),
             "last_error": self.last_error,
             "failures": self.failures,
+            "attempts": self.attempts,
         })
     }
 }
@@ -577,14 +581,14 @@ impl Manager {
                     self.validity = Some(issued.validity);
                     self.names_changed = false;
                     self.last_failure = None;
-                    {
-                        let mut status = self.shared.status.lock().unwrap();
-                        status.not_after = Some(issued.validity.1);
-                        status.last_renewal = Some(now);
-                        status.last_error = None;
-                        status.failures = 0;
-                    }
+                    // Served first: whoever sees the status say so can connect and get it.
                     (self.on_cert)(issued.key, issued.chain_pem);
+                    let mut status = self.shared.status.lock().unwrap();
+                    status.not_after = Some(issued.validity.1);
+                    status.last_renewal = Some(now);
+                    status.last_error = None;
+                    status.failures = 0;
+                    status.attempts += 1;
                 }
                 Err(e) => {
                     let failures = self.last_failure.map_or(0, |(_, n)| n) + 1;
@@ -614,6 +618,7 @@ impl Manager {
                     let mut status = self.shared.status.lock().unwrap();
                     status.last_error = Some(e.to_string());
                     status.failures = failures;
+                    status.attempts += 1;
                 }
             }
         }
@@ -1198,6 +1203,7 @@ mod tests {
             last_renewal: None,
             next_attempt: Some(at(19_970) + Duration::from_secs(90)),
             failures: 2,
+            attempts: 3,
         };
         assert_eq!(
             status.to_json(),
@@ -1207,6 +1213,7 @@ mod tests {
                 "next_attempt": "2024-09-04T00:01:30Z",
                 "last_error": "placing the order: connection refused",
                 "failures": 2,
+                "attempts": 3,
             })
         );
     }
