@@ -10,8 +10,12 @@
 //!
 //! Pebble really validates each challenge by connecting to 198.18.0.1 (no "always valid"
 //! shortcut), reuses no authorization, and its issuing root is fetched from its management port
-//! to check what the lb serves. The challenge servers here are the smallest that serve
-//! `Challenges` the way the xlb listeners do; the manager is the real one.
+//! to check what the lb serves.
+//!
+//! The first test runs the whole daemon (`xlb run`): its redirect listener answers HTTP-01, its
+//! HTTPS listener serves the certificate and proxies to demo backends, `xlb renew` forces a
+//! renewal. The others drive the manager alone, behind the smallest challenge servers that
+//! serve `Challenges` the way the xlb listeners do, to reach the failure and restart cases.
 use std::{
     convert::Infallible,
     fs,
@@ -39,7 +43,7 @@ use xlb::{
     acme::{AcmeSettings, AcmeStatus, ChallengeKind, Manager, ManagerHandle},
     challenges::{ACME_TLS_ALPN, Challenges, HTTP01_PREFIX},
 };
-use xlb_tests::{Proc, Topology, wait_until};
+use xlb_tests::{Proc, Topology, demo_backend_bin, http_get, wait_until, xlb_bin};
 
 const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CA_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -382,6 +386,22 @@ async fn tls_http1(
     ),
     String,
 > {
+    let (send, leaf) = tls_http1_leaf(addr, server_name, roots).await?;
+    Ok((send, serial(&leaf)))
+}
+
+/// [`tls_http1`] with the whole certificate the server showed.
+async fn tls_http1_leaf(
+    addr: SocketAddr,
+    server_name: &str,
+    roots: RootCertStore,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        CertificateDer<'static>,
+    ),
+    String,
+> {
     let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -401,12 +421,12 @@ async fn tls_http1(
     let tls = tokio::time::timeout(IO_TIMEOUT, connect)
         .await
         .map_err(|_| format!("TLS to {addr} timed out"))??;
-    let serial = serial(&tls.get_ref().1.peer_certificates().unwrap()[0]);
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    Ok((send, serial))
+    Ok((send, leaf))
 }
 
 async fn get(
@@ -510,6 +530,284 @@ fn mode(path: &Path) -> u32 {
 
 fn https_addr() -> SocketAddr {
     SocketAddr::from((LB, 443))
+}
+
+/// The admin API of the daemon, inside the lb namespace.
+const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
+const BACKENDS: u16 = 3;
+
+/// `xlb run` in the lb namespace of `world`: an `https` service on 198.18.0.1:443 whose
+/// certificate comes from Pebble, a `redirect` service on :80 (HTTP-01), three demo backends.
+struct Daemon {
+    config: PathBuf,
+    proc: Option<Proc>,
+    _apps: Vec<Proc>,
+}
+
+impl Daemon {
+    fn start(world: &World, challenge: &str) -> Daemon {
+        let apps: Vec<Proc> = (1..=BACKENDS)
+            .map(|i| {
+                let addr = format!("{LB}:{}", 8000 + i);
+                let app = world
+                    .topology
+                    .spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &format!("app-{i}")]);
+                app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
+                app
+            })
+            .collect();
+        let backends: Vec<String> = (1..=BACKENDS).map(|i| format!("\"{LB}:{}\"", 8000 + i)).collect();
+        let config = world.dir.join("xlb.toml");
+        let text = format!(
+            r#"[dataplane]
+interfaces = ["{lb_if}"]
+pin_path = "{pin_path}"
+
+[admin]
+listen = "{ADMIN}"
+
+[acme]
+state_dir = "{state}"
+
+[[service]]
+name = "site"
+listen = "{LB}:443"
+mode = "https"
+backends = [{backends}]
+[service.tls]
+acme = {{ directory = "https://{CA_HOST}:{ACME_PORT}/dir", contact = "mailto:ops@xlb.test", domains = ["{DOMAIN}"], ca = "{ca}", challenge = "{challenge}" }}
+[service.health]
+check = "http"
+path = "/health"
+interval = "200ms"
+timeout = "100ms"
+
+[[service]]
+name = "site-http"
+listen = "{LB}:80"
+mode = "redirect"
+"#,
+            lb_if = world.topology.lb_if,
+            pin_path = world.topology.pin_path.display(),
+            state = world.dir.join("xlb-state").display(),
+            backends = backends.join(", "),
+            ca = world.pebble_ca.display(),
+        );
+        fs::write(&config, text).unwrap();
+        let mut cmd = world.topology.lb(xlb_bin());
+        cmd.args(["run", "--config"]).arg(&config).env("XLB_LOG", "info,xlb=debug");
+        let proc = world.topology.spawn(cmd, "xlb run");
+        proc.wait_for_output("xlb ready", Duration::from_secs(30));
+        Daemon { config, proc: Some(proc), _apps: apps }
+    }
+
+    fn proc(&self) -> &Proc {
+        self.proc.as_ref().expect("the daemon runs")
+    }
+
+    /// `xlb ARGS --config FILE` in the lb namespace: exit status and stdout + stderr.
+    fn xlb(&self, world: &World, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut cmd = world.topology.lb(xlb_bin());
+        cmd.args(args).arg("--config").arg(&self.config);
+        let out = cmd.output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
+    }
+
+    fn get(&self, world: &World, path: &str) -> String {
+        let response = world
+            .topology
+            .in_lb(|| http_get(ADMIN, path, IO_TIMEOUT))
+            .unwrap_or_else(|e| panic!("GET http://{ADMIN}{path} in the lb namespace: {e}"));
+        assert_eq!(response.status, 200, "{response:?}");
+        response.body
+    }
+
+    /// The `site` service in `/api/status`.
+    fn site(&self, world: &World) -> serde_json::Value {
+        let status: serde_json::Value = serde_json::from_str(&self.get(world, "/api/status")).unwrap();
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "site")
+            .expect("service site in the status")
+            .clone()
+    }
+
+    /// Waits until the manager has finished `attempts` attempts; returns the site's status.
+    fn wait_attempts(&self, world: &World, attempts: u64) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let site = self.site(world);
+            if site["acme"]["attempts"].as_u64() >= Some(attempts) {
+                return site;
+            }
+            assert!(
+                start.elapsed() < ISSUE_TIMEOUT && self.proc().is_running(),
+                "no ACME attempt #{attempts} after {:?}: {site:#}\n{}",
+                start.elapsed(),
+                self.proc().output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self, world: &World) {
+        let proc = self.proc.take().unwrap();
+        let status = proc.terminate();
+        assert!(status.success(), "xlb run exited with {status}:\n{}", proc.output());
+        let (status, out) = self.xlb(world, &["detach"]);
+        assert!(status.success(), "xlb detach: {out}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Killed before the topology goes; the pins go with the topology.
+        drop(self.proc.take());
+    }
+}
+
+/// notAfter of a certificate, Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> i64 {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).unwrap();
+    parsed.validity().not_after.timestamp()
+}
+
+fn rfc3339_unix(text: &serde_json::Value) -> i64 {
+    let text = text.as_str().unwrap_or_else(|| panic!("not a time: {text}"));
+    let t = humantime::parse_rfc3339(text).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// The issue's test: xlb gets its certificate from Pebble through its own listeners, serves it
+/// and proxies to the backends; `xlb renew` swaps in a new one while a kept-alive connection
+/// stays open and working; status, `xlb status` and the metrics follow.
+#[test]
+fn daemon_issues_serves_and_renews_through_its_own_listeners() {
+    let world = World::new("acme-xlb");
+    let daemon = Daemon::start(&world, "http-01");
+
+    // Issued by HTTP-01 through the redirect listener (Pebble fetched the answer from it).
+    let site = daemon.wait_attempts(&world, 1);
+    let acme = &site["acme"];
+    assert_eq!(acme["failures"], 0, "{site:#}");
+    assert!(acme["last_error"].is_null(), "{site:#}");
+    assert_eq!(acme["challenge"], "http-01");
+    assert_eq!(acme["domains"], serde_json::json!([DOMAIN]));
+    assert!(acme["last_renewal"].is_string(), "{site:#}");
+    let state = world.dir.join("xlb-state");
+    assert_eq!(mode(&state.join("site")), 0o700);
+    assert_eq!(mode(&state.join("site/key.pem")), 0o600);
+    let log = daemon.proc().output();
+    assert!(log.contains("acme: new certificate stored"), "{log}");
+
+    // Served by the HTTPS listener with a chain to Pebble's issuing root, and proxied to a
+    // backend. This connection stays open, kept alive, across the renewal below.
+    let roots = world.issuing_roots();
+    let (mut held, first, body) = world.on_client({
+        let roots = roots.clone();
+        async move {
+            let (mut send, leaf) = tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap();
+            let (status, body) = get(&mut send, "/").await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}");
+            (send, leaf, body)
+        }
+    });
+    assert!(body.starts_with("served by app-"), "{body}");
+    assert_eq!(rfc3339_unix(&acme["not_after"]), not_after(&first));
+    assert_eq!(site["https"]["cert_not_after"].as_i64(), Some(not_after(&first)), "{site:#}");
+    assert_eq!(
+        fs::read(state.join("site/cert.pem")).ok().and_then(|pem| {
+            CertificateDer::pem_slice_iter(&pem).next().and_then(Result::ok).map(|c| serial(&c))
+        }),
+        Some(serial(&first)),
+        "the stored certificate is the one served"
+    );
+
+    // Forced renewal through the CLI, which waits for the outcome.
+    let asked = Instant::now();
+    let (status, out) = daemon.xlb(&world, &["renew", "site"]);
+    println!("xlb renew site: {status} after {} ms: {out}", asked.elapsed().as_millis());
+    assert!(status.success(), "xlb renew: {status}\n{out}\n{}", daemon.proc().output());
+    assert!(out.contains("site: renewed: new certificate for app.xlb.test valid until"), "{out}");
+
+    // The held connection keeps working (one TLS session: the certificate it was shown at its
+    // handshake), and new connections get the new certificate.
+    let (still, second) = world.on_client(async move {
+        let still = get(&mut held, "/").await;
+        let (mut send, leaf) = tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap();
+        let (status, body) = get(&mut send, "/").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with("served by app-"), "{body}");
+        // The held one once more, after the new connection: still the same connection.
+        let again = get(&mut held, "/").await;
+        ((still, again), leaf)
+    });
+    let ((still, again), second) = (still, second);
+    assert!(matches!(&still, Ok((StatusCode::OK, b)) if b.starts_with("served by app-")), "{still:?}");
+    assert!(matches!(&again, Ok((StatusCode::OK, _))), "{again:?}");
+    assert_ne!(serial(&second), serial(&first), "a renewal brings a new certificate");
+
+    // Status: the new certificate's end, no error, two attempts; the served expiry followed.
+    let site = daemon.site(&world);
+    let acme = &site["acme"];
+    assert_eq!(acme["attempts"], 2, "{site:#}");
+    assert_eq!(acme["failures"], 0, "{site:#}");
+    assert!(acme["last_error"].is_null(), "{site:#}");
+    assert_eq!(rfc3339_unix(&acme["not_after"]), not_after(&second), "{site:#}");
+    assert_eq!(site["https"]["cert_not_after"].as_i64(), Some(not_after(&second)), "{site:#}");
+    // Not due again for years (Pebble issues long-lived certificates).
+    assert!(rfc3339_unix(&acme["next_attempt"]) > rfc3339_unix(&acme["last_renewal"]) + 86_400, "{site:#}");
+    let metrics = daemon.get(&world, "/metrics");
+    for line in [
+        format!("xlb_certificate_not_after_seconds{{service=\"site\"}} {}", not_after(&second)),
+        "xlb_acme_renewal_failures{service=\"site\"} 0".to_owned(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing `{line}` in:\n{metrics}");
+    }
+    let (status, table) = daemon.xlb(&world, &["status"]);
+    assert!(status.success(), "{table}");
+    let expected = format!("acme (http-01) {DOMAIN}: certificate until {}", acme["not_after"].as_str().unwrap());
+    assert!(table.contains(&expected), "{table}");
+    assert!(!table.contains("FAILING"), "{table}");
+
+    // Asking for a service without ACME, or an unknown one, is refused with the reason.
+    let (status, out) = daemon.xlb(&world, &["renew", "site-http"]);
+    assert!(!status.success() && out.contains("\"site-http\" does not get its certificate from ACME") && out.contains("these do: site"), "{out}");
+    let (status, out) = daemon.xlb(&world, &["renew", "nope"]);
+    assert!(!status.success() && out.contains("no service \"nope\""), "{out}");
+
+    // With the CA down a renewal fails: reported with the reason, the certificate stays.
+    world.stop_pebble();
+    let (status, out) = daemon.xlb(&world, &["renew", "site"]);
+    assert!(!status.success(), "xlb renew with the CA down: {out}");
+    assert!(out.contains("site: renewal failed:") && out.contains("the current certificate stays"), "{out}");
+    let site = daemon.site(&world);
+    assert_eq!(site["acme"]["failures"], 1, "{site:#}");
+    assert!(site["acme"]["last_error"].is_string(), "{site:#}");
+    assert_eq!(rfc3339_unix(&site["acme"]["not_after"]), not_after(&second), "{site:#}");
+    let (_, table) = daemon.xlb(&world, &["status"]);
+    assert!(table.contains("acme FAILING (1 attempts in a row)"), "{table}");
+    let metrics = daemon.get(&world, "/metrics");
+    assert!(metrics.lines().any(|l| l == "xlb_acme_renewal_failures{service=\"site\"} 1"), "{metrics}");
+
+    // The CA back (a fresh Pebble, which forgot the account): the next renewal succeeds.
+    world.start_pebble();
+    let roots = world.issuing_roots();
+    let (status, out) = daemon.xlb(&world, &["renew", "site"]);
+    assert!(status.success(), "xlb renew after the CA came back: {out}\n{}", daemon.proc().output());
+    let third = world.on_client(async move {
+        let (mut send, leaf) = tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap();
+        assert_eq!(get(&mut send, "/").await.unwrap().0, StatusCode::OK);
+        leaf
+    });
+    assert_ne!(serial(&third), serial(&second));
+    let site = daemon.site(&world);
+    assert_eq!((site["acme"]["failures"].as_u64(), site["acme"]["attempts"].as_u64()), (Some(0), Some(4)), "{site:#}");
+    assert!(site["acme"]["last_error"].is_null(), "{site:#}");
+    daemon.stop(&world);
 }
 
 #[test]
