@@ -545,7 +545,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(world: &World, challenge: &str) -> Daemon {
+    /// `extra` is appended to the config (e.g. an `[alerts]` table).
+    fn start(world: &World, challenge: &str, extra: &str) -> Daemon {
         let apps: Vec<Proc> = (1..=BACKENDS)
             .map(|i| {
                 let addr = format!("{LB}:{}", 8000 + i);
@@ -586,6 +587,7 @@ timeout = "100ms"
 name = "site-http"
 listen = "{LB}:80"
 mode = "redirect"
+{extra}
 "#,
             lb_if = world.topology.lb_if,
             pin_path = world.topology.pin_path.display(),
@@ -669,6 +671,66 @@ impl Drop for Daemon {
     }
 }
 
+/// A webhook receiver in the lb namespace: the `events` of every alert POSTed to it.
+struct Hook {
+    addr: SocketAddr,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Hook {
+    fn start(world: &World) -> Hook {
+        let listener = world
+            .topology
+            .in_lb(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let store = events.clone();
+        world.on_lb(async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else { continue };
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req: Request<Incoming>| {
+                            let store = store.clone();
+                            async move {
+                                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+                                    store.lock().unwrap().extend(json["events"].as_array().cloned().unwrap_or_default());
+                                }
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        Hook { addr, events }
+    }
+
+    /// The event names received so far, in order.
+    fn names(&self) -> Vec<String> {
+        self.events.lock().unwrap().iter().map(|e| e["event"].as_str().unwrap_or("?").to_owned()).collect()
+    }
+
+    fn wait_for(&self, name: &str) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events.lock().unwrap().iter().find(|e| e["event"] == name) {
+                return e.clone();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no {name} alert; received {:?}", self.names());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// notAfter of a certificate, Unix seconds.
 fn not_after(cert: &CertificateDer<'_>) -> i64 {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).unwrap();
@@ -687,7 +749,9 @@ fn rfc3339_unix(text: &serde_json::Value) -> i64 {
 #[test]
 fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     let world = World::new("acme-xlb");
-    let daemon = Daemon::start(&world, "http-01");
+    let hook = Hook::start(&world);
+    let alerts = format!("\n[alerts]\n[alerts.webhook]\nurl = \"http://{}/hook\"\ntimeout = \"2s\"\n", hook.addr);
+    let daemon = Daemon::start(&world, "http-01", &alerts);
 
     // Issued by HTTP-01 through the redirect listener (Pebble fetched the answer from it).
     let site = daemon.wait_attempts(&world, 1);
@@ -702,6 +766,11 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     assert_eq!(mode(&state.join("site/key.pem")), 0o600);
     let log = daemon.proc().output();
     assert!(log.contains("acme: new certificate stored"), "{log}");
+    // Pebble fetched the key authorization from the redirect listener (from several
+    // "perspectives", each one request).
+    let status: serde_json::Value = serde_json::from_str(&daemon.get(&world, "/api/status")).unwrap();
+    let redirect = status["services"].as_array().unwrap().iter().find(|s| s["name"] == "site-http").unwrap();
+    assert!(redirect["https"]["responses"]["2xx"].as_u64() >= Some(1), "{redirect:#}");
 
     // Served by the HTTPS listener with a chain to Pebble's issuing root, and proxied to a
     // backend. This connection stays open, kept alive, across the renewal below.
@@ -792,6 +861,11 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     assert!(table.contains("acme FAILING (1 attempts in a row)"), "{table}");
     let metrics = daemon.get(&world, "/metrics");
     assert!(metrics.lines().any(|l| l == "xlb_acme_renewal_failures{service=\"site\"} 1"), "{metrics}");
+    // Alerted once, with the reason; nothing was sent for the successful issues before.
+    let failed = hook.wait_for("certificate_renewal_failed");
+    assert_eq!(failed["domain"], DOMAIN, "{failed:#}");
+    assert!(failed["error"].as_str().is_some_and(|e| !e.is_empty()), "{failed:#}");
+    assert_eq!(hook.names(), ["certificate_renewal_failed"]);
 
     // The CA back (a fresh Pebble, which forgot the account): the next renewal succeeds.
     world.start_pebble();
@@ -807,6 +881,9 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     let site = daemon.site(&world);
     assert_eq!((site["acme"]["failures"].as_u64(), site["acme"]["attempts"].as_u64()), (Some(0), Some(4)), "{site:#}");
     assert!(site["acme"]["last_error"].is_null(), "{site:#}");
+    let renewed = hook.wait_for("certificate_renewed");
+    assert_eq!(renewed["domain"], DOMAIN, "{renewed:#}");
+    assert_eq!(hook.names(), ["certificate_renewal_failed", "certificate_renewed"]);
     daemon.stop(&world);
 }
 
@@ -1095,4 +1172,30 @@ fn a_stored_certificate_near_its_end_is_served_then_renewed() {
         serial
     });
     assert_eq!(served, renewed);
+}
+
+/// TLS-ALPN-01 through the daemon: Pebble validates on port 443 itself, where the HTTPS
+/// listener answers `acme-tls/1` with the challenge certificate and everyone else with the
+/// issued one.
+#[test]
+fn daemon_issues_by_tls_alpn01_on_its_https_listener() {
+    let world = World::new("acme-xlb-alpn");
+    let daemon = Daemon::start(&world, "tls-alpn-01", "");
+    let site = daemon.wait_attempts(&world, 1);
+    assert_eq!(site["acme"]["failures"], 0, "{site:#}\n{}", daemon.proc().output());
+    assert_eq!(site["acme"]["challenge"], "tls-alpn-01");
+    let roots = world.issuing_roots();
+    let (leaf, body) = world.on_client(async move {
+        let (mut send, leaf) = tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap();
+        let (status, body) = get(&mut send, "/").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (leaf, body)
+    });
+    assert!(body.starts_with("served by app-"), "{body}");
+    assert_eq!(rfc3339_unix(&site["acme"]["not_after"]), not_after(&leaf));
+    // No HTTP-01 request reached the redirect listener: its counters saw nothing.
+    let status: serde_json::Value = serde_json::from_str(&daemon.get(&world, "/api/status")).unwrap();
+    let redirect = status["services"].as_array().unwrap().iter().find(|s| s["name"] == "site-http").unwrap();
+    assert_eq!(redirect["https"]["responses"]["2xx"], 0, "{redirect:#}");
+    daemon.stop(&world);
 }
