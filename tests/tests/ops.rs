@@ -516,7 +516,6 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "Restart=on-failure",
         "WatchdogSec=10s",
         "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_BIND_SERVICE",
-        "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf",
