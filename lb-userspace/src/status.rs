@@ -418,4 +418,42 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
 ";
         assert_eq!(render_table(&status), expected);
     }
+
+    #[test]
+    fn table_shows_the_acme_manager_and_its_failure() {
+        let mut acme = AcmeServiceStatus {
+            domains: vec!["example.com".into(), "www.example.com".into()],
+            challenge: "http-01".into(),
+            not_after: Some("2027-03-01T12:00:00Z".into()),
+            last_renewal: Some("2026-12-01T12:00:01Z".into()),
+            next_attempt: Some("2027-01-30T12:00:00Z".into()),
+            last_error: None,
+            failures: 0,
+            attempts: 1,
+        };
+        let status = |acme: &AcmeServiceStatus| Status {
+            services: vec![ServiceStatus {
+                name: "site".into(),
+                listen: "203.0.113.10:443".into(),
+                mode: "https".into(),
+                rise: 2,
+                backends: vec![],
+                https: None,
+                acme: Some(acme.clone()),
+            }],
+            dataplane: DataplaneStatus::default(),
+        };
+        let line = "  acme (http-01) example.com,www.example.com: certificate until 2027-03-01T12:00:00Z  \
+                    renewed 2026-12-01T12:00:01Z  next attempt 2027-01-30T12:00:00Z\n";
+        let table = render_table(&status(&acme));
+        assert!(table.contains(line), "{table}");
+        assert!(!table.contains("FAILING"), "{table}");
+        acme.last_error = Some("placing the order:\nconnection refused".into());
+        acme.failures = 3;
+        let table = render_table(&status(&acme));
+        assert!(table.contains("  acme FAILING (3 attempts in a row): placing the order: connection refused\n"), "{table}");
+        // Round trip through the JSON `xlb status` reads.
+        let json = serde_json::to_string(&status(&acme)).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status(&acme));
+    }
 }
