@@ -596,11 +596,26 @@ mode = "redirect"
             ca = world.pebble_ca.display(),
         );
         fs::write(&config, text).unwrap();
+        let mut daemon = Daemon { config, proc: None, _apps: apps };
+        daemon.run(world);
+        daemon
+    }
+
+    /// `xlb run`, waiting for `xlb ready`.
+    fn run(&mut self, world: &World) {
         let mut cmd = world.topology.lb(xlb_bin());
-        cmd.args(["run", "--config"]).arg(&config).env("XLB_LOG", "info,xlb=debug");
+        cmd.args(["run", "--config"]).arg(&self.config).env("XLB_LOG", "info,xlb=debug");
         let proc = world.topology.spawn(cmd, "xlb run");
         proc.wait_for_output("xlb ready", Duration::from_secs(30));
-        Daemon { config, proc: Some(proc), _apps: apps }
+        self.proc = Some(proc);
+    }
+
+    /// SIGTERM, then a new `xlb run` on the same config and state.
+    fn restart(&mut self, world: &World) {
+        let proc = self.proc.take().unwrap();
+        let status = proc.terminate();
+        assert!(status.success(), "xlb run exited with {status}:\n{}", proc.output());
+        self.run(world);
     }
 
     fn proc(&self) -> &Proc {
@@ -751,7 +766,7 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     let world = World::new("acme-xlb");
     let hook = Hook::start(&world);
     let alerts = format!("\n[alerts]\n[alerts.webhook]\nurl = \"http://{}/hook\"\ntimeout = \"2s\"\n", hook.addr);
-    let daemon = Daemon::start(&world, "http-01", &alerts);
+    let mut daemon = Daemon::start(&world, "http-01", &alerts);
 
     // Issued by HTTP-01 through the redirect listener (Pebble fetched the answer from it).
     let site = daemon.wait_attempts(&world, 1);
@@ -884,6 +899,29 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     let renewed = hook.wait_for("certificate_renewed");
     assert_eq!(renewed["domain"], DOMAIN, "{renewed:#}");
     assert_eq!(hook.names(), ["certificate_renewal_failed", "certificate_renewed"]);
+
+    // The ACME settings are read at start: a reload that changes them is refused, naming the
+    // restart it takes, and the running config stays.
+    let text = fs::read_to_string(&daemon.config).unwrap();
+    fs::write(&daemon.config, text.replace("challenge = \"http-01\"", "challenge = \"http-01\", renew_before = \"10d\"")).unwrap();
+    let (status, out) = daemon.xlb(&world, &["reload"]);
+    assert!(!status.success() && out.contains("that takes a restart"), "{out}");
+    fs::write(&daemon.config, text).unwrap();
+
+    // A restarted daemon serves the stored certificate at once and orders nothing.
+    daemon.restart(&world);
+    let site = daemon.site(&world);
+    assert_eq!(site["acme"]["attempts"], 0, "{site:#}");
+    assert_eq!(rfc3339_unix(&site["acme"]["not_after"]), not_after(&third), "{site:#}");
+    let roots = world.issuing_roots();
+    let served = world.on_client(async move {
+        let (mut send, leaf) = tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap();
+        assert_eq!(get(&mut send, "/").await.unwrap().0, StatusCode::OK);
+        leaf
+    });
+    assert_eq!(serial(&served), serial(&third));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(daemon.site(&world)["acme"]["attempts"], 0);
     daemon.stop(&world);
 }
 
