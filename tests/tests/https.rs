@@ -727,6 +727,7 @@ fn backend_killed_mid_stream() {
                 }
             });
         }
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(700));
         let app = site.lb.apps[1].as_ref().unwrap();
         app.kill9();
@@ -831,6 +832,15 @@ fn aborts(app: &xlb_tests::Proc, method: &str) -> usize {
     app.output().matches(&format!("request {method} /abort")).count()
 }
 
+/// Tells the client threads of a scope to stop when dropped, also by a failed assertion.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How many POSTs a demo backend has logged.
 fn posts(app: &xlb_tests::Proc) -> usize {
     app.output().matches("request POST ").count()
@@ -857,6 +867,8 @@ fn slow_clients_are_timed_out() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        // A failed check below must still stop the probe client, or the scope waits forever.
+        let _stop = StopOnDrop(&stop);
         let https = site.https();
         // Says nothing after connecting.
         let silent = site.tcp(https);

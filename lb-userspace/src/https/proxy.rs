@@ -122,7 +122,11 @@ impl Proxy {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let linger = super::linger_handle(&tcp);
                 proxy.connection(tcp, peer, acceptor, stop).await;
+                if let Some(fd) = linger {
+                    super::linger(fd).await;
+                }
             });
         }
     }
@@ -168,8 +172,9 @@ impl Proxy {
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.h2_max_streams)
             .max_header_list_size(l.max_header_bytes as u32)
-            // Rapid reset (CVE-2023-44487): bounded by hyper's defaults for pending and
-            // locally reset streams; both answered with GOAWAY.
+            // Rapid reset (CVE-2023-44487): streams reset before they are served, and streams
+            // we had to reset, are bounded per connection; past either bound the connection
+            // ends with GOAWAY. hyper's defaults, written out so that they cannot change unseen.
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
         let proxy = self.clone();
