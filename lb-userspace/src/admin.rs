@@ -405,6 +405,23 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    service: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    service: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InterfaceLabels {
     interface: String,
     xdp_mode: String,
@@ -435,7 +452,27 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
     let failed = Family::<BackendLabels, Counter>::default();
     let up = Family::<StateLabels, Gauge>::default();
     let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
+    let handshakes = Family::<HandshakeLabels, Counter>::default();
+    let responses = Family::<ResponseLabels, Counter>::default();
+    let retries = Family::<ServiceLabels, Counter>::default();
+    let not_after = Family::<ServiceLabels, Gauge>::default();
+    let expires_in = Family::<ServiceLabels, Gauge>::default();
     for service in &status.services {
+        if let Some(h) = &service.https {
+            let s = || service.name.clone();
+            for (kind, n) in [("full", h.handshakes_full), ("resumed", h.handshakes_resumed), ("failed", h.handshakes_failed)] {
+                handshakes.get_or_create(&HandshakeLabels { service: s(), kind }).inc_by(n);
+            }
+            let r = &h.responses;
+            for (class, n) in [("1xx", r.c1xx), ("2xx", r.c2xx), ("3xx", r.c3xx), ("4xx", r.c4xx), ("5xx", r.c5xx)] {
+                responses.get_or_create(&ResponseLabels { service: s(), class }).inc_by(n);
+            }
+            retries.get_or_create(&ServiceLabels { service: s() }).inc_by(h.retries);
+            if let (Some(at), Some(left)) = (h.cert_not_after, h.cert_expires_in_seconds) {
+                not_after.get_or_create(&ServiceLabels { service: s() }).set(at);
+                expires_in.get_or_create(&ServiceLabels { service: s() }).set(left);
+            }
+        }
         for backend in &service.backends {
             let labels = BackendLabels {
                 service: service.name.clone(),
@@ -494,6 +531,33 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         "Duration of the last health probe of the backend",
         Unit::Seconds,
         probe,
+    );
+    registry.register(
+        "xlb_tls_handshakes",
+        "TLS handshakes of an https service: full, resumed (session ticket or cache) or failed",
+        handshakes,
+    );
+    registry.register(
+        "xlb_http_responses",
+        "HTTP responses of an https or redirect service, by status class",
+        responses,
+    );
+    registry.register(
+        "xlb_http_retries",
+        "Requests of an https service sent again to another backend after a failure",
+        retries,
+    );
+    registry.register_with_unit(
+        "xlb_certificate_not_after",
+        "notAfter of the https service's certificate that expires first (Unix time)",
+        Unit::Seconds,
+        not_after,
+    );
+    registry.register_with_unit(
+        "xlb_certificate_expiry",
+        "Time left until the https service's first certificate expires (negative once expired)",
+        Unit::Seconds,
+        expires_in,
     );
     let dataplane = &status.dataplane;
     let interfaces = dataplane
@@ -720,6 +784,7 @@ mod tests {
                     backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),
                     backend("203.0.113.10:8003", BackendState::Draining, 1, 9, None),
                 ],
+                https: None,
             }],
             dataplane: DataplaneStatus {
                 interfaces: vec![InterfaceStatus {
@@ -741,6 +806,29 @@ mod tests {
         addr: SocketAddr,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    /// `sample` with an https service too.
+    fn sample_with_https() -> Status {
+        let mut status = sample();
+        let backends = vec![status.services[0].backends[0].clone()];
+        status.services.push(ServiceStatus {
+            name: "site".into(),
+            listen: "203.0.113.10:443".into(),
+            mode: "https".into(),
+            rise: 2,
+            backends,
+            https: Some(crate::https::HttpsStatus {
+                handshakes_full: 10,
+                handshakes_resumed: 4,
+                handshakes_failed: 1,
+                responses: crate::https::ResponseClasses { c2xx: 40, c5xx: 2, ..Default::default() },
+                retries: 3,
+                cert_not_after: Some(1_800_000_000),
+                cert_expires_in_seconds: Some(86_400),
+            }),
+        });
+        status
     }
 
     async fn start(source: Fixed) -> Server {
@@ -777,7 +865,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_expose_the_snapshot() {
-        let server = start(Fixed(Ok(sample()))).await;
+        let server = start(Fixed(Ok(sample_with_https()))).await;
         let response = get(server.addr, Method::GET, "/metrics").await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[header::CONTENT_TYPE], OPENMETRICS);
@@ -807,6 +895,13 @@ mod tests {
             "# TYPE xlb_dataplane_new_flows counter".into(),
             "xlb_dataplane_new_flows_total 136".into(),
             "xlb_dataplane_drop_no_backend_total 0".into(),
+            r#"xlb_tls_handshakes_total{service="site",kind="full"} 10"#.into(),
+            r#"xlb_tls_handshakes_total{service="site",kind="resumed"} 4"#.into(),
+            r#"xlb_http_responses_total{service="site",class="2xx"} 40"#.into(),
+            r#"xlb_http_responses_total{service="site",class="5xx"} 2"#.into(),
+            r#"xlb_http_retries_total{service="site"} 3"#.into(),
+            r#"xlb_certificate_not_after_seconds{service="site"} 1800000000"#.into(),
+            r#"xlb_certificate_expiry_seconds{service="site"} 86400"#.into(),
         ] {
             assert!(
                 body.lines().any(|l| l == line),

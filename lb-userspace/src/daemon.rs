@@ -12,20 +12,20 @@
 //! cleared once no flow refers to them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
@@ -33,9 +33,10 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, ControlError, StatusSource},
     alert::{Alerts, Event},
-    config::Config,
-    dataplane::{self, Dataplane},
-    health,
+    challenges::Challenges,
+    config::{Config, ServiceMode, Tls},
+    dataplane::{self, ConnsReader, Dataplane},
+    health, https,
     layout::{Layout, Retiring},
     notify,
     sockdiag::{self, SocketTable},
@@ -83,6 +84,117 @@ impl Control {
     }
 }
 
+/// What the HTTPS proxy shares with the rest of the daemon (see `https::Backplane`). The
+/// `https` and `redirect` services are fixed for the daemon's life (a reload that changes them
+/// is refused), so their indices and addresses are too; the L4 slots follow reloads.
+struct Backplane {
+    /// `usable[service][backend]`: up and not drained, as last written to the data path.
+    usable: Vec<Vec<AtomicBool>>,
+    /// Requests of the HTTPS path in flight, and sent in all, per backend address.
+    in_flight: HashMap<SocketAddr, (AtomicI64, AtomicU64)>,
+    /// The L4 slots of each backend address: where the data path counts its connections, and
+    /// where the in-flight requests are published for it. Replaced by a reload.
+    l4_slots: RwLock<HashMap<SocketAddr, Vec<u32>>>,
+    conns: ConnsReader,
+    /// Fires when an in-flight count changes.
+    changed: Notify,
+    failures: mpsc::UnboundedSender<(usize, usize)>,
+}
+
+impl Backplane {
+    fn new(
+        config: &Config,
+        layout: &Layout,
+        conns: ConnsReader,
+        states: &[Vec<BackendState>],
+        failures: mpsc::UnboundedSender<(usize, usize)>,
+    ) -> Backplane {
+        let mut in_flight = HashMap::new();
+        for svc in config.services.iter().filter(|s| s.mode != ServiceMode::L4) {
+            for &addr in &svc.backends {
+                in_flight.entry(addr).or_insert_with(Default::default);
+            }
+        }
+        let usable = states.iter().map(|s| s.iter().map(|&st| AtomicBool::new(st == BackendState::Up)).collect()).collect();
+        Backplane {
+            usable,
+            in_flight,
+            l4_slots: RwLock::new(Self::l4_slots(config, layout)),
+            conns,
+            changed: Notify::new(),
+            failures,
+        }
+    }
+
+    fn l4_slots(config: &Config, layout: &Layout) -> HashMap<SocketAddr, Vec<u32>> {
+        let mut l4_slots: HashMap<SocketAddr, Vec<u32>> = HashMap::new();
+        for (s, svc) in config.services.iter().enumerate().filter(|(_, s)| s.mode == ServiceMode::L4) {
+            for (b, &addr) in svc.backends.iter().enumerate() {
+                l4_slots.entry(addr).or_default().push(layout.slot(s, b));
+            }
+        }
+        l4_slots
+    }
+
+    /// After a reload: the L4 slots of the new layout (the `https` services are unchanged).
+    fn relayout(&self, config: &Config, layout: &Layout) {
+        *self.l4_slots.write().unwrap() = Self::l4_slots(config, layout);
+        self.changed.notify_one();
+    }
+
+    fn set_state(&self, service: usize, backend: usize, state: BackendState) {
+        if let Some(u) = self.usable.get(service).and_then(|s| s.get(backend)) {
+            u.store(state == BackendState::Up, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes every address's in-flight count into the `PROXIED` entry of each L4 slot with
+    /// that address.
+    fn publish(&self, dp: &mut Dataplane) -> anyhow::Result<()> {
+        for (addr, slots) in self.l4_slots.read().unwrap().iter() {
+            let n = https::Backplane::in_flight(self, *addr);
+            for &slot in slots {
+                dp.set_proxied(slot, n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl https::Backplane for Backplane {
+    fn usable(&self, service: usize, backend: usize) -> bool {
+        self.usable.get(service).and_then(|s| s.get(backend)).is_some_and(|u| u.load(Ordering::Relaxed))
+    }
+
+    fn l4_live(&self, addr: SocketAddr) -> i64 {
+        self.l4_slots.read().unwrap().get(&addr).map_or(0, |slots| slots.iter().map(|&s| self.conns.live(s).max(0)).sum())
+    }
+
+    fn in_flight(&self, addr: SocketAddr) -> i64 {
+        self.in_flight.get(&addr).map_or(0, |(n, _)| n.load(Ordering::Relaxed).max(0))
+    }
+
+    fn add_in_flight(&self, addr: SocketAddr, delta: i64) {
+        if let Some((n, total)) = self.in_flight.get(&addr) {
+            n.fetch_add(delta, Ordering::Relaxed);
+            if delta > 0 {
+                total.fetch_add(delta as u64, Ordering::Relaxed);
+            }
+            if self.l4_slots.read().unwrap().contains_key(&addr) {
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    fn failed(&self, service: usize, backend: usize) {
+        let _ = self.failures.send((service, backend));
+    }
+}
+
+/// How long in-flight changes are gathered before they are written to the data path: one map
+/// write per burst of requests rather than two per request.
+const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(2);
+
 /// The running config and where its backends sit in the maps; a reload replaces it whole.
 struct Current {
     config: Config,
@@ -110,6 +222,12 @@ struct Shared {
     probes: Mutex<Vec<Vec<Probe>>>,
     current: Mutex<Arc<Current>>,
     flows: AtomicU64,
+    backplane: Arc<Backplane>,
+    /// Per service: the HTTPS counters (`None` for L4 services). Fixed for the daemon's life,
+    /// like the `https` and `redirect` services.
+    https_stats: Vec<Option<Arc<https::Stats>>>,
+    /// Certificate reloads of the `https` services (SIGHUP and `xlb reload` fire it).
+    certificates: Arc<Notify>,
     /// The health probers of the current config and the tasks reading their reports.
     probers: Mutex<Vec<JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
@@ -144,6 +262,50 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the admin API to {listen} (admin.listen in the config)"))?,
     };
+    // The HTTPS and redirect listeners and their certificates too (or the sockets systemd
+    // holds for them, so that a restart refuses no connection).
+    let challenges = Challenges::new();
+    let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
+    let mut https_listeners = Vec::new();
+    let mut watchers = Vec::new();
+    for (s, svc) in config.services.iter().enumerate() {
+        if svc.mode == ServiceMode::L4 {
+            https_stats.push(None);
+            continue;
+        }
+        let stats = Arc::new(https::Stats::default());
+        https_stats.push(Some(stats.clone()));
+        let std_listener = match crate::listeners::take(svc.listen) {
+            Some(inherited) => {
+                info!(service = %svc.name, listen = %svc.listen, "listening on the socket passed by systemd");
+                inherited
+            }
+            None => https::bind(svc.listen).with_context(|| {
+                format!("service \"{}\": listening on {} (its listen address; is another server using it?)", svc.name, svc.listen)
+            })?,
+        };
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let acceptor = match svc.https.as_ref().map(|h| &h.tls) {
+            Some(Tls::Files(files)) => {
+                let certs = files
+                    .iter()
+                    .map(https::tls::load_pair)
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .with_context(|| format!("service \"{}\": loading its certificates ([service.tls])", svc.name))?;
+                let resolver = https::tls::Resolver::new(certs, challenges.clone(), stats.clone());
+                watchers.push((svc.name.clone(), files.clone(), resolver.clone()));
+                Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
+            }
+            Some(Tls::Acme(_)) => {
+                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
+                // get a handshake.
+                let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
+                Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
+            }
+            None => None,
+        };
+        https_listeners.push((s, listener, acceptor));
+    }
     // A first start that fails half-way (say, the second interface refuses XDP) must not leave
     // the first one attached and the maps pinned with nobody managing them; a restart that
     // fails leaves the running data path alone.
@@ -204,6 +366,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let retiring = layout.retiring.clone();
     let alerts = Alerts::start(config.alerts.clone());
+    let (failures_tx, mut failures_rx) = mpsc::unbounded_channel::<(usize, usize)>();
+    let backplane = Arc::new(Backplane::new(&config, &layout, dp.conns_reader()?, &states, failures_tx));
+    let certificates = Arc::new(Notify::new());
     let shared = Arc::new(Shared {
         reloading: Mutex::new(()),
         control: Mutex::new(control),
@@ -217,6 +382,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             generation: 0,
         })),
         flows: AtomicU64::new(0),
+        backplane,
+        https_stats,
+        certificates: certificates.clone(),
         probers: Mutex::new(Vec::new()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: shutdown_rx.clone(),
@@ -228,6 +396,95 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let initial_up =
         states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
     start_health(&shared, &shared.current(), initial_up);
+
+    // Passive health of the HTTPS path: `max_fails` failed requests within `fail_timeout` take
+    // a backend out until its probes pass `rise` times.
+    let sh = shared.clone();
+    tasks.spawn(async move {
+        let mut recent: HashMap<(usize, usize), VecDeque<Instant>> = HashMap::new();
+        while let Some((s, b)) = failures_rx.recv().await {
+            let mut control = sh.control.lock().unwrap();
+            let current = sh.current();
+            let svc = &current.config.services[s];
+            if svc.max_fails == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            let fails = recent.entry((s, b)).or_default();
+            fails.push_back(now);
+            while fails.front().is_some_and(|&t| now.duration_since(t) > svc.fail_timeout) {
+                fails.pop_front();
+            }
+            if fails.len() < svc.max_fails as usize {
+                continue;
+            }
+            fails.clear();
+            let addr = svc.backends[b];
+            let c = &mut control[s][b];
+            let was_up = c.up;
+            c.up = false;
+            c.failed = true;
+            current.passive_failed.set(s, b);
+            if c.drained || !was_up {
+                continue;
+            }
+            let state = c.state();
+            match sh.dp.lock().unwrap().set_slot_state(current.layout.slot(s, b), state) {
+                Ok(()) => {
+                    sh.backplane.set_state(s, b, state);
+                    warn!(service = %svc.name, backend = %addr, max_fails = svc.max_fails, fail_timeout = ?svc.fail_timeout,
+                        "backend failed (passive): requests to it failed; back after its probes pass");
+                    alert_down(&sh, &svc.name, addr, Some("requests to it failed (passive health)".into()));
+                    alert_service(&sh, &current, &control, s);
+                }
+                Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
+            }
+        }
+    });
+
+    // The HTTPS path's in-flight requests, published to the data path on every change (a
+    // burst at a time) and every reconcile period.
+    let sh = shared.clone();
+    let mut stop = shutdown_rx.clone();
+    tasks.spawn(async move {
+        if sh.backplane.in_flight.is_empty() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = sh.backplane.changed.notified() => tokio::time::sleep(PUBLISH_DEBOUNCE).await,
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            let sh = sh.clone();
+            let done = tokio::task::spawn_blocking(move || sh.backplane.publish(&mut sh.dp.lock().unwrap())).await;
+            if let Ok(Err(e)) = done {
+                warn!("publishing HTTPS requests in flight to the data path: {e:#}");
+            }
+        }
+    });
+
+    // The HTTPS and redirect listeners.
+    for (s, listener, acceptor) in https_listeners {
+        let current = shared.current();
+        let svc = &current.config.services[s];
+        let stats = shared.https_stats[s].clone().expect("https and redirect services have stats");
+        let stop = shutdown_rx.clone();
+        match acceptor {
+            Some(acceptor) => {
+                let backplane: Arc<dyn https::Backplane> = shared.backplane.clone();
+                let proxy = https::proxy::Proxy::new(s, svc, backplane, stats);
+                tasks.spawn(proxy.serve(listener, acceptor, stop));
+            }
+            None => {
+                tasks.spawn(https::redirect::serve(svc.name.clone(), listener, challenges.clone(), stats, stop));
+            }
+        }
+        info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
+    }
+    for (name, files, resolver) in watchers {
+        tasks.spawn(https::tls::watch_files(name, files, resolver, certificates.clone(), shutdown_rx.clone()));
+    }
 
     let sh = shared.clone();
     let mut stop = shutdown_rx.clone();
@@ -347,7 +604,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM received"); break }
             _ = sigint.recv() => { info!("SIGINT received"); break }
             _ = sighup.recv() => {
-                info!("SIGHUP received: reloading the config");
+                info!("SIGHUP received: reloading the config and the certificates");
+                shared.certificates.notify_waiters();
                 let sh = shared.clone();
                 // The outcome is logged by `reload` itself.
                 let _ = tokio::task::spawn_blocking(move || reload(&sh)).await;
@@ -434,6 +692,7 @@ fn passive_tick(sh: &Shared) -> anyhow::Result<()> {
             if c.drained {
                 dp.set_slot_state(slot, c.state()).context("writing the backend state")?;
             }
+            sh.backplane.set_state(s, b, c.state());
             let p = dp.slot_passive(slot)?;
             warn!(
                 service = %svc.name,
@@ -501,6 +760,9 @@ fn start_health(sh: &Arc<Shared>, current: &Current, initial_up: Vec<Vec<bool>>)
             let written = if t.up { dp.restart_passive(slot, monotonic_ns()) } else { Ok(()) };
             let written = written.and_then(|()| dp.set_slot_state(slot, c.state()));
             drop(dp);
+            if written.is_ok() {
+                sh.backplane.set_state(t.service, t.backend, c.state());
+            }
             match written {
                 Ok(()) if t.up && was_failed => {
                     info!(service = %svc.name, backend = %addr, "backend up: health checks pass again after the passive failure")
@@ -595,6 +857,16 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     if new.admin != old.config.admin {
         return Err(restart("admin.listen"));
     }
+    // The proxy and its listeners are set up once: an `https` or `redirect` service that is
+    // added, removed, moved in the file or changed takes a restart (the listening sockets are
+    // handed over through xlb.socket, so it refuses no connection). Certificates reload anyway.
+    let proxied = |c: &Config| -> Vec<(usize, crate::config::Service)> {
+        c.services.iter().cloned().enumerate().filter(|(_, s)| s.mode != ServiceMode::L4).collect()
+    };
+    if proxied(&new) != proxied(&old.config) {
+        return Err(restart("an https or redirect service (or its position in the file)"));
+    }
+    sh.certificates.notify_waiters();
     let changes = describe_changes(&old.config, &new);
     if changes.is_empty() {
         return Ok(ReloadResult { config: path.display().to_string(), changes });
@@ -652,6 +924,7 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     *probes = new_probes;
     *control = new_control;
     *sh.current.lock().unwrap() = current.clone();
+    sh.backplane.relayout(&current.config, &current.layout);
     drop(probes);
     drop(dp);
     drop(control);
@@ -847,14 +1120,20 @@ impl StatusSource for Source {
             let mut backends = Vec::new();
             for (b, addr) in svc.backends.iter().enumerate() {
                 let slot = layout.slot(s, b);
-                let conns = dp.slot_conns(slot)?;
                 let passive = dp.slot_passive(slot)?;
                 let probe = &probes[s][b];
+                // An HTTPS backend's connections are the proxy's requests in flight to it.
+                let (live, total) = match svc.mode {
+                    ServiceMode::L4 => (dp.slot_conns(slot)?.live.max(0) as u64, dp.slot_total(slot)?),
+                    _ => sh.backplane.in_flight.get(addr).map_or((0, 0), |(n, t)| {
+                        (n.load(Ordering::Relaxed).max(0) as u64, t.load(Ordering::Relaxed))
+                    }),
+                };
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: states[s][b].unwrap_or(BackendState::Down),
-                    live_connections: conns.live.max(0) as u64,
-                    total_connections: dp.slot_total(slot)?,
+                    live_connections: live,
+                    total_connections: total,
                     failed_connections: passive.refused + passive.unanswered,
                     healthy: probe.healthy,
                     last_probe_ms: probe.latency_ms,
@@ -867,9 +1146,10 @@ impl StatusSource for Source {
             services.push(ServiceStatus {
                 name: svc.name.clone(),
                 listen: svc.listen.to_string(),
-                mode: "l4".into(),
+                mode: svc.mode.as_str().into(),
                 rise: svc.health.rise,
                 backends,
+                https: sh.https_stats.get(s).and_then(|st| st.as_ref()).map(|st| st.snapshot()),
             });
         }
         Ok(Status {
@@ -920,6 +1200,7 @@ impl StatusSource for Source {
             c.drained = before;
             return Err(e.context("writing the backend state").into());
         }
+        sh.backplane.set_state(s, b, state);
         let live = dp.slot_conns(slot).map(|c| c.live.max(0) as u64).unwrap_or_default();
         drop(dp);
         if !drained && state == BackendState::Down {

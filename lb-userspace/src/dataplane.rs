@@ -481,7 +481,10 @@ impl Dataplane {
         let mut keep = std::collections::HashSet::new();
         // Ports first: a VIP port marked early only costs a hash lookup; one marked late would
         // let the first SYNs through unbalanced.
-        let ports: std::collections::HashSet<u16> = services.iter().map(|s| s.listen.port()).collect();
+        // Only L4 services go into the data path's service table: the daemon listens on the
+        // address of the others itself. Their backends still get slots, for states and counts.
+        let ports: std::collections::HashSet<u16> =
+            services.iter().filter(|s| s.mode == config::ServiceMode::L4).map(|s| s.listen.port()).collect();
         for &port in &ports {
             self.vip_ports.set(u32::from(port), 1, 0)?;
         }
@@ -518,6 +521,9 @@ impl Dataplane {
                     self.passive.set(slot, passive, 0)?;
                 }
                 self.backends.set(slot, new, 0)?;
+            }
+            if svc.mode != config::ServiceMode::L4 {
+                continue;
             }
             let (addr, port, family) = map_addr(svc.listen);
             let key = ServiceKey { addr, port, family, proto: PROTO_TCP };
@@ -640,6 +646,15 @@ impl Dataplane {
         Ok(self.proxied.get(&slot, 0)?)
     }
 
+    /// A second handle on the live counts, for readers that must not wait for the lock around
+    /// the `Dataplane` (the HTTPS proxy reads them for every request).
+    pub fn conns_reader(&self) -> anyhow::Result<ConnsReader> {
+        use std::os::fd::AsFd as _;
+        let fd = self.conns.map().fd().as_fd().try_clone_to_owned().context("duplicating the BACKEND_CONNS fd")?;
+        let map = MapData::from_fd(fd).context("opening BACKEND_CONNS again")?;
+        Ok(ConnsReader(Array::try_from(aya::maps::Map::Array(map))?))
+    }
+
     /// Connections ever sent to a backend: its new flows, summed over CPUs.
     pub fn total(&self, service: usize, backend: usize) -> anyhow::Result<u64> {
         self.backend_flows(slot(service, backend))
@@ -729,6 +744,16 @@ impl Dataplane {
         let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
         true
+    }
+}
+
+/// Reads `BACKEND_CONNS` without the `Dataplane`.
+pub struct ConnsReader(Array<MapData, BackendConns>);
+
+impl ConnsReader {
+    /// The data path's live count of a slot (0 if it cannot be read).
+    pub fn live(&self, slot: u32) -> i64 {
+        self.0.get(&slot, 0).map_or(0, |c| c.live)
     }
 }
 

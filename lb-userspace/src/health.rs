@@ -201,6 +201,10 @@ impl Prober {
                         });
                 let latency = start.elapsed();
                 let (service, backend) = (self.service, self.backend);
+                // Marked while this probe ran: the failure is newer than the probe's answer.
+                if self.failed.take(service, backend) {
+                    self.state.force_down();
+                }
                 if let Some(up) = self.state.record(outcome.is_ok())
                     && transitions
                         .send(Transition {
@@ -422,6 +426,7 @@ mod tests {
             listen: "203.0.113.10:80".parse().unwrap(),
             mode: ServiceMode::L4,
             backends,
+            https: None,
             health: Health {
                 check,
                 path: "/healthz?full=1".into(),

@@ -173,6 +173,7 @@ mod tests {
             max_fails: 1,
             fail_timeout: std::time::Duration::from_secs(10),
             slow_start: std::time::Duration::ZERO,
+            https: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod https;
 pub mod layout;
 pub mod listeners;
 pub mod notify;

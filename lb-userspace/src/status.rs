@@ -53,6 +53,9 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub rise: u32,
     pub backends: Vec<BackendStatus>,
+    /// TLS and HTTP counters of an `https` or `redirect` service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<crate::https::HttpsStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -171,9 +174,29 @@ pub fn render_table(status: &Status) -> String {
             ]);
         }
         if service.backends.is_empty() {
-            out += "  (no backends)\n";
+            if service.https.is_none() {
+                out += "  (no backends)\n";
+            }
         } else {
             out += &align(&rows, &[false, false, true, true, false, true, false]);
+        }
+        if let Some(h) = &service.https {
+            let r = &h.responses;
+            if service.mode == "https" {
+                let cert = match h.cert_expires_in_seconds {
+                    Some(s) if s < 0 => "EXPIRED".to_string(),
+                    Some(s) => format!("expires in {}d {}h", s / 86_400, s % 86_400 / 3600),
+                    None => "none yet".into(),
+                };
+                out += &format!(
+                    "  tls handshakes: {} full, {} resumed, {} failed  certificate: {cert}\n",
+                    h.handshakes_full, h.handshakes_resumed, h.handshakes_failed
+                );
+            }
+            out += &format!(
+                "  responses: 1xx {} 2xx {} 3xx {} 4xx {} 5xx {}  retries {}\n",
+                r.c1xx, r.c2xx, r.c3xx, r.c4xx, r.c5xx, h.retries
+            );
         }
         out.push('\n');
     }
@@ -277,6 +300,7 @@ mod tests {
                         },
                         backend("[2001:db8::10]:8003", BackendState::Draining),
                     ],
+                    https: None,
                 },
                 ServiceStatus {
                     name: "empty".into(),
@@ -284,6 +308,7 @@ mod tests {
                     mode: "l4".into(),
                     rise: 2,
                     backends: vec![],
+                    https: None,
                 },
             ],
             dataplane: DataplaneStatus {

@@ -515,7 +515,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "ExecStart=/usr/local/bin/xlb run --config /etc/xlb/xlb.toml",
         "Restart=on-failure",
         "WatchdogSec=10s",
-        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_BIND_SERVICE",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf",
@@ -693,7 +693,8 @@ fn notify_protocol_ready_watchdog_stopping() {
 }
 
 /// The capabilities xlb.service leaves the daemon.
-const UNIT_CAPS: [u32; 3] = [
+const UNIT_CAPS: [u32; 4] = [
+    10, /* CAP_NET_BIND_SERVICE */
     12, /* CAP_NET_ADMIN */
     38, /* CAP_PERFMON */
     39, /* CAP_BPF */
