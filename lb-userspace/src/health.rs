@@ -243,14 +243,21 @@ async fn probe(addr: SocketAddr, health: &Health) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     match health.check {
         CheckKind::Tcp => Ok(()),
-        CheckKind::Http => http_get(stream, addr, &health.path).await,
+        CheckKind::Http => {
+            let _ = stream.set_nodelay(true);
+            http_get(stream, addr, &health.path).await
+        }
     }
 }
 
-/// `GET path` over `stream`; healthy iff the response status is 2xx or 3xx. The body is never
-/// read: the request says `Connection: close`, and dropping the connection discards it.
-async fn http_get(stream: TcpStream, addr: SocketAddr, path: &str) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
+/// `GET path` over `stream` (a connection to `addr`); healthy iff the response status is 2xx or
+/// 3xx. The body is never read: the request says `Connection: close`, and dropping the
+/// connection discards it. Any byte stream will do, so the fuzz target
+/// (lb-userspace/fuzz/fuzz_targets/health_response.rs) feeds it arbitrary responses.
+pub async fn http_get<S>(stream: S, addr: SocketAddr, path: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_RESPONSE_HEAD)
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
