@@ -4,7 +4,9 @@
 //! snapshot as OpenMetrics text, `GET /status` a summary in nginx's `stub_status` layout. Each
 //! takes a fresh snapshot per request; nothing is cached. `POST
 //! /api/services/{name}/backends/{address}/drain` and `/undrain` (used by `xlb drain` and
-//! `xlb undrain`) change a backend's drain flag and answer once the data path has it.
+//! `xlb undrain`) change a backend's drain flag and answer once the data path has it. `POST
+//! /api/reload` (used by `xlb reload`) reads the config file again and applies it, or answers
+//! why not.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -35,7 +37,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::status::{BackendState, DrainResult, Status, render_stub_status};
+use crate::status::{BackendState, DrainResult, ReloadResult, Status, render_stub_status};
 
 /// Where the daemon's live state comes from, and what changes it; called once per request,
 /// off the async runtime (it may read and write BPF maps).
@@ -50,6 +52,10 @@ pub trait StatusSource: Send + Sync + 'static {
         backend: SocketAddr,
         drained: bool,
     ) -> Result<DrainResult, ControlError>;
+
+    /// Reads the daemon's config file again and applies it; on any error the running config
+    /// stays.
+    fn reload(&self) -> Result<ReloadResult, ControlError>;
 }
 
 /// Why a drain or undrain request was refused.
@@ -63,6 +69,9 @@ pub enum ControlError {
         backend: SocketAddr,
         known: Vec<String>,
     },
+    /// A new config that is invalid or cannot be applied while running; the message says why.
+    #[error("{0}")]
+    Rejected(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -84,7 +93,9 @@ GET  /status      connection totals in nginx stub_status format\n\
 POST /api/services/{name}/backends/{address}/drain    no new connections to the backend;\n\
                                                       open ones continue\n\
 POST /api/services/{name}/backends/{address}/undrain  new connections again\n\
-     ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n";
+     ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n\
+POST /api/reload  read the config file again and apply it (422 and the reason when it is\n\
+                  invalid; the running config then stays)\n";
 
 /// Serves until `shutdown` becomes true (or its sender is dropped), then lets requests in
 /// progress finish for up to 5 s.
@@ -130,11 +141,13 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&stop| stop).await;
 }
 
-async fn connection(
-    stream: TcpStream,
-    source: Arc<dyn StatusSource>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves one admin API connection until the client closes it or shutdown. Any byte stream
+/// will do, so the fuzz target (lb-userspace/fuzz/fuzz_targets/admin_request.rs) feeds it
+/// arbitrary requests.
+pub async fn connection<S>(stream: S, source: Arc<dyn StatusSource>, mut shutdown: watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| {
         let source = source.clone();
         async move { Ok::<_, Infallible>(route(&request, source).await) }
@@ -163,6 +176,9 @@ async fn route(
     let (method, path) = (request.method(), request.uri().path());
     if let Some(rest) = path.strip_prefix("/api/services/") {
         return control(request, rest, source).await;
+    }
+    if path == "/api/reload" {
+        return reload_route(request, source).await;
     }
     if !matches!(path, "/" | "/api/status" | "/metrics" | "/status") {
         return error(
@@ -236,23 +252,8 @@ async fn control(
             ),
         );
     };
-    if method != Method::POST {
-        let mut response = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} not allowed on {path}; use POST"),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return response;
-    }
-    // Browsers send Origin with their POSTs, curl and `xlb drain` do not: a web page the
-    // operator happens to open must not drain backends through this unauthenticated API.
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        return error(
-            StatusCode::FORBIDDEN,
-            format!("{path}: refused, the request comes from a web page (Origin: {origin:?})"),
-        );
+    if let Some(refused) = refuse_control(request) {
+        return refused;
     }
     let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend)) else {
         return error(
@@ -279,6 +280,7 @@ async fn control(
         Ok(Err(
             e @ (ControlError::UnknownService { .. } | ControlError::UnknownBackend { .. }),
         )) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(ControlError::Rejected(e))) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
         Ok(Err(ControlError::Failed(e))) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot {action} {address}: {e:#}"),
@@ -286,6 +288,56 @@ async fn control(
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("{action} of {address} failed: {e}"),
+        ),
+    }
+}
+
+/// Refuses what the control routes refuse: other methods than POST, and requests from web
+/// pages.
+fn refuse_control(request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let (method, path) = (request.method(), request.uri().path());
+    if method != Method::POST {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed on {path}; use POST"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(response);
+    }
+    // Browsers send Origin with their POSTs, curl and `xlb` do not: a web page the operator
+    // happens to open must not control xlb through this unauthenticated API.
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            format!("{path}: refused, the request comes from a web page (Origin: {origin:?})"),
+        ));
+    }
+    None
+}
+
+/// `POST /api/reload`.
+async fn reload_route(request: &Request<Incoming>, source: Arc<dyn StatusSource>) -> Response<Full<Bytes>> {
+    if let Some(refused) = refuse_control(request) {
+        return refused;
+    }
+    match tokio::task::spawn_blocking(move || source.reload()).await {
+        Ok(Ok(result)) => match serde_json::to_vec(&result) {
+            Ok(json) => respond(StatusCode::OK, JSON, json),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Ok(Err(ControlError::Failed(e))) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed, the running config stays: {e:#}"),
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running config stays: {e}"),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {e}"),
         ),
     }
 }
@@ -399,6 +451,7 @@ impl Collector for InterfaceInfo {
 fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
     let live = Family::<BackendLabels, Gauge>::default();
     let total = Family::<BackendLabels, Counter>::default();
+    let failed = Family::<BackendLabels, Counter>::default();
     let up = Family::<StateLabels, Gauge>::default();
     let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
     let handshakes = Family::<HandshakeLabels, Counter>::default();
@@ -432,10 +485,14 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
             total
                 .get_or_create(&labels)
                 .inc_by(backend.total_connections);
+            failed
+                .get_or_create(&labels)
+                .inc_by(backend.failed_connections);
             for (state, name) in [
                 (BackendState::Up, "up"),
                 (BackendState::Down, "down"),
                 (BackendState::Draining, "draining"),
+                (BackendState::Failed, "failed"),
             ] {
                 let labels = StateLabels {
                     service: labels.service.clone(),
@@ -462,8 +519,13 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         total,
     );
     registry.register(
+        "xlb_backend_failed_connections",
+        "New connections the backend refused or never answered (passive health)",
+        failed,
+    );
+    registry.register(
         "xlb_backend_up",
-        "1 for the backend's current state (up, down or draining), 0 for the others",
+        "1 for the backend's current state (up, down, draining or failed), 0 for the others",
         up,
     );
     registry.register_with_unit(
@@ -574,6 +636,15 @@ pub async fn set_drained(
     })
 }
 
+/// Asks a running daemon to reload its config file; used by `xlb reload`. An invalid file is
+/// an error carrying the daemon's reason.
+pub async fn reload(addr: SocketAddr) -> anyhow::Result<ReloadResult> {
+    let body = call(addr, Method::POST, "/api/reload").await?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
 /// One request to the admin API: the body of a 200 answer, else an error with the API's message.
 async fn call(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<Bytes> {
     let response = tokio::time::timeout(CLIENT_TIMEOUT, get(addr, method, path))
@@ -676,6 +747,17 @@ mod tests {
                 live_connections: b.live_connections,
             })
         }
+
+        /// Accepts while the status is readable, as if the file were valid; refuses otherwise.
+        fn reload(&self) -> Result<ReloadResult, ControlError> {
+            match &self.0 {
+                Ok(_) => Ok(ReloadResult {
+                    config: "/etc/xlb/xlb.toml".into(),
+                    changes: vec!["service web: backend 203.0.113.10:8004 added".into()],
+                }),
+                Err(e) => Err(ControlError::Rejected(format!("/etc/xlb/xlb.toml:3: {e}"))),
+            }
+        }
     }
 
     fn sample() -> Status {
@@ -684,16 +766,21 @@ mod tests {
             state,
             live_connections: live,
             total_connections: total,
+            failed_connections: 0,
             healthy: probe.map(|_| state == BackendState::Up),
             last_probe_ms: probe,
             last_error: (state == BackendState::Down)
                 .then(|| "HTTP 503 Service Unavailable".into()),
+            checks_up: state != BackendState::Down,
+            probes: u64::from(probe.is_some()),
+            probes_passed_in_a_row: u64::from(probe.is_some() && state == BackendState::Up),
         };
         Status {
             services: vec![ServiceStatus {
                 name: "web".into(),
                 listen: "203.0.113.10:80".into(),
                 mode: "l4".into(),
+                rise: 2,
                 backends: vec![
                     backend("203.0.113.10:8001", BackendState::Up, 3, 120, Some(1.5)),
                     backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),
@@ -731,6 +818,7 @@ mod tests {
             name: "site".into(),
             listen: "203.0.113.10:443".into(),
             mode: "https".into(),
+            rise: 2,
             backends,
             https: Some(crate::https::HttpsStatus {
                 handshakes_full: 10,
@@ -792,6 +880,9 @@ mod tests {
             "# TYPE xlb_backend_connections counter".into(),
             format!("xlb_backend_connections_total{{{b1}}} 120"),
             format!("xlb_backend_connections_total{{{b2}}} 7"),
+            "# TYPE xlb_backend_failed_connections counter".into(),
+            format!("xlb_backend_failed_connections_total{{{b1}}} 0"),
+            format!("xlb_backend_up{{{b1},state=\"failed\"}} 0"),
             format!("xlb_backend_up{{{b1},state=\"up\"}} 1"),
             format!("xlb_backend_up{{{b1},state=\"down\"}} 0"),
             format!("xlb_backend_up{{{b2},state=\"down\"}} 1"),
@@ -986,6 +1077,96 @@ mod tests {
             text(&response)
         );
         server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reload_route() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let done = reload(server.addr).await.unwrap();
+        assert_eq!(done.changes, ["service web: backend 203.0.113.10:8004 added"]);
+        let response = get(server.addr, Method::GET, "/api/reload").await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "POST");
+        let index = get(server.addr, Method::GET, "/").await.unwrap();
+        assert!(text(&index).contains("POST /api/reload"), "{}", text(&index));
+        server.shutdown().await;
+
+        let server = start(Fixed(Err("bad key".into()))).await;
+        let e = reload(server.addr).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the xlb admin API at {} answered 422 Unprocessable Entity: reload refused, the running \
+                 config stays: /etc/xlb/xlb.toml:3: bad key",
+                server.addr
+            )
+        );
+        server.shutdown().await;
+    }
+
+    /// Every query of the shipped Grafana dashboard names only series that /metrics exports,
+    /// and every exported series is on the dashboard. The data-path counters are taken from
+    /// `lb_common::stats::Stats`, whose fields `Dataplane::counters` exports one each.
+    #[test]
+    fn grafana_dashboard_matches_the_metrics() {
+        let stats = include_str!("../../lb-common/src/stats.rs");
+        let counters: BTreeMap<String, u64> = stats
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub ")?.strip_suffix(": u64,"))
+            .map(|name| (name.to_owned(), 1))
+            .collect();
+        assert!(counters.len() >= 17, "{counters:?}");
+        let mut status = sample();
+        status.dataplane.counters = counters;
+        let exported: std::collections::BTreeSet<String> = encode_metrics(&status)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+            .collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../dashboards/xlb-grafana.json"))
+                .expect("the dashboard is JSON");
+        let mut queries = Vec::new();
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (key, value) in map {
+                        match (key.as_str(), value) {
+                            ("expr" | "definition", serde_json::Value::String(q)) => {
+                                out.push(q.clone())
+                            }
+                            _ => walk(value, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+                _ => {}
+            }
+        }
+        walk(&dashboard, &mut queries);
+        assert!(queries.len() >= 20, "{queries:?}");
+        let mut used = std::collections::BTreeSet::new();
+        for query in &queries {
+            let names: Vec<&str> = query
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("xlb_"))
+                .collect();
+            assert!(!names.is_empty(), "a query of no xlb series: {query}");
+            for name in names {
+                assert!(
+                    exported.contains(name),
+                    "the dashboard queries {name}, which /metrics does not export ({query}); it exports {exported:?}"
+                );
+                used.insert(name.to_owned());
+            }
+        }
+        let missing: Vec<&String> = exported.difference(&used).collect();
+        assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
+        let panels = dashboard["panels"].as_array().unwrap();
+        let ids: std::collections::BTreeSet<u64> =
+            panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids.len(), panels.len(), "panel ids must be unique");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Config {
     pub dataplane: Dataplane,
     pub admin: Admin,
     pub services: Vec<Service>,
+    /// `[alerts]`: where to send alerts about backends and certificates; `None` sends none.
+    pub alerts: Option<AlertsConfig>,
     /// Where values checked by `check_system` sit in the file, so its errors can name the line.
     lines: Lines,
 }
@@ -46,8 +48,8 @@ struct Lines {
 /// moves with every comment edited) does not count.
 impl PartialEq for Config {
     fn eq(&self, other: &Self) -> bool {
-        (&self.path, &self.dataplane, &self.admin, &self.services)
-            == (&other.path, &other.dataplane, &other.admin, &other.services)
+        (&self.path, &self.dataplane, &self.admin, &self.services, &self.alerts)
+            == (&other.path, &other.dataplane, &other.admin, &other.services, &other.alerts)
     }
 }
 
@@ -80,9 +82,21 @@ pub struct Service {
     /// Empty for a `redirect` service, which has none.
     pub backends: Vec<SocketAddr>,
     pub health: Health,
+    /// Passive health (nginx semantics): this many failed connections to a backend within
+    /// `fail_timeout` take it out until its health checks pass again; 0 disables.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// A backend back up after being down ramps its share of new connections up over this
+    /// long; zero: at once.
+    pub slow_start: Duration,
     /// TLS, headers, timeouts and limits of an `https` service; `None` for the other modes.
     pub https: Option<Https>,
 }
+
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `fail_timeout` and `slow_start` (the data path's arithmetic is sized for it).
+pub const MAX_PASSIVE_DURATION: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceMode {
@@ -279,6 +293,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
+    alerts: Option<Spanned<RawAlerts>>,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +325,7 @@ struct RawService {
     limits: Option<Spanned<RawLimits>>,
     max_fails: Option<Spanned<i64>>,
     fail_timeout: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -453,8 +469,9 @@ impl Config {
                 "cannot read the config file: {e}; check the path and its permissions"
             ),
         })?;
-        let config = Config::parse(path, &text)?;
+        let mut config = Config::parse(path, &text)?;
         config.check_system()?;
+        config.read_secrets()?;
         Ok(config)
     }
 
@@ -471,11 +488,13 @@ impl Config {
         let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
         let admin = parse_admin(&src, raw.admin)?;
         let (services, backend_lines) = parse_services(&src, raw.services)?;
+        let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
         Ok(Config {
             path: path.to_owned(),
             dataplane,
             admin,
             services,
+            alerts,
             lines: Lines {
                 interfaces: interface_lines,
                 backends: backend_lines,
@@ -544,6 +563,58 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads the files the config names for credentials and trust (`alerts.email.password_file`,
+    /// `alerts.email.ca_file`, `alerts.webhook.ca_file`).
+    pub fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let path = self.path.clone();
+        let error = |message: String| ConfigError { path: path.clone(), line: None, message };
+        let read_ca = |key: &str, file: &Path| -> Result<Vec<u8>, ConfigError> {
+            let pem = std::fs::read(file)
+                .map_err(|e| error(format!("{key} \"{}\": cannot read it: {e}", file.display())))?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+            let certificates: Result<Vec<CertificateDer>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+            match certificates {
+                Ok(c) if !c.is_empty() => Ok(pem),
+                outcome => {
+                    let why = outcome.err().map_or_else(|| "none found".to_owned(), |e| e.to_string());
+                    Err(error(format!(
+                        "{key} \"{}\": not PEM certificates ({why}); it must hold the CA certificate(s) as -----BEGIN CERTIFICATE----- blocks",
+                        file.display()
+                    )))
+                }
+            }
+        };
+        if let Some(webhook) = self.alerts.as_mut().and_then(|a| a.webhook.as_mut())
+            && let Some(file) = &webhook.ca_file
+        {
+            webhook.ca_pem = Some(read_ca("alerts.webhook.ca_file", file)?);
+        }
+        let Some(email) = self.alerts.as_mut().and_then(|a| a.email.as_mut()) else {
+            return Ok(());
+        };
+        if let Some(file) = &email.ca_file {
+            email.ca_pem = Some(read_ca("alerts.email.ca_file", file)?);
+        }
+        let Some(credentials) = email.credentials.as_mut() else {
+            return Ok(());
+        };
+        let file = &credentials.password_file;
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            error(format!(
+                "alerts.email.password_file \"{}\": cannot read it: {e}; it must hold the SMTP password (and nothing else)",
+                file.display()
+            ))
+        })?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            return Err(error(format!("alerts.email.password_file \"{}\" is empty; write the SMTP password into it", file.display())));
+        }
+        credentials.password = Secret(password.to_owned());
         Ok(())
     }
 }
@@ -756,13 +827,11 @@ fn parse_service(
             }
         },
     };
-    let https_only: [(&str, Option<usize>); 6] = [
+    let https_only: [(&str, Option<usize>); 4] = [
         ("[service.tls]", raw.tls.as_ref().map(|v| v.span().start)),
         ("[service.http]", raw.http.as_ref().map(|v| v.span().start)),
         ("[service.timeouts]", raw.timeouts.as_ref().map(|v| v.span().start)),
         ("[service.limits]", raw.limits.as_ref().map(|v| v.span().start)),
-        ("max_fails", raw.max_fails.as_ref().map(|v| v.span().start)),
-        ("fail_timeout", raw.fail_timeout.as_ref().map(|v| v.span().start)),
     ];
     if mode != ServiceMode::Https
         && let Some((key, Some(at))) = https_only.iter().find(|(_, at)| at.is_some())
@@ -793,7 +862,17 @@ fn parse_service(
         }
         let name = raw.name.into_inner();
         return Ok((
-            Service { name, listen, mode, backends: Vec::new(), health: Health::default(), https: None },
+            Service {
+                name,
+                listen,
+                mode,
+                backends: Vec::new(),
+                health: Health::default(),
+                max_fails: DEFAULT_MAX_FAILS,
+                fail_timeout: DEFAULT_FAIL_TIMEOUT,
+                slow_start: Duration::ZERO,
+                https: None,
+            },
             Vec::new(),
         ));
     }
@@ -852,8 +931,37 @@ fn parse_service(
         return Err(src.at(value, format!("{what} backend \"{addr}\": {problem}")));
     }
     let health = parse_health(src, raw.health.take().map(Spanned::into_inner), what)?;
+    let max_fails = match &raw.max_fails {
+        None => DEFAULT_MAX_FAILS,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 0..=1000) => n,
+            _ => {
+                return Err(src.at(
+                    v,
+                    format!(
+                        "{what} max_fails = {}: out of range; use 0 (passive health checks off) \
+                         to 1000 failed connections",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    let passive_duration = |value: &Option<Spanned<String>>, key: &str, default: Duration, zero_ok: bool| {
+        let Some(v) = value else { return Ok(default) };
+        let d = duration(src, v, &format!("{what} {key}"))?;
+        if d.is_zero() && !zero_ok {
+            return Err(src.at(v, format!("{what} {key} is zero; use e.g. \"10s\" (or max_fails = 0 to turn passive health checks off)")));
+        }
+        if d > MAX_PASSIVE_DURATION {
+            return Err(src.at(v, format!("{what} {key} \"{}\": too long; use at most \"1h\"", v.get_ref())));
+        }
+        Ok(d)
+    };
+    let fail_timeout = passive_duration(&raw.fail_timeout, "fail_timeout", DEFAULT_FAIL_TIMEOUT, false)?;
+    let slow_start = passive_duration(&raw.slow_start, "slow_start", Duration::ZERO, true)?;
     let https = match mode {
-        ServiceMode::Https => Some(parse_https(src, &raw, what)?),
+        ServiceMode::Https => Some(parse_https(src, &raw, what, max_fails, fail_timeout)?),
         _ => None,
     };
     let name = raw.name.into_inner();
@@ -864,13 +972,24 @@ fn parse_service(
             mode,
             backends,
             health,
+            max_fails,
+            fail_timeout,
+            slow_start,
             https,
         },
         lines,
     ))
 }
 
-fn parse_https(src: &Source, raw: &RawService, what: &str) -> Result<Https, ConfigError> {
+/// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
+/// proxy's failures).
+fn parse_https(
+    src: &Source,
+    raw: &RawService,
+    what: &str,
+    max_fails: u32,
+    fail_timeout: Duration,
+) -> Result<Https, ConfigError> {
     let Some(tls) = &raw.tls else {
         return Err(src.at(
             &raw.name,
@@ -968,31 +1087,6 @@ fn parse_https(src: &Source, raw: &RawService, what: &str) -> Result<Https, Conf
             limits.h2_max_streams = int(v, "h2_max_streams", 1..=10_000, "streams")? as u32;
         }
     }
-    let max_fails = match &raw.max_fails {
-        None => 1,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(n @ 0..=1000) => n,
-            _ => {
-                return Err(src.at(
-                    v,
-                    format!(
-                        "{what} max_fails = {}: out of range; use 0..=1000 (0 turns passive health off)",
-                        v.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
-    let fail_timeout = match &raw.fail_timeout {
-        None => Duration::from_secs(10),
-        Some(v) => {
-            let d = duration(src, v, &format!("{what} fail_timeout"))?;
-            if d.is_zero() {
-                return Err(src.at(v, format!("{what} fail_timeout is zero; use e.g. \"10s\"")));
-            }
-            d
-        }
-    };
     Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
 }
 
@@ -1195,6 +1289,221 @@ fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Heal
     Ok(health)
 }
 
+/// `[alerts]`: alerts about backends going down and up, whole services down, and certificate
+/// renewals that failed, by e-mail and/or webhook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertsConfig {
+    /// At most this many messages per minute on each channel; the rest is sent as one summary
+    /// once the minute is over.
+    pub max_per_minute: u32,
+    pub email: Option<EmailConfig>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// Validated mailboxes (`xlb@example.com` or `xlb <xlb@example.com>`).
+    pub from: String,
+    pub to: Vec<String>,
+    pub credentials: Option<SmtpCredentials>,
+    /// Bounds one delivery.
+    pub timeout: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots, for a relay with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read by `Config::load`.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587); refuses a server without it.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No encryption: only for a relay on this host.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmtpCredentials {
+    pub username: String,
+    pub password_file: PathBuf,
+    /// Read from `password_file` by `Config::load`.
+    pub password: Secret,
+}
+
+/// A credential: compared, never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL that gets a JSON `POST` per alert.
+    pub url: String,
+    pub timeout: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots, for an https hook with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read by `Config::load`.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    max_per_minute: Option<Spanned<i64>>,
+    email: Option<Spanned<RawEmail>>,
+    webhook: Option<Spanned<RawWebhook>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    host: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    tls: Option<Spanned<String>>,
+    from: Spanned<String>,
+    to: Spanned<Vec<Spanned<String>>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let max_per_minute = match &raw.max_per_minute {
+        None => DEFAULT_ALERTS_PER_MINUTE,
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+            src.at(v, format!("alerts.max_per_minute = {}: out of range; use 1..=1000 messages per minute", v.get_ref()))
+        })?,
+    };
+    let email = raw.email.map(|e| parse_email(src, e.into_inner())).transpose()?;
+    let webhook = raw.webhook.map(|w| parse_webhook(src, w.into_inner())).transpose()?;
+    if email.is_none() && webhook.is_none() {
+        return Err(src.error(
+            Some(src.line(span.start)),
+            "[alerts] has neither [alerts.email] nor [alerts.webhook]; add one (or remove [alerts] to send no alerts)",
+        ));
+    }
+    Ok(AlertsConfig { max_per_minute, email, webhook })
+}
+
+fn parse_email(src: &Source, raw: RawEmail) -> Result<EmailConfig, ConfigError> {
+    let host = raw.host.get_ref().trim();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+        return Err(src.at(
+            &raw.host,
+            format!("alerts.email.host \"{}\": not a host name or address; write e.g. \"smtp.example.com\" (the port goes in alerts.email.port)", raw.host.get_ref()),
+        ));
+    }
+    let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
+        None | Some("starttls") => SmtpTls::StartTls,
+        Some("tls") => SmtpTls::Tls,
+        Some("none") => SmtpTls::None,
+        Some(other) => {
+            return Err(src.at(
+                raw.tls.as_ref().expect("present"),
+                format!(
+                    "alerts.email.tls \"{other}\": use \"starttls\" (port 587, upgraded to TLS), \"tls\" (port 465, TLS \
+                     from the start) or \"none\" (unencrypted: only for a relay on this host)"
+                ),
+            ));
+        }
+    };
+    let port = match &raw.port {
+        None => match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        },
+        Some(v) => u16::try_from(*v.get_ref()).ok().filter(|p| *p != 0).ok_or_else(|| {
+            src.at(v, format!("alerts.email.port = {}: not a port; use 1..=65535 (e.g. 587)", v.get_ref()))
+        })?,
+    };
+    let mailbox = |value: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        value.get_ref().parse::<lettre::message::Mailbox>().map(|m| m.to_string()).map_err(|e| {
+            src.at(value, format!("{key} \"{}\": not an e-mail address ({e}); write e.g. \"ops@example.com\" or \"Ops <ops@example.com>\"", value.get_ref()))
+        })
+    };
+    let from = mailbox(&raw.from, "alerts.email.from")?;
+    if raw.to.get_ref().is_empty() {
+        return Err(src.at(&raw.to, "alerts.email.to is empty; list at least one recipient, e.g. to = [\"ops@example.com\"]"));
+    }
+    let to = raw.to.get_ref().iter().map(|t| mailbox(t, "alerts.email.to")).collect::<Result<Vec<_>, _>>()?;
+    let credentials = match (&raw.username, &raw.password_file) {
+        (None, None) => None,
+        (Some(username), Some(file)) => Some(SmtpCredentials {
+            username: username.get_ref().clone(),
+            password_file: PathBuf::from(file.get_ref()),
+            password: Secret::default(),
+        }),
+        (Some(v), None) => {
+            return Err(src.at(v, "alerts.email.username is set but password_file is not; add password_file = \"/etc/xlb/smtp-password\" (a file holding only the password)"));
+        }
+        (None, Some(v)) => {
+            return Err(src.at(v, "alerts.email.password_file is set but username is not; add the SMTP user name"));
+        }
+    };
+    if credentials.is_some() && tls == SmtpTls::None {
+        return Err(src.at(
+            raw.tls.as_ref().expect("\"none\" was given"),
+            "alerts.email.tls = \"none\" with a username: the password would cross the network unencrypted; use \"starttls\" or \"tls\"",
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.email.timeout")?,
+    };
+    if let (Some(ca), SmtpTls::None) = (&raw.ca_file, tls) {
+        return Err(src.at(ca, "alerts.email.ca_file is set but tls = \"none\": a CA is only used with \"starttls\" or \"tls\""));
+    }
+    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout, ca_file, ca_pem: None })
+}
+
+fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigError> {
+    let text = raw.url.get_ref();
+    let uri = text.parse::<hyper::Uri>().ok();
+    let ok = uri.as_ref().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
+    if !ok {
+        return Err(src.at(
+            &raw.url,
+            format!("alerts.webhook.url \"{text}\": not an http:// or https:// URL; write e.g. \"https://hooks.example.com/xlb\""),
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.webhook.timeout")?,
+    };
+    if let Some(ca) = &raw.ca_file
+        && !text.starts_with("https://")
+    {
+        return Err(src.at(ca, "alerts.webhook.ca_file is set but the url is not https://: a CA is only used for https"));
+    }
+    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    Ok(WebhookConfig { url: text.clone(), timeout, ca_file, ca_pem: None })
+}
+
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(value.get_ref()).map_err(|e| {
         src.at(
@@ -1333,6 +1642,9 @@ fall = 2
                     rise: 2,
                     fall: 2,
                 },
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(10),
+                slow_start: Duration::ZERO,
                 https: None,
             }]
         );
@@ -1838,6 +2150,38 @@ mode = "redirect"
     }
 
     #[test]
+    fn passive_health_keys() {
+        let backends = "\"203.0.113.10:8001\"";
+        let svc = |keys: &str| parse(&web(backends, keys)).map(|c| c.services[0].clone());
+        let s = svc("").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (1, Duration::from_secs(10), Duration::ZERO));
+        let s = svc("max_fails = 3\nfail_timeout = \"2s 500ms\"\nslow_start = \"30s\"").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (3, Duration::from_millis(2500), Duration::from_secs(30)));
+        assert_eq!(svc("max_fails = 0").unwrap().max_fails, 0);
+        let e = |keys: &str| svc(keys).expect_err("should be rejected").to_string();
+        for v in [-1, 1001] {
+            assert_eq!(
+                e(&format!("max_fails = {v}")),
+                format!(
+                    "/etc/xlb/xlb.toml:8: service \"web\" max_fails = {v}: out of range; use 0 (passive \
+                     health checks off) to 1000 failed connections"
+                )
+            );
+        }
+        assert_eq!(
+            e("fail_timeout = \"0s\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" fail_timeout is zero; use e.g. \"10s\" (or max_fails = 0 \
+             to turn passive health checks off)"
+        );
+        assert!(e("fail_timeout = \"ten\"").starts_with("/etc/xlb/xlb.toml:8: service \"web\" fail_timeout \"ten\": not a duration"));
+        assert_eq!(
+            e("slow_start = \"2h\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" slow_start \"2h\": too long; use at most \"1h\""
+        );
+        assert!(e("max_fails = \"1\"").contains("max_fails"), "{}", e("max_fails = \"1\""));
+    }
+
+    #[test]
     fn check_system_accepts_loopback_and_rejects_foreign() {
         let ok = parse(&service(
             "listen = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]",
@@ -1936,5 +2280,100 @@ mode = "redirect"
         assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
         let [web] = &config.services[..] else { panic!("{config:?}") };
         assert_eq!((web.name.as_str(), web.backends.len()), ("web", 3));
+    }
+
+    const ALERTS: &str = r#"
+[alerts]
+max_per_minute = 5
+
+[alerts.email]
+host = "smtp.example.com"
+tls = "starttls"
+from = "xlb <xlb@example.com>"
+to = ["ops@example.com", "oncall@example.com"]
+username = "xlb"
+password_file = "/etc/xlb/smtp-password"
+
+[alerts.webhook]
+url = "https://hooks.example.com/xlb"
+timeout = "3s"
+"#;
+
+    #[test]
+    fn alerts_parse() {
+        let config = parse(&format!("{EXAMPLE}{ALERTS}")).unwrap();
+        let alerts = config.alerts.expect("[alerts]");
+        assert_eq!(alerts.max_per_minute, 5);
+        let email = alerts.email.expect("[alerts.email]");
+        assert_eq!((email.host.as_str(), email.port, email.tls), ("smtp.example.com", 587, SmtpTls::StartTls));
+        assert_eq!(email.from, "xlb <xlb@example.com>");
+        assert_eq!(email.to, ["ops@example.com", "oncall@example.com"]);
+        let credentials = email.credentials.expect("credentials");
+        assert_eq!(credentials.username, "xlb");
+        assert_eq!(format!("{:?}", credentials.password), "Secret(…)");
+        let webhook = alerts.webhook.expect("[alerts.webhook]");
+        assert_eq!((webhook.url.as_str(), webhook.timeout), ("https://hooks.example.com/xlb", Duration::from_secs(3)));
+        assert_eq!(parse(EXAMPLE).unwrap().alerts, None);
+        // The port follows the kind of TLS unless given.
+        let tls = parse(&format!("{EXAMPLE}{}", ALERTS.replace("\"starttls\"", "\"tls\""))).unwrap();
+        assert_eq!(tls.alerts.unwrap().email.unwrap().port, 465);
+    }
+
+    #[test]
+    fn alerts_errors() {
+        let with = |from: &str, to: &str| err(&format!("{EXAMPLE}{}", ALERTS.replace(from, to)));
+        let e = with("tls = \"starttls\"", "tls = \"ssl\"");
+        assert!(e.starts_with("/etc/xlb/xlb.toml:29: alerts.email.tls \"ssl\": use \"starttls\""), "{e}");
+        let e = with("password_file = \"/etc/xlb/smtp-password\"\n", "");
+        assert!(e.contains("alerts.email.username is set but password_file is not"), "{e}");
+        let e = with("tls = \"starttls\"", "tls = \"none\"");
+        assert!(e.contains("the password would cross the network unencrypted"), "{e}");
+        let e = with("\"ops@example.com\", ", "\"ops at example.com\", ");
+        assert!(e.contains(":31: alerts.email.to \"ops at example.com\": not an e-mail address"), "{e}");
+        let e = with("[\"ops@example.com\", \"oncall@example.com\"]", "[]");
+        assert!(e.contains("alerts.email.to is empty"), "{e}");
+        let e = with("https://hooks.example.com/xlb", "ftp://hooks.example.com/xlb");
+        assert!(e.contains(":36: alerts.webhook.url \"ftp://hooks.example.com/xlb\": not an http:// or https:// URL"), "{e}");
+        let e = with("max_per_minute = 5", "max_per_minute = 0");
+        assert!(e.contains(":25: alerts.max_per_minute = 0: out of range"), "{e}");
+        let e = with("smtp.example.com", "smtp.example.com:587");
+        assert!(e.contains("the port goes in alerts.email.port"), "{e}");
+        let e = err(&format!("{EXAMPLE}\n[alerts]\nmax_per_minute = 3\n"));
+        assert!(e.contains("[alerts] has neither [alerts.email] nor [alerts.webhook]"), "{e}");
+        let e = err(&format!(
+            "{EXAMPLE}\n[alerts.email]\nhost = \"127.0.0.1\"\ntls = \"none\"\nfrom = \"a@b.c\"\nto = [\"a@b.c\"]\nca_file = \"/x\"\n"
+        ));
+        assert!(e.contains("alerts.email.ca_file is set but tls = \"none\""), "{e}");
+        let e = with("[alerts.webhook]", "[alerts.webhok]");
+        assert!(e.contains("unknown field `webhok`"), "{e}");
+    }
+
+    #[test]
+    fn smtp_password_comes_from_its_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("smtp-password");
+        let text = format!("{EXAMPLE}{}", ALERTS.replace("/etc/xlb/smtp-password", &file.display().to_string()));
+        let mut config = parse(&text).unwrap();
+        let e = config.read_secrets().unwrap_err().to_string();
+        assert!(e.contains("alerts.email.password_file") && e.contains("cannot read it"), "{e}");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        config.read_secrets().unwrap();
+        let password = &config.alerts.as_ref().unwrap().email.as_ref().unwrap().credentials.as_ref().unwrap().password;
+        assert_eq!(password.0, "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(config.read_secrets().unwrap_err().to_string().contains("is empty"));
+        // A CA file must hold certificates.
+        let ca = dir.join("ca.pem");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let mut config = parse(&text.replace(
+            "username = \"xlb\"",
+            &format!("username = \"xlb\"\nca_file = \"{}\"", ca.display()),
+        ))
+        .unwrap();
+        let e = config.read_secrets().unwrap_err().to_string();
+        assert!(e.contains("alerts.email.ca_file") && e.contains("not PEM certificates"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,6 @@
 use std::{
     error::Error as _,
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -68,6 +67,13 @@ impl Hysteresis {
         self.up
     }
 
+    /// Marks the backend down without probing: the data path's passive health checks took it
+    /// out, and it comes back after `rise` successful probes, like any backend that was down.
+    pub fn force_down(&mut self) {
+        self.up = false;
+        self.streak = 0;
+    }
+
     /// Records one probe; returns the new state when this probe changed it.
     pub fn record(&mut self, ok: bool) -> Option<bool> {
         if ok == self.up {
@@ -99,19 +105,37 @@ pub fn spawn(
     transitions: UnboundedSender<Transition>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    spawn_with_passive(services, initial_up, Arc::default(), results, transitions, shutdown)
+    let failed = PassiveFailed::new(services);
+    spawn_with_passive(services, initial_up, &failed, results, transitions, shutdown)
 }
 
-/// Backends that passive health took out of rotation (`marked[service][backend]` set by the
-/// proxy's failures): each one's prober starts over from down, so the backend comes back only
-/// after `rise` passing probes, as with nginx's `fail_timeout` followed by a probe.
-pub type MarkedDown = Arc<Vec<Vec<AtomicBool>>>;
+/// One flag per backend (`[service][backend]`): set when the data path's passive health checks
+/// took the backend out. Its prober then counts it down (`Hysteresis::force_down`) before its
+/// next probe, so it needs `rise` successful probes to come back.
+#[derive(Clone)]
+pub struct PassiveFailed(std::sync::Arc<Vec<Vec<std::sync::atomic::AtomicBool>>>);
 
-/// `spawn`, with passive health marking backends down in `marked`.
+impl PassiveFailed {
+    pub fn new(services: &[Service]) -> Self {
+        PassiveFailed(std::sync::Arc::new(
+            services.iter().map(|s| s.backends.iter().map(|_| Default::default()).collect()).collect(),
+        ))
+    }
+
+    pub fn set(&self, service: usize, backend: usize) {
+        self.0[service][backend].store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn take(&self, service: usize, backend: usize) -> bool {
+        self.0[service][backend].swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `spawn`, with the flags through which passive health failures reach the probers.
 pub fn spawn_with_passive(
     services: &[Service],
     initial_up: Vec<Vec<bool>>,
-    marked: MarkedDown,
+    failed: &PassiveFailed,
     results: UnboundedSender<ProbeResult>,
     transitions: UnboundedSender<Transition>,
     shutdown: watch::Receiver<bool>,
@@ -125,12 +149,12 @@ pub fn spawn_with_passive(
                 .copied()
                 .unwrap_or(false);
             let prober = Prober {
-                marked: marked.clone(),
                 service: s,
                 backend: b,
                 addr,
                 health: service.health.clone(),
                 state: Hysteresis::new(up, service.health.rise, service.health.fall),
+                failed: failed.clone(),
             };
             let (results, transitions, shutdown) =
                 (results.clone(), transitions.clone(), shutdown.clone());
@@ -141,12 +165,12 @@ pub fn spawn_with_passive(
 }
 
 struct Prober {
-    marked: MarkedDown,
     service: usize,
     backend: usize,
     addr: SocketAddr,
     health: Health,
     state: Hysteresis,
+    failed: PassiveFailed,
 }
 
 impl Prober {
@@ -162,6 +186,9 @@ impl Prober {
         let probes = async {
             loop {
                 ticker.tick().await;
+                if self.failed.take(self.service, self.backend) {
+                    self.state.force_down();
+                }
                 let start = Instant::now();
                 let outcome =
                     tokio::time::timeout(self.health.timeout, probe(self.addr, &self.health))
@@ -174,13 +201,9 @@ impl Prober {
                         });
                 let latency = start.elapsed();
                 let (service, backend) = (self.service, self.backend);
-                if self
-                    .marked
-                    .get(service)
-                    .and_then(|m| m.get(backend))
-                    .is_some_and(|m| m.swap(false, std::sync::atomic::Ordering::Relaxed))
-                {
-                    self.state = Hysteresis::new(false, self.health.rise, self.health.fall);
+                // Marked while this probe ran: the failure is newer than the probe's answer.
+                if self.failed.take(service, backend) {
+                    self.state.force_down();
                 }
                 if let Some(up) = self.state.record(outcome.is_ok())
                     && transitions
@@ -220,14 +243,21 @@ async fn probe(addr: SocketAddr, health: &Health) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     match health.check {
         CheckKind::Tcp => Ok(()),
-        CheckKind::Http => http_get(stream, addr, &health.path).await,
+        CheckKind::Http => {
+            let _ = stream.set_nodelay(true);
+            http_get(stream, addr, &health.path).await
+        }
     }
 }
 
-/// `GET path` over `stream`; healthy iff the response status is 2xx or 3xx. The body is never
-/// read: the request says `Connection: close`, and dropping the connection discards it.
-async fn http_get(stream: TcpStream, addr: SocketAddr, path: &str) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
+/// `GET path` over `stream` (a connection to `addr`); healthy iff the response status is 2xx or
+/// 3xx. The body is never read: the request says `Connection: close`, and dropping the
+/// connection discards it. Any byte stream will do, so the fuzz target
+/// (lb-userspace/fuzz/fuzz_targets/health_response.rs) feeds it arbitrary responses.
+pub async fn http_get<S>(stream: S, addr: SocketAddr, path: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_RESPONSE_HEAD)
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
@@ -396,6 +426,9 @@ mod tests {
 
     fn service(backends: Vec<SocketAddr>, check: CheckKind, rise: u32, fall: u32) -> Service {
         Service {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            slow_start: Duration::ZERO,
             name: "web".into(),
             listen: "203.0.113.10:80".parse().unwrap(),
             mode: ServiceMode::L4,

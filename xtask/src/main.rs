@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask setup | build | test | run | install | bench` (alias in
+//! Developer tasks: `cargo xtask setup | build | test | soak | fuzz | run | install | bench` (alias in
 //! .cargo/config.toml).
 mod bench;
 mod demo;
+mod fuzz;
 mod install;
 mod setup;
 
@@ -35,11 +36,30 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, and run every test one at a time (the scenario tests need root).
+    /// Set up, build, and run every test one at a time (the scenario tests need root). The
+    /// reliability suite runs in its CI size: 10⁴ fuzzed packets, a 2-minute soak, short SYN
+    /// flood and flapping runs, 20 s per cargo-fuzz target.
     Test {
+        /// Only the reliability suite, at full size: 10⁶ fuzzed packets, the SYN flood and
+        /// flapping at full length, a 10-minute soak, 5 minutes per cargo-fuzz target.
+        #[arg(long)]
+        reliability: bool,
         /// Passed to `cargo test`; after a further `--`, to the test binaries.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets (config parser, admin API requests, health responses) for N
+    /// seconds each on the corpus in lb-userspace/fuzz/corpus (nightly; installs cargo-fuzz).
+    Fuzz {
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Soak: mixed L4 load with a backend killed and restarted every 10 s for N minutes, the
+    /// daemon's RSS, file descriptors and the conntrack occupancy sampled throughout; they must
+    /// stay flat (±5 % after warm-up) with no unexplained errors (root).
+    Soak {
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        minutes: u64,
     },
     /// With arguments: build and run `xlb run <args>` (e.g. `-- --config xlb.toml`).
     /// Without: a self-contained demo in private network namespaces.
@@ -88,7 +108,15 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Build { release } => build(release).map(drop),
-        Task::Test { args } => test(&args),
+        Task::Test { reliability, args } => test(&args, reliability),
+        Task::Soak { minutes } => soak(minutes),
+        Task::Fuzz { seconds } => {
+            setup::setup()?;
+            let mut totals = Totals::default();
+            let result = fuzz::run_all(Duration::from_secs(seconds), &mut totals);
+            println!("fuzz: {} passed, {} failed", totals.passed, totals.failed);
+            result
+        }
         Task::Install { prefix, destdir, dry_run, binary } => install::install(install::Options {
             prefix,
             destdir,
@@ -140,14 +168,32 @@ fn build(release: bool) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "`cargo xtask test` must run as root: the scenario tests create network namespaces \
+            "`cargo xtask {what}` must run as root: the scenario tests create network namespaces \
              and load XDP programs (CAP_NET_ADMIN, CAP_BPF). CI runs it as root; locally use \
-             `sudo -E cargo xtask test`"
+             `sudo -E cargo xtask {what}`"
         );
     }
+    Ok(())
+}
+
+/// `cargo test` of `selection` (package/target arguments), one test at a time, with `env`.
+fn cargo_test(selection: &[&str], env: &[(&str, String)], harness_args: &[String]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"]).args(selection);
+    // One test at a time: they share kernel state (bpffs, XDP attachment, CPU for timing).
+    cmd.args(["--", "--test-threads=1"]).env("RUST_BACKTRACE", "1");
+    cmd.args(harness_args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn test(args: &[String], reliability: bool) -> anyhow::Result<()> {
+    require_root("test")?;
     let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
@@ -155,14 +201,34 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Built first, separately: integration tests find the `xlb` and `xlb-demo-backend`
     // binaries next to themselves, and `cargo test` alone does not build other packages' bins.
     let build_time = build(cargo_args.iter().any(|a| a == "--release"))?;
-    let mut cmd = cargo();
-    cmd.args(["test", "--no-fail-fast"]).args(cargo_args);
-    // One test at a time: they share kernel state (bpffs, XDP attachment, CPU for timing).
-    cmd.args(["--", "--test-threads=1"])
-        .env("RUST_BACKTRACE", "1");
-    cmd.args(harness_args);
     let start = Instant::now();
-    let (result, totals) = run_counting(&mut cmd);
+    let mut totals = Totals::default();
+    let mut results = Vec::new();
+    if reliability {
+        let env = [
+            ("XLB_FUZZ_PACKETS", "1000000".to_owned()),
+            ("XLB_RELIABILITY", "full".to_owned()),
+            ("XLB_SOAK_MINUTES", "10".to_owned()),
+        ];
+        let mut harness: Vec<String> = vec!["--nocapture".into()];
+        harness.extend(harness_args.iter().cloned());
+        for selection in [&["-p", "lb-userspace", "--test", "fuzz_packets"][..], &["-p", "xlb-tests", "--test", "reliability"]] {
+            let mut cmd = cargo_test(selection, &env, &harness);
+            cmd.args(cargo_args.iter().filter(|a| *a != "--release"));
+            results.push(run_counting(&mut cmd, &mut totals));
+        }
+        results.push(fuzz::run_all(Duration::from_secs(300), &mut totals));
+    } else {
+        let mut cmd = cargo();
+        cmd.args(["test", "--no-fail-fast"]).args(cargo_args);
+        cmd.args(["--", "--test-threads=1"]).env("RUST_BACKTRACE", "1");
+        cmd.args(harness_args);
+        results.push(run_counting(&mut cmd, &mut totals));
+        // A selection of tests means just those; the whole suite includes the fuzz targets.
+        if cargo_args.is_empty() && harness_args.is_empty() {
+            results.push(fuzz::run_all(Duration::from_secs(20), &mut totals));
+        }
+    }
     let test_time = start.elapsed();
     println!(
         "xtask: build took {:.1} s, tests took {:.1} s",
@@ -172,6 +238,26 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // One closing line for the whole run (cargo's own last line is some binary's doc tests).
     let Totals { passed, failed, ignored } = totals;
     println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    results.into_iter().collect()
+}
+
+/// `cargo xtask soak --minutes N`: the soak scenario of tests/tests/reliability.rs at length N.
+fn soak(minutes: u64) -> anyhow::Result<()> {
+    require_root("soak")?;
+    if minutes == 0 {
+        bail!("--minutes must be at least 1");
+    }
+    build(false)?;
+    let mut totals = Totals::default();
+    let mut cmd = cargo_test(
+        &["-p", "xlb-tests", "--test", "reliability"],
+        &[("XLB_SOAK_MINUTES", minutes.to_string())],
+        &["--exact".into(), "soak_mixed_load_with_backend_churn".into(), "--nocapture".into()],
+    );
+    let result = run_counting(&mut cmd, &mut totals);
+    if totals.passed == 0 && result.is_ok() {
+        bail!("the soak test did not run (renamed?)");
+    }
     result
 }
 
@@ -183,14 +269,13 @@ struct Totals {
 }
 
 /// Runs `cmd` like `run`, echoing its stdout line by line and adding up the libtest summaries
-/// (`test result: ok. 12 passed; 0 failed; 0 ignored; …`).
-fn run_counting(cmd: &mut Command) -> (anyhow::Result<()>, Totals) {
+/// (`test result: ok. 12 passed; 0 failed; 0 ignored; …`) into `totals`.
+fn run_counting(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     println!("xtask: $ {}", shown(cmd));
-    let mut totals = Totals::default();
     let mut child = match cmd.stdout(std::process::Stdio::piped()).spawn() {
         Ok(child) => child,
-        Err(e) => return (Err(e).with_context(|| format!("starting {}", shown(cmd))), totals),
+        Err(e) => return Err(e).with_context(|| format!("starting {}", shown(cmd))),
     };
     let stdout = child.stdout.take().expect("piped stdout");
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -209,12 +294,11 @@ fn run_counting(cmd: &mut Command) -> (anyhow::Result<()>, Totals) {
             }
         }
     }
-    let result = match child.wait() {
+    match child.wait() {
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(anyhow::anyhow!("`{}` failed ({status})", shown(cmd))),
         Err(e) => Err(e).with_context(|| format!("waiting for {}", shown(cmd))),
-    };
-    (result, totals)
+    }
 }
 
 fn workspace_root() -> &'static Path {

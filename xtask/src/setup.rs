@@ -24,11 +24,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
+    // A real SMTP server for the e-mail alert test.
+    ("python3-aiosmtpd", "aiosmtpd"),
 ];
+
+/// The fuzz targets (lb-userspace/fuzz) run with this; 0.13.2 builds with our stable toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn setup() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     if nix::unistd::geteuid().is_root() {
         debian_packages()
     } else {
@@ -94,6 +100,28 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!(
             "installed bpf-linker {BPF_LINKER_VERSION} but `bpf-linker --version` does not show \
              it: is cargo's bin directory (~/.cargo/bin) on PATH?"
+        );
+    }
+    Ok(())
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    // Prints "cargo-fuzz 0.13.2".
+    let version = || output(Command::new("cargo-fuzz").arg("--version"));
+    if let Some(v) = version() {
+        println!("setup: {}: ok", v.trim());
+        return Ok(());
+    }
+    println!("setup: cargo-fuzz not found");
+    run(cargo().args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+    ]))?;
+    if version().is_none() {
+        bail!(
+            "installed cargo-fuzz {CARGO_FUZZ_VERSION} but `cargo-fuzz --version` fails: is \
+             cargo's bin directory (~/.cargo/bin) on PATH?"
         );
     }
     Ok(())

@@ -1,0 +1,1323 @@
+//! Reliability of the data path under arbitrary packets and a filling conntrack, through the
+//! real XDP and TC programs loaded in the kernel (`BPF_PROG_TEST_RUN`). Needs root (CAP_BPF).
+//!
+//! - `mutated_packets_match_the_model`: valid SYN/ACK/FIN/RST segments (IPv4, IPv6, VLAN, IPv4
+//!   options, replies, ICMP errors about replies) mutated by bit flips, truncation and
+//!   randomized header fields, each run through the program and through `Model`, a userspace
+//!   model of the programs written from their documented behaviour. Verdict, output bytes and
+//!   every counter must match the model; independently of it, every packet must keep the
+//!   invariants: never `XDP_ABORTED`, a packet that is not TCP to a VIP (or a reply of a tracked
+//!   flow, or an ICMP error about one) leaves byte for byte untouched, only addresses, ports and
+//!   checksums ever change, and a checksum is valid afterwards iff it was before.
+//!   `XLB_FUZZ_PACKETS` sets the number of packets (10 000 by default; `cargo xtask test
+//!   --reliability` runs 1 000 000), `XLB_FUZZ_SEED` replays a run: every failure names its seed.
+//! - `conntrack_keeps_every_flow_up_to_capacity`: conntrack filled to 50 %, 90 % and 100 % of
+//!   `max_flows`; every earlier flow must still be rewritten to its backend at each step, and past
+//!   capacity new flows pass unmodified and are counted. Nothing is ever evicted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use lb_common::{
+    Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
+    service::MAX_BACKENDS_PER_SERVICE,
+};
+use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+/// Service 0: a VIP on its own address; 1: a VIP on the backends' address (port rewrite only);
+/// 2: IPv6; 3: every backend down (SYNs dropped).
+const CONFIG: &str = r#"
+[dataplane]
+interfaces = ["lo"]
+[[service]]
+name = "vip"
+listen = "198.18.0.10:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "same-address"
+listen = "198.18.0.1:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "v6"
+listen = "[2001:2::10]:80"
+backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
+[[service]]
+name = "down"
+listen = "198.18.0.11:80"
+backends = ["198.18.0.1:8004"]
+"#;
+
+fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "packet tests load BPF programs: run them as root (`cargo xtask test`)");
+}
+
+/// The programs with `CONFIG` loaded (service 3 down), and its services as parsed.
+fn load(max_flows: u32) -> (Dataplane, Config) {
+    require_root();
+    let config = Config::parse("fuzz.toml".as_ref(), CONFIG).expect("test config parses");
+    let mut dp = Dataplane::load_detached(max_flows).expect("programs load and pass the verifier");
+    let states: Vec<Vec<BackendState>> = config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(s, svc)| vec![if s == 3 { BackendState::Down } else { BackendState::Up }; svc.backends.len()])
+        .collect();
+    dp.apply_services(&config.services, &states).expect("services written");
+    (dp, config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Randomness: splitmix64, seeded, so that every run can be replayed from its seed.
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksums.
+
+/// One's-complement sum of big-endian 16-bit words (odd tail padded), not yet folded.
+fn sum_words(data: &[u8]) -> u32 {
+    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn csum(chunks: &[&[u8]]) -> u16 {
+    !fold(chunks.iter().map(|c| sum_words(c)).sum())
+}
+
+/// RFC 1624 eqn. 3 for one 16-bit word, on big-endian values (the sum is byte-order independent).
+fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
+}
+
+fn replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let w = |b: [u8; 4], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    !fold(
+        u32::from(!check) + u32::from(!w(old, 0)) + u32::from(!w(old, 2)) + u32::from(w(new, 0)) + u32::from(w(new, 2)),
+    )
+}
+
+fn rd16(p: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([p[at], p[at + 1]])
+}
+fn wr16(p: &mut [u8], at: usize, v: u16) {
+    p[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+/// Word `i` of an address (IPv4: word 0).
+fn word(a: &Addr, i: usize) -> [u8; 4] {
+    a.0[i * 4..i * 4 + 4].try_into().unwrap()
+}
+fn rd32(p: &[u8], at: usize) -> [u8; 4] {
+    p[at..at + 4].try_into().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing, as the programs parse (lb-ebpf/src/parse.rs): the same classes, offsets and keys.
+
+#[derive(Clone, Debug)]
+struct Tcp {
+    ip: usize,
+    tcp: usize,
+    v4: bool,
+    flags: u8,
+    key: FlowKey,
+    ip_options: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Icmp {
+    ip: usize,
+    icmp: usize,
+    inner_ip: usize,
+    inner_tcp: usize,
+    v4: bool,
+    fwd: FlowKey,
+}
+
+#[derive(Clone, Debug)]
+enum Parsed {
+    Tcp(Tcp),
+    Other,
+    Malformed,
+    Fragment,
+    Ipv6Ext,
+    Icmp(Icmp),
+}
+
+fn key(src: Addr, dst: Addr, sport: [u8; 2], dport: [u8; 2], family: u8) -> FlowKey {
+    FlowKey {
+        src_addr: src,
+        dst_addr: dst,
+        src_port: u16::from_ne_bytes(sport),
+        dst_port: u16::from_ne_bytes(dport),
+        family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    }
+}
+
+fn addr_at(p: &[u8], at: usize, v4: bool) -> Addr {
+    if v4 { Addr::v4(rd32(p, at)) } else { Addr(p[at..at + 16].try_into().unwrap()) }
+}
+
+fn ports_at(p: &[u8], at: usize) -> ([u8; 2], [u8; 2]) {
+    ([p[at], p[at + 1]], [p[at + 2], p[at + 3]])
+}
+
+fn parse_icmp(p: &[u8], ip: usize, icmp: usize, v4: bool) -> Parsed {
+    let end = p.len();
+    let inner = icmp + 8;
+    let inner_l4;
+    let (src, dst);
+    if v4 {
+        if inner + 20 > end {
+            return Parsed::Malformed;
+        }
+        if p[inner + 9] != PROTO_TCP {
+            return Parsed::Other;
+        }
+        let ihl = usize::from(p[inner] & 0xf);
+        if p[inner] >> 4 != 4 || ihl < 5 {
+            return Parsed::Malformed;
+        }
+        inner_l4 = inner + ihl * 4;
+        (src, dst) = (addr_at(p, inner + 12, true), addr_at(p, inner + 16, true));
+    } else {
+        if inner + 40 > end {
+            return Parsed::Malformed;
+        }
+        if p[inner + 6] != PROTO_TCP {
+            return Parsed::Other;
+        }
+        inner_l4 = inner + 40;
+        (src, dst) = (addr_at(p, inner + 8, false), addr_at(p, inner + 24, false));
+    }
+    if inner_l4 + 8 > end {
+        return Parsed::Malformed;
+    }
+    let (sport, dport) = ports_at(p, inner_l4);
+    // The quoted segment went VIP → client; the flow's forward key is its reverse.
+    let fwd = key(dst, src, dport, sport, if v4 { FAMILY_V4 } else { FAMILY_V6 });
+    Parsed::Icmp(Icmp { ip, icmp, inner_ip: inner, inner_tcp: inner_l4, v4, fwd })
+}
+
+fn parse(p: &[u8]) -> Parsed {
+    let end = p.len();
+    if 14 > end {
+        return Parsed::Malformed;
+    }
+    let mut l3 = 14;
+    let mut proto = rd16(p, 12);
+    if proto == 0x8100 || proto == 0x88a8 {
+        if l3 + 4 > end {
+            return Parsed::Malformed;
+        }
+        proto = rd16(p, l3 + 2);
+        l3 += 4;
+    }
+    let (l4, v4, ip_options);
+    if proto == 0x0800 {
+        if l3 + 20 > end {
+            return Parsed::Malformed;
+        }
+        let (ver_ihl, ip_proto) = (p[l3], p[l3 + 9]);
+        if ip_proto != 6 && ip_proto != 1 {
+            return Parsed::Other;
+        }
+        let ihl = usize::from(ver_ihl & 0xf);
+        if ver_ihl >> 4 != 4 || ihl < 5 {
+            return Parsed::Malformed;
+        }
+        if rd16(p, l3 + 6) & 0x3fff != 0 {
+            return if ip_proto == 6 { Parsed::Fragment } else { Parsed::Other };
+        }
+        if ip_proto == 1 {
+            let icmp = l3 + ihl * 4;
+            if icmp + 8 > end {
+                return Parsed::Malformed;
+            }
+            return match p[icmp] {
+                3 | 11 | 12 => parse_icmp(p, l3, icmp, true),
+                _ => Parsed::Other,
+            };
+        }
+        ip_options = ihl > 5;
+        l4 = l3 + ihl * 4;
+        v4 = true;
+    } else if proto == 0x86dd {
+        if l3 + 40 > end {
+            return Parsed::Malformed;
+        }
+        let next = p[l3 + 6];
+        if next == 58 {
+            let icmp = l3 + 40;
+            if icmp + 8 > end {
+                return Parsed::Malformed;
+            }
+            return match p[icmp] {
+                1..=4 => parse_icmp(p, l3, icmp, false),
+                _ => Parsed::Other,
+            };
+        }
+        if next != 6 {
+            return if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254) {
+                Parsed::Ipv6Ext
+            } else {
+                Parsed::Other
+            };
+        }
+        l4 = l3 + 40;
+        v4 = false;
+        ip_options = false;
+    } else {
+        return Parsed::Other;
+    }
+    if l4 + 20 > end {
+        return Parsed::Malformed;
+    }
+    let doff = usize::from(p[l4 + 12] >> 4);
+    if doff < 5 || l4 + doff * 4 > end {
+        return Parsed::Malformed;
+    }
+    let (sa, da) = if v4 { (l3 + 12, l3 + 16) } else { (l3 + 8, l3 + 24) };
+    let (sport, dport) = ports_at(p, l4);
+    let key = key(addr_at(p, sa, v4), addr_at(p, da, v4), sport, dport, if v4 { FAMILY_V4 } else { FAMILY_V6 });
+    Parsed::Tcp(Tcp { ip: l3, tcp: l4, v4, flags: p[l4 + 13], key, ip_options })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model: the maps as the programs keep them, and what each program does to a packet.
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MBackend {
+    addr: Addr,
+    /// Network byte order, as in the maps.
+    port: u16,
+    up: bool,
+}
+
+#[derive(Clone, Debug)]
+struct MService {
+    first: u32,
+    backends: Vec<MBackend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MFlow {
+    backend_addr: Addr,
+    backend_port: u16,
+    slot: u32,
+    closed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MNat {
+    vip_addr: Addr,
+    vip_port: u16,
+    slot: u32,
+}
+
+#[derive(Default)]
+struct Model {
+    services: HashMap<(Addr, u16, u8), MService>,
+    vip_ports: HashSet<u16>,
+    flows: HashMap<FlowKey, MFlow>,
+    replies: HashMap<FlowKey, MNat>,
+    closed: HashSet<FlowKey>,
+    live: HashMap<u32, i64>,
+    counters: BTreeMap<&'static str, u64>,
+}
+
+/// What a program run should give: verdict and bytes, and which byte ranges may differ from
+/// the input (for the invariant check, independent of the exact bytes).
+struct Expect {
+    verdict: u32,
+    out: Vec<u8>,
+    /// Checksum fields the program wrote: the TC helpers may write a zero sum as 0xffff or
+    /// 0x0000 (the same value in one's complement; both verify).
+    csum_fields: Vec<usize>,
+}
+
+impl Model {
+    fn new(config: &Config, down_service: usize) -> Model {
+        let mut m = Model::default();
+        for (s, svc) in config.services.iter().enumerate() {
+            let (addr, port, family) = xlb::dataplane::map_addr(svc.listen);
+            let backends = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    let (addr, port, _) = xlb::dataplane::map_addr(*b);
+                    MBackend { addr, port, up: s != down_service }
+                })
+                .collect();
+            m.services.insert((addr, port, family), MService { first: s as u32 * MAX_BACKENDS_PER_SERVICE, backends });
+            m.vip_ports.insert(svc.listen.port());
+        }
+        m
+    }
+
+    fn count(&mut self, name: &'static str) {
+        *self.counters.entry(name).or_default() += 1;
+    }
+
+    fn reply_key(fwd: &FlowKey, f: &MFlow) -> FlowKey {
+        FlowKey {
+            src_addr: f.backend_addr,
+            dst_addr: fwd.src_addr,
+            src_port: f.backend_port,
+            dst_port: fwd.src_port,
+            family: fwd.family,
+            proto: fwd.proto,
+            _pad: [0; 2],
+        }
+    }
+
+    fn remove(&mut self, fwd: &FlowKey, rev: &FlowKey) {
+        self.replies.remove(rev);
+        self.flows.remove(fwd);
+        self.closed.remove(fwd);
+    }
+
+    /// `conntrack::on_flags`: the first FIN or RST closes (exactly once), an RST forgets.
+    fn on_flags(&mut self, fwd: &FlowKey, flags: u8) -> bool {
+        if flags & (FIN | RST) == 0 {
+            return false;
+        }
+        let mut closed_now = false;
+        if self.closed.insert(*fwd) {
+            let f = self.flows.get_mut(fwd).expect("on_flags on a tracked flow");
+            f.closed = true;
+            *self.live.entry(f.slot).or_default() -= 1;
+            closed_now = true;
+        }
+        if flags & RST != 0 {
+            let f = self.flows[fwd];
+            self.remove(fwd, &Self::reply_key(fwd, &f));
+        }
+        closed_now
+    }
+
+    /// The XDP program. `stamp(slot)` is `BACKEND_CONNS[slot].last_chosen_ns` as the kernel
+    /// holds it (the time a backend was last chosen is the kernel's clock, not ours).
+    fn xdp(&mut self, input: &[u8], stamp: &mut dyn FnMut(u32) -> u64) -> Expect {
+        let mut out = input.to_vec();
+        let mut csum_fields = Vec::new();
+        self.count("xdp_packets");
+        let pass = |out| Expect { verdict: XDP_PASS, out, csum_fields: Vec::new() };
+        let pkt = match parse(input) {
+            Parsed::Tcp(t) => t,
+            Parsed::Other => return pass(out),
+            Parsed::Malformed => {
+                self.count("malformed");
+                return pass(out);
+            }
+            Parsed::Fragment => {
+                self.count("fragments");
+                return pass(out);
+            }
+            Parsed::Ipv6Ext => {
+                self.count("ipv6_ext");
+                return pass(out);
+            }
+            Parsed::Icmp(err) => {
+                if self.icmp_error(&err, &mut out) {
+                    self.count("icmp_errors");
+                }
+                return pass(out);
+            }
+        };
+        let verdict = self.forward(&pkt, &mut out, &mut csum_fields, stamp);
+        if verdict == XDP_PASS && pkt.ip_options {
+            self.count("ip_options");
+        }
+        Expect { verdict, out, csum_fields }
+    }
+
+    fn forward(&mut self, pkt: &Tcp, out: &mut [u8], csums: &mut Vec<usize>, stamp: &mut dyn FnMut(u32) -> u64) -> u32 {
+        let key = pkt.key;
+        if !self.vip_ports.contains(&u16::from_be(key.dst_port)) {
+            return XDP_PASS;
+        }
+        let syn_only = pkt.flags & (SYN | ACK) == SYN;
+        if let Some(f) = self.flows.get(&key).copied() {
+            if !(syn_only && f.closed) {
+                rewrite_dst(pkt, out, &f.backend_addr, f.backend_port, csums);
+                self.count("fwd_packets");
+                if self.on_flags(&key, pkt.flags) {
+                    self.count("closed_flows");
+                }
+                return XDP_PASS;
+            }
+            self.remove(&key, &Self::reply_key(&key, &f));
+        }
+        let Some(svc) = self.services.get(&(key.dst_addr, key.dst_port, key.family)).cloned() else {
+            return XDP_PASS;
+        };
+        if !syn_only {
+            self.count("no_flow");
+            return XDP_PASS;
+        }
+        // select::least_conns: fewest live (clamped to 0..2^24), then longest since chosen.
+        let mut best: Option<(u64, u32)> = None;
+        for (i, b) in svc.backends.iter().enumerate() {
+            if !b.up {
+                continue;
+            }
+            let slot = svc.first + i as u32;
+            let live = self.live.get(&slot).copied().unwrap_or(0).clamp(0, (1 << 24) - 1) as u64;
+            let score = (live << 40) | ((stamp(slot) >> 10) & ((1 << 40) - 1));
+            if best.is_none_or(|(s, _)| score < s) {
+                best = Some((score, slot));
+            }
+        }
+        let Some((_, slot)) = best else {
+            self.count("drop_no_backend");
+            return XDP_DROP;
+        };
+        let b = svc.backends[(slot - svc.first) as usize];
+        let flow = MFlow { backend_addr: b.addr, backend_port: b.port, slot, closed: false };
+        self.flows.insert(key, flow);
+        self.replies.insert(Self::reply_key(&key, &flow), MNat { vip_addr: key.dst_addr, vip_port: key.dst_port, slot });
+        *self.live.entry(slot).or_default() += 1;
+        self.count("new_flows");
+        rewrite_dst(pkt, out, &b.addr, b.port, csums);
+        self.count("fwd_packets");
+        XDP_PASS
+    }
+
+    /// `icmp_error` of the XDP program: an error about a reply of a tracked flow is made to be
+    /// about the segment the backend sent, and sent to the backend.
+    fn icmp_error(&mut self, e: &Icmp, p: &mut [u8]) -> bool {
+        let Some(f) = self.flows.get(&e.fwd).copied() else { return false };
+        let end = p.len();
+        let mut icmp_check = rd16(p, e.icmp + 2);
+        let patch_quoted = |p: &mut [u8], icmp_check: &mut u16, f: &dyn Fn(u16) -> u16| {
+            let at = e.inner_tcp + 16;
+            if at + 2 <= end {
+                let old = rd16(p, at);
+                let new = f(old);
+                wr16(p, at, new);
+                *icmp_check = replace16(*icmp_check, old, new);
+            }
+        };
+        let old_port = rd16(p, e.inner_tcp);
+        let port = u16::from_be(f.backend_port);
+        if old_port != port {
+            wr16(p, e.inner_tcp, port);
+            icmp_check = replace16(icmp_check, old_port, port);
+            patch_quoted(p, &mut icmp_check, &|c| replace16(c, old_port, port));
+        }
+        if e.v4 {
+            let old = rd32(p, e.inner_ip + 12);
+            let new: [u8; 4] = word(&f.backend_addr, 0);
+            if old != new {
+                p[e.inner_ip + 12..e.inner_ip + 16].copy_from_slice(&new);
+                icmp_check = replace32(icmp_check, old, new);
+                let inner_check = rd16(p, e.inner_ip + 10);
+                let inner_new = replace32(inner_check, old, new);
+                wr16(p, e.inner_ip + 10, inner_new);
+                icmp_check = replace16(icmp_check, inner_check, inner_new);
+                patch_quoted(p, &mut icmp_check, &|c| replace32(c, old, new));
+                if rd32(p, e.ip + 16) == old {
+                    p[e.ip + 16..e.ip + 20].copy_from_slice(&new);
+                    let ip_check = rd16(p, e.ip + 10);
+                    wr16(p, e.ip + 10, replace32(ip_check, old, new));
+                }
+            }
+        } else {
+            let outer_is_vip = p[e.ip + 24..e.ip + 40] == p[e.inner_ip + 8..e.inner_ip + 24];
+            for i in 0..4 {
+                let at = e.inner_ip + 8 + i * 4;
+                let old = rd32(p, at);
+                let new: [u8; 4] = word(&f.backend_addr, i);
+                if old != new {
+                    p[at..at + 4].copy_from_slice(&new);
+                    icmp_check = replace32(icmp_check, old, new);
+                    patch_quoted(p, &mut icmp_check, &|c| replace32(c, old, new));
+                    if outer_is_vip {
+                        let outer = e.ip + 24 + i * 4;
+                        p[outer..outer + 4].copy_from_slice(&new);
+                        icmp_check = replace32(icmp_check, old, new);
+                    }
+                }
+            }
+        }
+        wr16(p, e.icmp + 2, icmp_check);
+        true
+    }
+
+    /// The TC egress program: a reply of a tracked flow gets the VIP as its source.
+    fn tc(&mut self, input: &[u8]) -> Expect {
+        let mut out = input.to_vec();
+        let mut csum_fields = Vec::new();
+        let untouched = |out| Expect { verdict: TC_ACT_OK, out, csum_fields: Vec::new() };
+        let Parsed::Tcp(pkt) = parse(input) else { return untouched(out) };
+        let Some(nat) = self.replies.get(&pkt.key).copied() else { return untouched(out) };
+        let k = pkt.key;
+        let fwd = FlowKey {
+            src_addr: k.dst_addr,
+            dst_addr: nat.vip_addr,
+            src_port: k.dst_port,
+            dst_port: nat.vip_port,
+            family: k.family,
+            proto: k.proto,
+            _pad: [0; 2],
+        };
+        let check_at = pkt.tcp + 16;
+        csum_fields.push(check_at);
+        if k.src_port != nat.vip_port {
+            let (old, new) = (u16::from_be(k.src_port), u16::from_be(nat.vip_port));
+            let c = replace16(rd16(&out, check_at), old, new);
+            wr16(&mut out, check_at, c);
+            wr16(&mut out, pkt.tcp, new);
+        }
+        if pkt.v4 {
+            let (old, new): ([u8; 4], [u8; 4]) = (word(&k.src_addr, 0), word(&nat.vip_addr, 0));
+            if old != new {
+                csum_fields.push(pkt.ip + 10);
+                let c = replace32(rd16(&out, pkt.ip + 10), old, new);
+                wr16(&mut out, pkt.ip + 10, c);
+                let c = replace32(rd16(&out, check_at), old, new);
+                wr16(&mut out, check_at, c);
+                out[pkt.ip + 12..pkt.ip + 16].copy_from_slice(&new);
+            }
+        } else if k.src_addr != nat.vip_addr {
+            for i in 0..4 {
+                let (old, new): ([u8; 4], [u8; 4]) =
+                    (word(&k.src_addr, i), word(&nat.vip_addr, i));
+                if old != new {
+                    let c = replace32(rd16(&out, check_at), old, new);
+                    wr16(&mut out, check_at, c);
+                }
+            }
+            out[pkt.ip + 8..pkt.ip + 24].copy_from_slice(&nat.vip_addr.0);
+        }
+        self.count("reply_packets");
+        if pkt.flags & (FIN | RST) != 0 && self.flows.contains_key(&fwd) && self.on_flags(&fwd, pkt.flags) {
+            self.count("closed_flows");
+        }
+        Expect { verdict: TC_ACT_OK, out, csum_fields }
+    }
+}
+
+/// `rewrite_dst` of the XDP program: destination port and address, checksums patched.
+fn rewrite_dst(pkt: &Tcp, p: &mut [u8], addr: &Addr, port_be: u16, csums: &mut Vec<usize>) {
+    let check_at = pkt.tcp + 16;
+    csums.push(check_at);
+    let mut check = rd16(p, check_at);
+    let (old_port, port) = (rd16(p, pkt.tcp + 2), u16::from_be(port_be));
+    if old_port != port {
+        wr16(p, pkt.tcp + 2, port);
+        check = replace16(check, old_port, port);
+    }
+    if pkt.v4 {
+        let (old, new) = (rd32(p, pkt.ip + 16), word(addr, 0));
+        if old != new {
+            p[pkt.ip + 16..pkt.ip + 20].copy_from_slice(&new);
+            let ip_check = rd16(p, pkt.ip + 10);
+            wr16(p, pkt.ip + 10, replace32(ip_check, old, new));
+            csums.push(pkt.ip + 10);
+            check = replace32(check, old, new);
+        }
+    } else {
+        for i in 0..4 {
+            let at = pkt.ip + 24 + i * 4;
+            let (old, new) = (rd32(p, at), word(addr, i));
+            if old != new {
+                p[at..at + 4].copy_from_slice(&new);
+                check = replace32(check, old, new);
+            }
+        }
+    }
+    wr16(p, check_at, check);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets: valid segments to start from, and mutations of them.
+
+const CLIENTS4: [[u8; 4]; 2] = [[198, 18, 0, 2], [198, 18, 0, 3]];
+const CLIENT6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const HOST4: [u8; 4] = [198, 18, 0, 1];
+const HOST6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const VIP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+/// Destinations of client segments: the VIPs, and addresses/ports that are not VIPs.
+const DSTS4: [([u8; 4], u16); 6] = [
+    ([198, 18, 0, 10], 80),
+    ([198, 18, 0, 1], 80),
+    ([198, 18, 0, 11], 80),
+    ([198, 18, 0, 1], 22),
+    ([198, 18, 0, 10], 81),
+    ([198, 18, 0, 1], 8001),
+];
+const DSTS6: [([u8; 16], u16); 3] = [(VIP6, 80), (HOST6, 8001), (VIP6, 443)];
+const CLIENT_PORTS: [u16; 6] = [40000, 40001, 40002, 40003, 40004, 40005];
+const FLAG_SETS: [u8; 9] = [SYN, SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, ACK];
+
+/// A frame: the bytes and where its headers start (for field mutations).
+struct Frame {
+    bytes: Vec<u8>,
+    l3: usize,
+    l4: usize,
+    v4: bool,
+}
+
+/// Ethernet (+ VLAN) + IPv4 (+ options) or IPv6 + TCP with correct checksums.
+fn segment(rng: &mut Rng, src: &[u8], sport: u16, dst: &[u8], dport: u16, flags: u8) -> Frame {
+    let v4 = src.len() == 4;
+    let mut tcp = Vec::with_capacity(40);
+    tcp.extend(sport.to_be_bytes());
+    tcp.extend(dport.to_be_bytes());
+    tcp.extend((rng.next() as u32).to_be_bytes());
+    tcp.extend(if flags & ACK != 0 { rng.next() as u32 } else { 0 }.to_be_bytes());
+    let tcp_opts = if rng.chance(30) { vec![2, 4, 0x05, 0xb4] } else { Vec::new() }; // MSS
+    tcp.push(((5 + tcp_opts.len() / 4) as u8) << 4);
+    tcp.push(flags);
+    tcp.extend(64240u16.to_be_bytes());
+    tcp.extend([0, 0, 0, 0]);
+    tcp.extend(tcp_opts);
+    if flags & PSH != 0 {
+        let n = rng.below(64);
+        tcp.extend((0..n).map(|_| rng.byte()));
+    }
+    let len = (tcp.len() as u16).to_be_bytes();
+    let check = if v4 { csum(&[src, dst, &[0, 6], &len, &tcp]) } else { csum(&[src, dst, &[0, 0], &len, &[0, 0, 0, 6], &tcp]) };
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
+    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    if rng.chance(15) {
+        out.extend(if rng.chance(50) { [0x81, 0x00] } else { [0x88, 0xa8] });
+        out.extend((rng.next() as u16 & 0x0fff).to_be_bytes());
+    }
+    let l3 = out.len() + 2;
+    if v4 {
+        out.extend([0x08, 0x00]);
+        let opts: &[u8] = if rng.chance(10) { &[1, 1, 1, 0] } else { &[] };
+        let ihl = 5 + opts.len() / 4;
+        let mut ip = vec![0x40 | ihl as u8, 0];
+        ip.extend(((ihl * 4 + tcp.len()) as u16).to_be_bytes());
+        ip.extend((rng.next() as u16).to_be_bytes());
+        ip.extend(0x4000u16.to_be_bytes());
+        ip.extend([64, 6, 0, 0]);
+        ip.extend(src);
+        ip.extend(dst);
+        ip.extend(opts);
+        let c = csum(&[&ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out.extend(ip);
+    } else {
+        out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+        out.extend(len);
+        out.extend([6, 64]);
+        out.extend(src);
+        out.extend(dst);
+    }
+    let l4 = out.len();
+    out.extend(tcp);
+    Frame { bytes: out, l3, l4, v4 }
+}
+
+/// An ICMP error ("fragmentation needed" / "packet too big") quoting `quoted` (a frame).
+fn icmp_error(rng: &mut Rng, from: &[u8], to: &[u8], quoted: &Frame) -> Frame {
+    let v4 = from.len() == 4;
+    let ip_len = if v4 { 20 } else { 40 };
+    let quote = quoted.bytes.len().min(quoted.l3 + rng.pick(&[ip_len + 8, ip_len + 20, ip_len + 40]));
+    let mut icmp = if v4 { vec![3, 4, 0, 0, 0, 0, 0x05, 0x00] } else { vec![2, 0, 0, 0, 0, 0, 0x05, 0x00] };
+    icmp.extend(&quoted.bytes[quoted.l3..quote]);
+    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    let l3 = 14;
+    if v4 {
+        let c = csum(&[&icmp]);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        out.extend([0x08, 0x00]);
+        let mut ip = vec![0x45, 0];
+        ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+        ip.extend([0, 1, 0, 0, 64, 1, 0, 0]);
+        ip.extend(from);
+        ip.extend(to);
+        let c = csum(&[&ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out.extend(ip);
+    } else {
+        let len = (icmp.len() as u16).to_be_bytes();
+        let c = csum(&[from, to, &[0, 0], &len, &[0, 0, 0, 58], &icmp]);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+        out.extend(len);
+        out.extend([58, 64]);
+        out.extend(from);
+        out.extend(to);
+    }
+    let l4 = out.len();
+    out.extend(icmp);
+    Frame { bytes: out, l3, l4, v4 }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// A valid packet to start from: a client segment (to a VIP or not), a backend's reply, or an
+/// ICMP error about a reply.
+fn base(rng: &mut Rng) -> (Hook, Frame) {
+    let v6 = rng.chance(25);
+    let flags = rng.pick(&FLAG_SETS);
+    let cport = rng.pick(&CLIENT_PORTS);
+    let bport = 8001 + rng.below(3) as u16;
+    match rng.below(100) {
+        0..65 => {
+            let f = if v6 {
+                let (dst, dport) = rng.pick(&DSTS6);
+                segment(rng, &CLIENT6, cport, &dst, dport, flags)
+            } else {
+                let (dst, dport) = rng.pick(&DSTS4);
+                let client = rng.pick(&CLIENTS4);
+                segment(rng, &client, cport, &dst, dport, flags)
+            };
+            (Hook::Xdp, f)
+        }
+        65..92 => {
+            let f = if v6 {
+                segment(rng, &HOST6, bport, &CLIENT6, cport, flags)
+            } else {
+                let client = rng.pick(&CLIENTS4);
+                segment(rng, &HOST4, bport, &client, cport, flags)
+            };
+            (Hook::Tc, f)
+        }
+        _ => {
+            // The reply as the client saw it (from the VIP), quoted by a router or the client.
+            let f = if v6 {
+                let seen = segment(rng, &VIP6, 80, &CLIENT6, cport, ACK | PSH);
+                icmp_error(rng, &CLIENT6, &VIP6, &seen)
+            } else {
+                let (vip, _) = rng.pick(&DSTS4[..3]);
+                let client = rng.pick(&CLIENTS4);
+                let seen = segment(rng, &vip, 80, &client, cport, ACK | PSH);
+                icmp_error(rng, &[198, 18, 0, 254], &vip, &seen)
+            };
+            (Hook::Xdp, f)
+        }
+    }
+}
+
+/// Recomputes the IPv4 header and TCP checksums of a frame that still parses as TCP, so that
+/// mutated fields are also seen with valid checksums (the path real traffic takes).
+fn fix_checksums(p: &mut [u8]) {
+    let Parsed::Tcp(t) = parse(p) else { return };
+    if t.v4 {
+        let ihl = usize::from(p[t.ip] & 0xf) * 4;
+        wr16(p, t.ip + 10, 0);
+        let c = csum(&[&p[t.ip..t.ip + ihl]]);
+        wr16(p, t.ip + 10, c);
+    }
+    wr16(p, t.tcp + 16, 0);
+    let c = tcp_csum(p, &t);
+    wr16(p, t.tcp + 16, c);
+}
+
+/// The TCP checksum over the segment from its header to the end of the frame.
+fn tcp_csum(p: &[u8], t: &Tcp) -> u16 {
+    let seg = &p[t.tcp..];
+    let len = (seg.len() as u16).to_be_bytes();
+    if t.v4 {
+        csum(&[&p[t.ip + 12..t.ip + 20], &[0, 6], &len, seg])
+    } else {
+        csum(&[&p[t.ip + 8..t.ip + 40], &[0, 0], &len, &[0, 0, 0, 6], seg])
+    }
+}
+
+fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
+    let mut done = Vec::new();
+    for _ in 0..1 + rng.below(3) {
+        let p = &mut f.bytes;
+        let len = p.len();
+        let (l3, l4) = (f.l3, f.l4);
+        fn set(p: &mut [u8], at: usize, v: u8) {
+            if at < p.len() {
+                p[at] = v;
+            }
+        }
+        let what = match rng.below(12) {
+            1 if len > 14 => {
+                let n = 14 + rng.below(len - 14);
+                p.truncate(n);
+                "truncation"
+            }
+            0 | 1 => {
+                let bit = rng.below(len * 8);
+                p[bit / 8] ^= 1 << (bit % 8);
+                "bit flip"
+            }
+            2 => {
+                set(p, l4 + 13, { let r = rng.byte(); rng.pick(&[SYN, ACK, FIN, RST, SYN | FIN, SYN | RST, FIN | RST, 0, 0xff, r]) });
+                "tcp flags"
+            }
+            3 => {
+                let v = rng.below(16) as u8;
+                if l4 + 12 < p.len() {
+                    p[l4 + 12] = (v << 4) | (p[l4 + 12] & 0xf);
+                }
+                "tcp doff"
+            }
+            4 => {
+                let v = rng.below(16) as u8;
+                if l3 < p.len() {
+                    p[l3] = if rng.chance(80) { (p[l3] & 0xf0) | v } else { (v << 4) | (p[l3] & 0xf) };
+                }
+                "ihl / version"
+            }
+            5 => {
+                let v = { let r = rng.next() as u16; rng.pick(&[0u16, 0x4000, 0x2000, 0x0001, 0x1fff, r]) };
+                if f.v4 {
+                    set(p, l3 + 6, (v >> 8) as u8);
+                    set(p, l3 + 7, v as u8);
+                }
+                "fragment field"
+            }
+            6 => {
+                let at = if f.v4 { l3 + 2 } else { l3 + 4 };
+                set(p, at, rng.byte());
+                set(p, at + 1, rng.byte());
+                "ip length"
+            }
+            7 => {
+                let v = { let r = rng.byte(); rng.pick(&[6u8, 17, 1, 58, 0, 43, 44, 60, 59, r]) };
+                set(p, if f.v4 { l3 + 9 } else { l3 + 6 }, v);
+                "ip protocol / next header"
+            }
+            8 => {
+                let port = if rng.chance(50) { rng.pick(&[80u16, 22, 8001, 8002, 8003, 40000, 40001]) } else { rng.next() as u16 };
+                let at = l4 + 2 * rng.below(2);
+                set(p, at, (port >> 8) as u8);
+                set(p, at + 1, port as u8);
+                "port"
+            }
+            9 => {
+                let (src, dst, n) = if f.v4 { (l3 + 12, l3 + 16, 4) } else { (l3 + 8, l3 + 24, 16) };
+                let at = if rng.chance(50) { src } else { dst };
+                if rng.chance(50) {
+                    set(p, at + n - 1, { let r = rng.byte(); rng.pick(&[1, 2, 3, 10, 11, 16, r]) });
+                } else {
+                    set(p, at + rng.below(n), rng.byte());
+                }
+                "address"
+            }
+            10 => {
+                let v = { let r = rng.next() as u16; rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, r]) };
+                let at = if rng.chance(70) { 12 } else { 16 };
+                set(p, at, (v >> 8) as u8);
+                set(p, at + 1, v as u8);
+                "ethertype"
+            }
+            _ => {
+                let n = 1 + rng.below(40);
+                p.extend((0..n).map(|_| rng.byte()));
+                "appended bytes"
+            }
+        };
+        done.push(what);
+    }
+    if rng.chance(50) {
+        fix_checksums(&mut f.bytes);
+        done.push("checksums recomputed");
+    }
+    done
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariants, checked on every packet without the model.
+
+/// Byte ranges a program may change in `input` (as parsed): addresses, ports and checksums.
+fn mutable_ranges(hook: Hook, input: &[u8]) -> Vec<std::ops::Range<usize>> {
+    match (hook, parse(input)) {
+        (Hook::Xdp, Parsed::Tcp(t)) => {
+            let mut r = vec![t.tcp + 2..t.tcp + 4, t.tcp + 16..t.tcp + 18];
+            if t.v4 {
+                r.extend([t.ip + 10..t.ip + 12, t.ip + 16..t.ip + 20]);
+            } else {
+                r.push(t.ip + 24..t.ip + 40);
+            }
+            r
+        }
+        (Hook::Tc, Parsed::Tcp(t)) => {
+            let mut r = vec![t.tcp..t.tcp + 2, t.tcp + 16..t.tcp + 18];
+            if t.v4 {
+                r.extend([t.ip + 10..t.ip + 12, t.ip + 12..t.ip + 16]);
+            } else {
+                r.push(t.ip + 8..t.ip + 24);
+            }
+            r
+        }
+        (Hook::Xdp, Parsed::Icmp(e)) => {
+            let mut r = vec![e.icmp + 2..e.icmp + 4, e.inner_tcp..e.inner_tcp + 2, e.inner_tcp + 16..e.inner_tcp + 18];
+            if e.v4 {
+                r.extend([e.ip + 10..e.ip + 12, e.ip + 16..e.ip + 20, e.inner_ip + 10..e.inner_ip + 16]);
+            } else {
+                r.extend([e.ip + 24..e.ip + 40, e.inner_ip + 8..e.inner_ip + 24]);
+            }
+            r
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether each checksum of the packet (as parsed) verifies: IPv4 header, TCP (over the
+/// segment to the end of the frame), or for ICMP errors the ICMP checksum and the quoted IPv4
+/// header's.
+fn checksums_ok(input: &[u8]) -> Vec<(&'static str, bool)> {
+    match parse(input) {
+        Parsed::Tcp(t) => {
+            let mut v = vec![("tcp", tcp_csum(input, &t) == 0)];
+            if t.v4 {
+                let ihl = usize::from(input[t.ip] & 0xf) * 4;
+                v.push(("ipv4 header", csum(&[&input[t.ip..t.ip + ihl]]) == 0));
+            }
+            v
+        }
+        Parsed::Icmp(e) => {
+            let icmp = &input[e.icmp..];
+            let mut v = vec![];
+            if e.v4 {
+                v.push(("icmp", csum(&[icmp]) == 0));
+                v.push(("ipv4 header", csum(&[&input[e.ip..e.ip + usize::from(input[e.ip] & 0xf) * 4]]) == 0));
+                let inner_ihl = usize::from(input[e.inner_ip] & 0xf) * 4;
+                if e.inner_ip + inner_ihl <= input.len() {
+                    v.push(("quoted ipv4 header", csum(&[&input[e.inner_ip..e.inner_ip + inner_ihl]]) == 0));
+                }
+            } else {
+                let len = (icmp.len() as u16).to_be_bytes();
+                v.push(("icmpv6", csum(&[&input[e.ip + 8..e.ip + 40], &[0, 0], &len, &[0, 0, 0, 58], icmp]) == 0));
+            }
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Is this TCP to a VIP (address and port of a service), seen by the XDP program?
+fn to_vip(model: &Model, input: &[u8]) -> bool {
+    match parse(input) {
+        Parsed::Tcp(t) => model.services.contains_key(&(t.key.dst_addr, t.key.dst_port, t.key.family)),
+        _ => false,
+    }
+}
+
+/// Frames `BPF_PROG_TEST_RUN` refuses for a TC program (EINVAL): an IPv4 or IPv6 ethertype
+/// with less than a whole IP header after the Ethernet header.
+fn tc_refuses(p: &[u8]) -> bool {
+    match rd16(p, 12) {
+        0x0800 => p.len() < 14 + 20,
+        0x86dd => p.len() < 14 + 40,
+        _ => false,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn fuzz_packets() -> usize {
+    std::env::var("XLB_FUZZ_PACKETS")
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("XLB_FUZZ_PACKETS={v:?}: {e}; give a number of packets")))
+        .unwrap_or(10_000)
+}
+
+fn fuzz_seed() -> u64 {
+    match std::env::var("XLB_FUZZ_SEED") {
+        Ok(v) => v.parse().unwrap_or_else(|e| panic!("XLB_FUZZ_SEED={v:?}: {e}; give a number")),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+    }
+}
+
+/// Compares the kernel's maps and counters with the model's.
+fn compare_state(dp: &Dataplane, config: &Config, model: &Model, seed: u64, at: usize) {
+    let ctx = format!("seed {seed} (XLB_FUZZ_SEED={seed} replays it), after {at} packets");
+    for (s, svc) in config.services.iter().enumerate() {
+        for b in 0..svc.backends.len() {
+            let slot = s as u32 * MAX_BACKENDS_PER_SERVICE + b as u32;
+            let live = dp.conns(s, b).unwrap().live;
+            assert_eq!(live, model.live.get(&slot).copied().unwrap_or(0), "{ctx}: live count of service {s} backend {b}");
+        }
+    }
+    for (k, f) in &model.flows {
+        let got = dp.flow(k).unwrap_or_else(|| panic!("{ctx}: flow {k:?} missing from FLOWS"));
+        assert_eq!(
+            (got.backend_addr, got.backend_port, got.backend, got.closed),
+            (f.backend_addr, f.backend_port, f.slot, if f.closed { FLOW_CLOSED } else { FLOW_OPEN }),
+            "{ctx}: flow {k:?}"
+        );
+    }
+    let replies = dp.flows().unwrap();
+    assert_eq!(replies.len(), model.replies.len(), "{ctx}: REPLIES entries");
+    for (rev, nat, _) in &replies {
+        let m = model.replies.get(rev).unwrap_or_else(|| panic!("{ctx}: REPLIES has {rev:?}, the model does not"));
+        assert_eq!((nat.vip_addr, nat.vip_port, nat.backend), (m.vip_addr, m.vip_port, m.slot), "{ctx}: reply {rev:?}");
+    }
+    let counters = dp.counters().unwrap();
+    for (name, value) in &counters {
+        if name.ends_with("_bytes") {
+            continue;
+        }
+        let expected = model.counters.get(name.as_str()).copied().unwrap_or(0);
+        assert_eq!(*value, expected, "{ctx}: counter {name}");
+    }
+}
+
+#[test]
+fn mutated_packets_match_the_model() {
+    let n = fuzz_packets();
+    let seed = fuzz_seed();
+    eprintln!("fuzz: {n} packets, seed {seed} (XLB_FUZZ_SEED={seed} XLB_FUZZ_PACKETS={n} replays this run)");
+    let (dp, config) = load(1 << 20);
+    let mut model = Model::new(&config, 3);
+    let mut rng = Rng(seed);
+    let mut classes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut verdicts: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let (hook, mut frame) = base(&mut rng);
+        let mutations = if rng.chance(20) { Vec::new() } else { mutate(&mut rng, &mut frame) };
+        let input = frame.bytes;
+        let class = match parse(&input) {
+            Parsed::Tcp(_) => "tcp",
+            Parsed::Other => "other",
+            Parsed::Malformed => "malformed",
+            Parsed::Fragment => "fragment",
+            Parsed::Ipv6Ext => "ipv6 extension",
+            Parsed::Icmp(_) => "icmp error",
+        };
+        *classes.entry(class).or_default() += 1;
+        let was_to_vip = to_vip(&model, &input);
+        let before = checksums_ok(&input);
+        let (expect, got) = match hook {
+            Hook::Xdp => {
+                let mut stamp = |slot: u32| {
+                    let (s, b) = ((slot / MAX_BACKENDS_PER_SERVICE) as usize, (slot % MAX_BACKENDS_PER_SERVICE) as usize);
+                    dp.conns(s, b).unwrap().last_chosen_ns
+                };
+                let expect = model.xdp(&input, &mut stamp);
+                (expect, dp.test_run_xdp(&input, 1).unwrap())
+            }
+            Hook::Tc => match dp.test_run_tc(&input, 1) {
+                Ok(got) => (model.tc(&input), got),
+                // The kernel builds no skb whose IP header is cut short (nor would the stack
+                // send one): such frames cannot reach the TC program at all.
+                Err(e) if tc_refuses(&input) => {
+                    let _ = e;
+                    *classes.entry("refused by TC test_run (IP header cut short)").or_default() += 1;
+                    continue;
+                }
+                Err(e) => panic!("seed {seed}, packet {i}: {e:#}: {}", hex(&input)),
+            },
+        };
+        let ctx = || {
+            format!(
+                "seed {seed} (XLB_FUZZ_SEED={seed} XLB_FUZZ_PACKETS={n} replays it), packet {i} ({hook:?}, {class}, \
+                 mutations {mutations:?}):\n  in       {}\n  expected {} (verdict {})\n  got      {} (verdict {})",
+                hex(&input),
+                hex(&expect.out),
+                expect.verdict,
+                hex(&got.data),
+                got.verdict
+            )
+        };
+        // Invariants, independent of the model.
+        match hook {
+            Hook::Xdp => assert!(got.verdict == XDP_PASS || got.verdict == XDP_DROP, "never XDP_ABORTED: {}", ctx()),
+            Hook::Tc => assert_eq!(got.verdict, TC_ACT_OK, "TC always passes: {}", ctx()),
+        }
+        assert_eq!(got.data.len(), input.len(), "length unchanged: {}", ctx());
+        let allowed = mutable_ranges(hook, &input);
+        for (at, (a, b)) in input.iter().zip(&got.data).enumerate() {
+            assert!(a == b || allowed.iter().any(|r| r.contains(&at)), "byte {at} changed, outside addresses, ports and checksums: {}", ctx());
+        }
+        if hook == Hook::Xdp && !was_to_vip && !matches!(parse(&input), Parsed::Icmp(_)) {
+            assert_eq!(got.data, input, "not TCP to a VIP: untouched: {}", ctx());
+        }
+        if got.verdict == XDP_DROP && hook == Hook::Xdp {
+            assert_eq!(got.data, input, "dropped packets are not modified: {}", ctx());
+        }
+        let after = checksums_ok(&got.data);
+        assert_eq!(before, after, "each checksum valid after iff valid before: {}", ctx());
+        // The model.
+        assert_eq!(got.verdict, expect.verdict, "verdict: {}", ctx());
+        let same = got.data.len() == expect.out.len()
+            && got.data.iter().zip(&expect.out).enumerate().all(|(at, (g, e))| {
+                g == e || {
+                    // 0x0000 and 0xffff are the same one's-complement zero (TC helpers).
+                    let field = expect.csum_fields.iter().find(|&&c| at == c || at == c + 1);
+                    field.is_some_and(|&c| {
+                        let (g, e) = (rd16(&got.data, c), rd16(&expect.out, c));
+                        hook == Hook::Tc && matches!((g, e), (0, 0xffff) | (0xffff, 0))
+                    })
+                }
+            });
+        assert!(same, "output bytes differ from the model: {}", ctx());
+        *verdicts.entry((class, if got.data == input { "untouched" } else { "rewritten" })).or_default() += 1;
+        if (i + 1).is_multiple_of(50_000) {
+            compare_state(&dp, &config, &model, seed, i + 1);
+        }
+    }
+    compare_state(&dp, &config, &model, seed, n);
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "fuzz: {n} packets in {secs:.1} s ({:.0}/s), 0 invariant breaks, 0 differences from the model; seed {seed}",
+        n as f64 / secs
+    );
+    eprintln!("fuzz: packet classes {classes:?}");
+    eprintln!("fuzz: outcomes {verdicts:?}");
+    eprintln!("fuzz: counters {:?}", model.counters);
+    eprintln!("fuzz: {} flows tracked at the end, {} reply entries", model.flows.len(), model.replies.len());
+    // The run must have exercised every path it claims to check.
+    for c in ["new_flows", "fwd_packets", "reply_packets", "closed_flows", "no_flow", "malformed", "drop_no_backend"] {
+        assert!(model.counters.get(c).copied().unwrap_or(0) > 0, "seed {seed}: no packet took the {c} path; the generator is broken");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conntrack capacity.
+
+/// Flow `i` of the capacity test: a distinct client address and port towards the VIP on its own
+/// address (service 0) or the one on the backends' address (service 1).
+fn capacity_flow(rng: &mut Rng, i: u32, flags: u8) -> (Frame, [u8; 4], u16) {
+    let client = [198, 18, 1 + (i / 30_000) as u8, (i % 200) as u8];
+    let port = 10_000 + (i % 30_000) as u16 / 200 * 200 + (i % 200) as u16;
+    let dst = if i.is_multiple_of(2) { [198, 18, 0, 10] } else { [198, 18, 0, 1] };
+    (segment(rng, &client, port, &dst, 80, flags), client, port)
+}
+
+/// Whether the XDP program rewrites an ACK of flow `i` to `backend_port` on 198.18.0.1 with
+/// valid checksums, and the TC program a reply from that backend back to the VIP.
+fn still_translated(dp: &Dataplane, rng: &mut Rng, i: u32, backend_port: u16) -> Result<(), String> {
+    let (ack, client, port) = capacity_flow(rng, i, ACK | PSH);
+    let out = dp.test_run_xdp(&ack.bytes, 1).map_err(|e| e.to_string())?;
+    let Parsed::Tcp(t) = parse(&out.data) else { return Err("unparsable output".into()) };
+    if out.verdict != XDP_PASS || rd16(&out.data, t.tcp + 2) != backend_port || rd32(&out.data, t.ip + 16) != HOST4 {
+        return Err(format!("ACK of flow {i} not rewritten to its backend {backend_port}: {}", hex(&out.data)));
+    }
+    if tcp_csum(&out.data, &t) != 0 || csum(&[&out.data[t.ip..t.tcp]]) != 0 {
+        return Err(format!("flow {i}: bad checksum after rewriting"));
+    }
+    let reply = segment(rng, &HOST4, backend_port, &client, port, ACK);
+    let out = dp.test_run_tc(&reply.bytes, 1).map_err(|e| e.to_string())?;
+    let vip = if i.is_multiple_of(2) { [198, 18, 0, 10] } else { HOST4 };
+    let Parsed::Tcp(t) = parse(&out.data) else { return Err("unparsable reply".into()) };
+    if rd16(&out.data, t.tcp) != 80 || rd32(&out.data, t.ip + 12) != vip {
+        return Err(format!("reply of flow {i} not rewritten to come from the VIP: {}", hex(&out.data)));
+    }
+    Ok(())
+}
+
+/// R6: conntrack at 50 %, 90 % and 100 % of `max_flows` keeps every flow it admitted; past
+/// 100 % new flows pass unmodified (counted in `conntrack_full`) and still no flow is lost;
+/// closing flows makes room again. The documented threshold is `max_flows` itself: `FLOWS` and
+/// `REPLIES` are plain hash maps, which never evict.
+#[test]
+fn conntrack_keeps_every_flow_up_to_capacity() {
+    const MAX: u32 = 8192;
+    let (dp, _) = load(MAX);
+    let mut rng = Rng(6);
+    let mut backend_of: Vec<u16> = Vec::new();
+    let open = |dp: &Dataplane, rng: &mut Rng, backend_of: &mut Vec<u16>, upto: u32| {
+        while (backend_of.len() as u32) < upto {
+            let i = backend_of.len() as u32;
+            let (syn, _, _) = capacity_flow(rng, i, SYN);
+            let out = dp.test_run_xdp(&syn.bytes, 1).unwrap();
+            assert_eq!(out.verdict, XDP_PASS);
+            let Parsed::Tcp(t) = parse(&out.data) else { panic!("flow {i}: unparsable output") };
+            let port = rd16(&out.data, t.tcp + 2);
+            assert!((8001..=8003).contains(&port), "SYN of flow {i} below capacity was not given a backend: {}", hex(&out.data));
+            backend_of.push(port);
+        }
+    };
+    for percent in [50u32, 90, 100] {
+        let target = MAX * percent / 100;
+        open(&dp, &mut rng, &mut backend_of, target);
+        let counters = dp.counters().unwrap();
+        assert_eq!(counters["new_flows"], u64::from(target), "{percent} %: every SYN below capacity made a flow");
+        assert_eq!(counters["conntrack_full"], 0, "{percent} %: nothing refused below capacity");
+        assert_eq!(dp.flows().unwrap().len() as u32, target, "{percent} %: REPLIES holds every flow");
+        let started = std::time::Instant::now();
+        for (i, &port) in backend_of.iter().enumerate() {
+            still_translated(&dp, &mut rng, i as u32, port).unwrap_or_else(|e| panic!("at {percent} % of {MAX}: {e}"));
+        }
+        eprintln!(
+            "conntrack at {percent} % ({target} of {MAX} flows): all {target} earlier flows still translated both ways \
+             (checked in {} ms), 0 evicted, conntrack_full 0",
+            started.elapsed().as_millis()
+        );
+    }
+    // Past capacity: 10 % more new flows are passed unmodified and counted, and evict nothing.
+    let over = MAX / 10;
+    for i in MAX..MAX + over {
+        let (syn, _, _) = capacity_flow(&mut rng, i, SYN);
+        let out = dp.test_run_xdp(&syn.bytes, 1).unwrap();
+        assert_eq!((out.verdict, &out.data), (XDP_PASS, &syn.bytes), "flow {i} past capacity passes unmodified");
+    }
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters["conntrack_full"], u64::from(over), "every flow past capacity is counted");
+    assert_eq!(counters["new_flows"], u64::from(MAX));
+    for (i, &port) in backend_of.iter().enumerate() {
+        still_translated(&dp, &mut rng, i as u32, port).unwrap_or_else(|e| panic!("past capacity: {e}"));
+    }
+    eprintln!(
+        "conntrack past capacity: {over} more SYNs passed unmodified (conntrack_full {over}); all {MAX} tracked flows still translated; eviction: none"
+    );
+    // Closing flows (RST) makes room for as many new ones.
+    for i in 0..100u32 {
+        let (rst, _, _) = capacity_flow(&mut rng, i, RST);
+        dp.test_run_xdp(&rst.bytes, 1).unwrap();
+    }
+    for i in MAX + over..MAX + over + 100 {
+        let (syn, _, _) = capacity_flow(&mut rng, i, SYN);
+        let out = dp.test_run_xdp(&syn.bytes, 1).unwrap();
+        assert_ne!(out.data, syn.bytes, "flow {i}: room made by closed flows is used again");
+    }
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters["new_flows"], u64::from(MAX) + 100);
+    assert_eq!(counters["conntrack_full"], u64::from(over), "no refusal once room was made");
+    for (i, &port) in backend_of.iter().enumerate().skip(100) {
+        still_translated(&dp, &mut rng, i as u32, port).unwrap_or_else(|e| panic!("after closing 100 flows: {e}"));
+    }
+    eprintln!("conntrack: 100 flows reset at capacity, 100 new flows admitted in their place, the other {} kept", MAX - 100);
+}
