@@ -796,11 +796,12 @@ fn failing_requests_take_backends_out() {
     let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
     assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
-    let marks = || site.lb.daemon().output().matches("requests to it failed (passive health)").count();
-    site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
+    const MARK: &str = "backend failed (passive): requests to it failed";
+    let marks = || site.lb.daemon().output().matches(MARK).count();
+    site.lb.daemon().wait_for_output(MARK, Duration::from_secs(2));
     assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
     let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
-    assert_eq!(site.site_status()["backends"][victim]["state"], "down");
+    assert_eq!(site.site_status()["backends"][victim]["state"], "failed");
     // Its probes pass, so it comes back after `rise` probes.
     let all_up = |what: &str| {
         site.lb.poll(Duration::from_secs(5), what, |lb| {

@@ -186,11 +186,19 @@ pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     pub requests: AtomicI64,
+    /// The connection became a tunnel (`101 Switching Protocols`): it is no longer ours to
+    /// close or linger on.
+    pub upgraded: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), requests: AtomicI64::new(0) })
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicI64::new(0),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn touch(&self) {

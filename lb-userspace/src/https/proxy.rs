@@ -123,15 +123,17 @@ impl Proxy {
             tokio::spawn(async move {
                 let _permit = permit;
                 let linger = super::linger_handle(&tcp);
-                proxy.connection(tcp, peer, acceptor, stop).await;
-                if let Some(fd) = linger {
+                let closed = proxy.connection(tcp, peer, acceptor, stop).await;
+                if let (Some(fd), true) = (linger, closed) {
                     super::linger(fd).await;
                 }
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
+    /// Serves one client connection; false when it ended by becoming a tunnel (an upgrade),
+    /// which lives on in its own task.
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> bool {
         let _ = tcp.set_nodelay(true);
         let t = &self.options.timeouts;
         let tls = match tokio::time::timeout(t.handshake, acceptor.accept(tcp)).await {
@@ -139,12 +141,12 @@ impl Proxy {
             Ok(Err(e)) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake failed: {e}");
-                return;
+                return true;
             }
             Err(_) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake timed out");
-                return;
+                return true;
             }
         };
         let (_, session) = tls.get_ref();
@@ -154,7 +156,7 @@ impl Proxy {
         };
         if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
             // A TLS-ALPN-01 validation: the handshake was the whole point.
-            return;
+            return true;
         }
         let activity = Activity::new();
         let io = TokioIo::new(Tracked::new(tls, activity.clone()));
@@ -191,7 +193,7 @@ impl Proxy {
                 if let Err(e) = r {
                     debug!(service = %self.name, %peer, "connection ended: {e}");
                 }
-                return;
+                return !activity.upgraded.load(Ordering::Relaxed);
             }
             () = activity.idle(t.idle) => {}
             _ = stop.changed() => {}
@@ -199,6 +201,7 @@ impl Proxy {
         conn.as_mut().graceful_shutdown();
         // Requests in flight get to finish, within bounds.
         let _ = tokio::time::timeout(t.backend_response, conn).await;
+        !activity.upgraded.load(Ordering::Relaxed)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
@@ -209,6 +212,9 @@ impl Proxy {
             Err((status, message)) => local(status, message),
         };
         self.stats.count_response(response.status().as_u16());
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            done.0.upgraded.store(true, Ordering::Relaxed);
+        }
         let h = &self.options.http;
         let headers = response.headers_mut();
         for (name, value) in [
