@@ -505,7 +505,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Ok(()) => {
                     sh.backplane.set_state(s, b, state);
                     warn!(service = %svc.name, backend = %addr, max_fails = svc.max_fails, fail_timeout = ?svc.fail_timeout,
-                        "backend failed: requests to it failed (passive health); back after its probes pass");
+                        "backend failed (passive): requests to it failed; back after its probes pass");
                     alert_down(&sh, &svc.name, addr, Some("its requests failed; passive health".into()));
                     alert_service(&sh, &current, &control, s);
                 }

@@ -727,6 +727,7 @@ fn backend_killed_mid_stream() {
                 }
             });
         }
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(700));
         let app = site.lb.apps[1].as_ref().unwrap();
         app.kill9();
@@ -795,8 +796,9 @@ fn failing_requests_take_backends_out() {
     let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
     assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
-    let marks = || site.lb.daemon().output().matches("requests to it failed (passive health)").count();
-    site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
+    const MARK: &str = "backend failed (passive): requests to it failed";
+    let marks = || site.lb.daemon().output().matches(MARK).count();
+    site.lb.daemon().wait_for_output(MARK, Duration::from_secs(2));
     assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
     let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
     assert_eq!(site.site_status()["backends"][victim]["state"], "failed");
@@ -831,6 +833,15 @@ fn aborts(app: &xlb_tests::Proc, method: &str) -> usize {
     app.output().matches(&format!("request {method} /abort")).count()
 }
 
+/// Tells the client threads of a scope to stop when dropped, also by a failed assertion.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How many POSTs a demo backend has logged.
 fn posts(app: &xlb_tests::Proc) -> usize {
     app.output().matches("request POST ").count()
@@ -857,6 +868,8 @@ fn slow_clients_are_timed_out() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        // A failed check below must still stop the probe client, or the scope waits forever.
+        let _stop = StopOnDrop(&stop);
         let https = site.https();
         // Says nothing after connecting.
         let silent = site.tcp(https);

@@ -142,13 +142,21 @@ impl Proxy {
             let acceptor = acceptor.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                proxy.connection(tcp, peer, acceptor, stop).await;
+                let linger = super::linger_handle(&tcp);
+                let closed = proxy.connection(tcp, peer, acceptor, stop).await;
+                // Served: a lingering close neither counts against `max_connections` nor holds
+                // up a stopping daemon.
+                drop(permit);
+                if let (Some(fd), true) = (linger, closed) {
+                    super::linger(fd).await;
+                }
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
+    /// Serves one client connection; false when it ended by becoming a tunnel (an upgrade),
+    /// which lives on in its own task.
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> bool {
         let _ = tcp.set_nodelay(true);
         let t = &self.options.timeouts;
         let tls = match tokio::time::timeout(t.handshake, acceptor.accept(tcp)).await {
@@ -156,12 +164,12 @@ impl Proxy {
             Ok(Err(e)) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake failed: {e}");
-                return;
+                return true;
             }
             Err(_) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake timed out");
-                return;
+                return true;
             }
         };
         let (_, session) = tls.get_ref();
@@ -171,7 +179,7 @@ impl Proxy {
         };
         if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
             // A TLS-ALPN-01 validation: the handshake was the whole point.
-            return;
+            return true;
         }
         let activity = Activity::new();
         let io = TokioIo::new(Tracked::new(tls, activity.clone()));
@@ -189,8 +197,9 @@ impl Proxy {
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.h2_max_streams)
             .max_header_list_size(l.max_header_bytes as u32)
-            // Rapid reset (CVE-2023-44487): bounded by hyper's defaults for pending and
-            // locally reset streams; both answered with GOAWAY.
+            // Rapid reset (CVE-2023-44487): streams reset before they are served, and streams
+            // we had to reset, are bounded per connection; past either bound the connection
+            // ends with GOAWAY. hyper's defaults, written out so that they cannot change unseen.
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
         let proxy = self.clone();
@@ -207,7 +216,7 @@ impl Proxy {
                 if let Err(e) = r {
                     debug!(service = %self.name, %peer, "connection ended: {e}");
                 }
-                return;
+                return !activity.upgraded.load(Ordering::Relaxed);
             }
             () = activity.idle(t.idle) => {}
             _ = stop.changed() => {
@@ -223,7 +232,7 @@ impl Proxy {
                         if let Err(e) = r {
                             debug!(service = %self.name, %peer, "connection ended: {e}");
                         }
-                        return;
+                        return !activity.upgraded.load(Ordering::Relaxed);
                     }
                     () = first => {}
                     () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
@@ -233,6 +242,7 @@ impl Proxy {
         conn.as_mut().graceful_shutdown();
         // Requests in flight get to finish, within bounds.
         let _ = tokio::time::timeout(t.backend_response, conn).await;
+        !activity.upgraded.load(Ordering::Relaxed)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
@@ -244,6 +254,9 @@ impl Proxy {
             Err((status, message)) => local(status, message),
         };
         self.stats.count_response(response.status().as_u16());
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            done.0.upgraded.store(true, Ordering::Relaxed);
+        }
         let h = &self.options.http;
         let headers = response.headers_mut();
         for (name, value) in [
