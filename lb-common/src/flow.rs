@@ -23,9 +23,17 @@ pub struct FlowKey {
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// `Flow::closed` values.
-pub const FLOW_OPEN: u64 = 0;
+pub const FLOW_OPEN: u32 = 0;
 /// A FIN or RST was seen and the backend's live count was decremented for this flow.
-pub const FLOW_CLOSED: u64 = 1;
+pub const FLOW_CLOSED: u32 = 1;
+
+/// `Flow::handshake` values. Zero is "answered" so that flows recorded before this field
+/// existed (it took the upper half of what was a `u64` `closed`, always zero) read as answered.
+pub const HANDSHAKE_ANSWERED: u32 = 0;
+/// The client's SYN went to the backend and no SYN-ACK has come back yet. An RST from the
+/// backend now is a refused connection; the client's SYN again, some time later, means the
+/// backend ignored it. Both count as passive health failures (see `backend::Passive`).
+pub const HANDSHAKE_SYN_SENT: u32 = 1;
 
 /// Value of `FLOWS`.
 #[repr(C)]
@@ -43,7 +51,10 @@ pub struct Flow {
     pub created_ns: u64,
     /// `FLOW_OPEN` or `FLOW_CLOSED`. Written by whichever CPU won the flow's `CLOSED` entry
     /// (see there); informational for readers.
-    pub closed: u64,
+    pub closed: u32,
+    /// `HANDSHAKE_SYN_SENT` from the SYN until the TC program sees the backend's SYN-ACK, then
+    /// `HANDSHAKE_ANSWERED`.
+    pub handshake: u32,
 }
 const _: () = assert!(size_of::<Flow>() == 40);
 

@@ -13,6 +13,11 @@ pub mod stats;
 
 /// Bumped whenever the layout of any pinned map changes. A daemon refuses to adopt pinned maps
 /// written with another layout instead of silently reinterpreting their bytes.
+///
+/// Passive health kept version 1 on purpose, so that upgrading keeps every tracked flow: its
+/// `PASSIVE` map is new (created on adoption; a slot of zeros means "no failures, no ramp"),
+/// `Flow::handshake` took the always-zero upper half of the former `u64` `closed` (zero reads
+/// "answered"), and `STATE_FAILED` is a new value in an existing field.
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// `Meta::family` / key `family` values.
@@ -43,10 +48,11 @@ pub mod maps {
     pub const META: &str = "META";
     pub const VIP_PORTS: &str = "VIP_PORTS";
     pub const PROXIED: &str = "PROXIED";
+    pub const PASSIVE: &str = "PASSIVE";
     /// Every map that is pinned under `pin_path` and adopted by a restarted daemon.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         SERVICES, BACKENDS, BACKEND_CONNS, BACKEND_FLOWS, FLOWS, REPLIES, CLOSED, STATS, META,
-        VIP_PORTS, PROXIED,
+        VIP_PORTS, PROXIED, PASSIVE,
     ];
 }
 
@@ -96,6 +102,7 @@ mod user {
     unsafe impl aya::Pod for crate::service::Service {}
     unsafe impl aya::Pod for crate::backend::Backend {}
     unsafe impl aya::Pod for crate::backend::BackendConns {}
+    unsafe impl aya::Pod for crate::backend::Passive {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::flow::Flow {}
     unsafe impl aya::Pod for crate::flow::ReplyNat {}

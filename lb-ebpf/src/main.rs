@@ -4,6 +4,8 @@
 //!   every packet of a tracked flow gets its destination rewritten to that backend.
 //! - `xlb_tc_egress` (TC, egress): the backend's replies get their source rewritten back to the
 //!   VIP.
+//! - Both watch new flows' handshakes for passive health (`passive.rs`): TC sees a backend
+//!   refuse a SYN with RST, XDP sees a client retransmit a SYN its backend never answered.
 //! - Anything that is not a tracked flow or a SYN to a VIP passes byte-for-byte untouched.
 #![no_std]
 #![no_main]
@@ -18,10 +20,11 @@ mod conntrack;
 mod csum;
 mod maps;
 mod parse;
+mod passive;
 mod select;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -29,13 +32,14 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     Addr, FAMILY_V4, PROTO_TCP,
-    flow::{FLOW_OPEN, Flow, ReplyNat},
+    flow::{FLOW_OPEN, Flow, HANDSHAKE_ANSWERED, HANDSHAKE_SYN_SENT, ReplyNat},
     service::ServiceKey,
     stats::Stats,
 };
 
 use crate::{
     conntrack::Insert,
+    passive::Failure,
     maps::{BACKEND_FLOWS, BACKENDS, FLOWS, REPLIES, SERVICES, STATS, VIP_PORTS},
     parse::{
         IP4_CHECK, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, IcmpError, Parsed, TCP_ACK, TCP_CHECK,
@@ -93,10 +97,15 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // The backend a retransmitted SYN's first attempt went to, if it never answered.
+    let mut avoid = select::AVOID_NONE;
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a live FLOWS value; concurrent writers only touch `closed`, atomically.
+        // SAFETY: a live FLOWS value; concurrent writers only touch `closed` and `handshake`,
+        // each with one store.
         let f = unsafe { &*flow };
-        if !(syn_only && f.closed != FLOW_OPEN) {
+        let closed = f.closed != FLOW_OPEN;
+        let unanswered = syn_only && !closed && unanswered_syn(f);
+        if !(syn_only && closed) && !unanswered {
             rewrite_dst(pkt, &f.backend_addr, f.backend_port);
             stats.fwd_packets += 1;
             stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
@@ -105,8 +114,15 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
             }
             return xdp_action::XDP_PASS;
         }
-        // A SYN reusing the 4-tuple of a closed flow is a new connection (TIME-WAIT reuse):
-        // forget the old one and balance this one afresh.
+        if unanswered {
+            // The client sent its SYN again and the backend never answered the first: count a
+            // failure and give this SYN another backend (the same one only if no other is up),
+            // so the retry the client makes anyway can succeed.
+            avoid = f.backend;
+            conntrack::close(&key, flow);
+        }
+        // Otherwise a SYN reusing the 4-tuple of a closed flow is a new connection (TIME-WAIT
+        // reuse): forget the old one and balance this one afresh.
         let rev = conntrack::reply_key(&key, f);
         conntrack::remove(&key, &rev);
     }
@@ -124,7 +140,7 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(slot) = select::least_conns(svc, now) else {
+    let Some(slot) = select::least_conns(svc, now, avoid) else {
         // Dropping (rather than passing to a port nothing listens on) lets the client's SYN
         // retransmission reach a backend that comes back up a second later.
         stats.drop_no_backend += 1;
@@ -142,6 +158,7 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
         backend: slot,
         created_ns: now,
         closed: FLOW_OPEN,
+        handshake: HANDSHAKE_SYN_SENT,
     };
     let nat = ReplyNat { vip_addr: key.dst_addr, vip_port: key.dst_port, _pad: 0, backend: slot };
     let (addr, port) = match conntrack::insert(&key, &flow, &nat) {
@@ -169,6 +186,22 @@ fn forward(ctx: &XdpContext, pkt: &Tcp, stats: &mut Stats) -> u32 {
     stats.fwd_packets += 1;
     stats.fwd_bytes += (ctx.data_end() - ctx.data()) as u64;
     xdp_action::XDP_PASS
+}
+
+/// Whether a SYN for the tracked flow `f` is the client's retransmission of a SYN its backend
+/// never answered, with passive health on for that backend (the failure is recorded then).
+#[inline(always)]
+fn unanswered_syn(f: &Flow) -> bool {
+    // SAFETY: fields of a live FLOWS value; `handshake` is written by the TC program.
+    let handshake = unsafe { core::ptr::read_volatile(&raw const f.handshake) };
+    if handshake != HANDSHAKE_SYN_SENT {
+        return false;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(f.created_ns) < passive::SYN_RETRY_NS {
+        return false;
+    }
+    passive::record(f.backend, Failure::Unanswered, now) != passive::OFF
 }
 
 /// An ICMP error about a segment we sent as the VIP (a reply of a tracked flow) is rewritten to
@@ -326,8 +359,7 @@ pub fn xlb_noop(_ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
-    let _ = try_tc_egress(&ctx);
-    TC_ACT_OK
+    try_tc_egress(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -339,8 +371,8 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 /// queue. The skb helpers handle both: `bpf_l4_csum_replace` adjusts only what a partial
 /// checksum covers, and `bpf_skb_store_bytes` makes the header private before writing.
 #[inline(always)]
-fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
-    let Some(stats) = stats() else { return Ok(()) };
+fn try_tc_egress(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(stats) = stats() else { return Ok(TC_ACT_OK) };
     let mut parsed = parse::parse(ctx.data(), ctx.data_end());
     // The stack builds TCP headers in the linear area, so this is rare: headers cut short by
     // the end of the linear data of a longer packet. Pull them in (at most every header xlb
@@ -352,9 +384,9 @@ fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
     }
     let pkt = match parsed {
         Parsed::Tcp(pkt) => pkt,
-        _ => return Ok(()),
+        _ => return Ok(TC_ACT_OK),
     };
-    let Some(nat) = (unsafe { REPLIES.get(&pkt.key) }) else { return Ok(()) };
+    let Some(nat) = (unsafe { REPLIES.get(&pkt.key) }) else { return Ok(TC_ACT_OK) };
     let nat = *nat;
     let fwd = pkt.key.forward_of_reply(&nat);
     let flags = pkt.flags;
@@ -383,13 +415,32 @@ fn try_tc_egress(ctx: &TcContext) -> Result<(), i64> {
     }
     stats.reply_packets += 1;
     stats.reply_bytes += u64::from(ctx.len());
-    if flags & (TCP_FIN | TCP_RST) != 0
-        && let Some(flow) = FLOWS.get_ptr_mut(&fwd)
-        && conntrack::on_flags(&fwd, flow, flags)
-    {
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(flow) = FLOWS.get_ptr_mut(&fwd) else { return Ok(TC_ACT_OK) };
+    // SAFETY: a live FLOWS value (see `forward`).
+    let handshake = unsafe { core::ptr::read_volatile(&raw const (*flow).handshake) };
+    if flags & TCP_SYN != 0 {
+        // The backend's SYN-ACK: it answered.
+        if handshake == HANDSHAKE_SYN_SENT {
+            unsafe { core::ptr::write_volatile(&raw mut (*flow).handshake, HANDSHAKE_ANSWERED) };
+        }
+        return Ok(TC_ACT_OK);
+    }
+    let refused = flags & TCP_RST != 0
+        && handshake == HANDSHAKE_SYN_SENT
+        && passive::record(unsafe { (*flow).backend }, Failure::Refused, unsafe { bpf_ktime_get_ns() })
+            != passive::OFF;
+    if conntrack::on_flags(&fwd, flow, flags) {
         stats.closed_flows += 1;
     }
-    Ok(())
+    // A refused connection is not reported to the client: the flow is forgotten (the RST
+    // removed it), the client sends its SYN again a second later as TCP does for a lost SYN,
+    // and that SYN is balanced afresh — to another backend, if this one is failed by then. As
+    // nginx retries a refused connection on the next upstream, the client sees a delay, not an
+    // error.
+    Ok(if refused { TC_ACT_SHOT } else { TC_ACT_OK })
 }
 
 #[cfg(not(test))]

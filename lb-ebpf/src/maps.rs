@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Meta,
-    backend::{Backend, BackendConns, MAX_BACKENDS},
+    backend::{Backend, BackendConns, MAX_BACKENDS, Passive},
     flow::{Closed, DEFAULT_MAX_FLOWS, Flow, FlowKey, ReplyNat},
     service::{MAX_SERVICES, Service, ServiceKey, VIP_PORTS_LEN},
     stats::Stats,
@@ -34,6 +34,10 @@ pub static BACKEND_CONNS: Array<BackendConns, MAX_BACKENDS_> = Array::new();
 /// In-flight HTTPS requests to each slot's backend address (see `lb_common::backend`).
 #[btf_map]
 pub static PROXIED: Array<i64, MAX_BACKENDS_> = Array::new();
+
+/// Passive health and slow start of each slot (see `lb_common::backend::Passive`).
+#[btf_map]
+pub static PASSIVE: Array<Passive, MAX_BACKENDS_> = Array::new();
 
 #[btf_map]
 pub static BACKEND_FLOWS: PerCpuArray<u64, MAX_BACKENDS_> = PerCpuArray::new();

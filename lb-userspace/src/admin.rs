@@ -4,7 +4,9 @@
 //! snapshot as OpenMetrics text, `GET /status` a summary in nginx's `stub_status` layout. Each
 //! takes a fresh snapshot per request; nothing is cached. `POST
 //! /api/services/{name}/backends/{address}/drain` and `/undrain` (used by `xlb drain` and
-//! `xlb undrain`) change a backend's drain flag and answer once the data path has it.
+//! `xlb undrain`) change a backend's drain flag and answer once the data path has it. `POST
+//! /api/reload` (used by `xlb reload`) reads the config file again and applies it, or answers
+//! why not.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -35,7 +37,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::status::{BackendState, DrainResult, Status, render_stub_status};
+use crate::status::{BackendState, DrainResult, ReloadResult, Status, render_stub_status};
 
 /// Where the daemon's live state comes from, and what changes it; called once per request,
 /// off the async runtime (it may read and write BPF maps).
@@ -50,6 +52,10 @@ pub trait StatusSource: Send + Sync + 'static {
         backend: SocketAddr,
         drained: bool,
     ) -> Result<DrainResult, ControlError>;
+
+    /// Reads the daemon's config file again and applies it; on any error the running config
+    /// stays.
+    fn reload(&self) -> Result<ReloadResult, ControlError>;
 }
 
 /// Why a drain or undrain request was refused.
@@ -63,6 +69,9 @@ pub enum ControlError {
         backend: SocketAddr,
         known: Vec<String>,
     },
+    /// A new config that is invalid or cannot be applied while running; the message says why.
+    #[error("{0}")]
+    Rejected(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -84,7 +93,9 @@ GET  /status      connection totals in nginx stub_status format\n\
 POST /api/services/{name}/backends/{address}/drain    no new connections to the backend;\n\
                                                       open ones continue\n\
 POST /api/services/{name}/backends/{address}/undrain  new connections again\n\
-     ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n";
+     ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n\
+POST /api/reload  read the config file again and apply it (422 and the reason when it is\n\
+                  invalid; the running config then stays)\n";
 
 /// Serves until `shutdown` becomes true (or its sender is dropped), then lets requests in
 /// progress finish for up to 5 s.
@@ -166,6 +177,9 @@ async fn route(
     if let Some(rest) = path.strip_prefix("/api/services/") {
         return control(request, rest, source).await;
     }
+    if path == "/api/reload" {
+        return reload_route(request, source).await;
+    }
     if !matches!(path, "/" | "/api/status" | "/metrics" | "/status") {
         return error(
             StatusCode::NOT_FOUND,
@@ -238,23 +252,8 @@ async fn control(
             ),
         );
     };
-    if method != Method::POST {
-        let mut response = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} not allowed on {path}; use POST"),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return response;
-    }
-    // Browsers send Origin with their POSTs, curl and `xlb drain` do not: a web page the
-    // operator happens to open must not drain backends through this unauthenticated API.
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        return error(
-            StatusCode::FORBIDDEN,
-            format!("{path}: refused, the request comes from a web page (Origin: {origin:?})"),
-        );
+    if let Some(refused) = refuse_control(request) {
+        return refused;
     }
     let (Some(service), Some(backend)) = (percent_decode(service), percent_decode(backend)) else {
         return error(
@@ -281,6 +280,7 @@ async fn control(
         Ok(Err(
             e @ (ControlError::UnknownService { .. } | ControlError::UnknownBackend { .. }),
         )) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(ControlError::Rejected(e))) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
         Ok(Err(ControlError::Failed(e))) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot {action} {address}: {e:#}"),
@@ -288,6 +288,56 @@ async fn control(
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("{action} of {address} failed: {e}"),
+        ),
+    }
+}
+
+/// Refuses what the control routes refuse: other methods than POST, and requests from web
+/// pages.
+fn refuse_control(request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let (method, path) = (request.method(), request.uri().path());
+    if method != Method::POST {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed on {path}; use POST"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(response);
+    }
+    // Browsers send Origin with their POSTs, curl and `xlb` do not: a web page the operator
+    // happens to open must not control xlb through this unauthenticated API.
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            format!("{path}: refused, the request comes from a web page (Origin: {origin:?})"),
+        ));
+    }
+    None
+}
+
+/// `POST /api/reload`.
+async fn reload_route(request: &Request<Incoming>, source: Arc<dyn StatusSource>) -> Response<Full<Bytes>> {
+    if let Some(refused) = refuse_control(request) {
+        return refused;
+    }
+    match tokio::task::spawn_blocking(move || source.reload()).await {
+        Ok(Ok(result)) => match serde_json::to_vec(&result) {
+            Ok(json) => respond(StatusCode::OK, JSON, json),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Ok(Err(ControlError::Failed(e))) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed, the running config stays: {e:#}"),
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running config stays: {e}"),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {e}"),
         ),
     }
 }
@@ -357,6 +407,23 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    service: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    service: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InterfaceLabels {
     interface: String,
     xdp_mode: String,
@@ -384,9 +451,30 @@ impl Collector for InterfaceInfo {
 fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
     let live = Family::<BackendLabels, Gauge>::default();
     let total = Family::<BackendLabels, Counter>::default();
+    let failed = Family::<BackendLabels, Counter>::default();
     let up = Family::<StateLabels, Gauge>::default();
     let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
+    let handshakes = Family::<HandshakeLabels, Counter>::default();
+    let responses = Family::<ResponseLabels, Counter>::default();
+    let retries = Family::<ServiceLabels, Counter>::default();
+    let not_after = Family::<ServiceLabels, Gauge>::default();
+    let expires_in = Family::<ServiceLabels, Gauge>::default();
     for service in &status.services {
+        if let Some(h) = &service.https {
+            let s = || service.name.clone();
+            for (kind, n) in [("full", h.handshakes_full), ("resumed", h.handshakes_resumed), ("failed", h.handshakes_failed)] {
+                handshakes.get_or_create(&HandshakeLabels { service: s(), kind }).inc_by(n);
+            }
+            let r = &h.responses;
+            for (class, n) in [("1xx", r.c1xx), ("2xx", r.c2xx), ("3xx", r.c3xx), ("4xx", r.c4xx), ("5xx", r.c5xx)] {
+                responses.get_or_create(&ResponseLabels { service: s(), class }).inc_by(n);
+            }
+            retries.get_or_create(&ServiceLabels { service: s() }).inc_by(h.retries);
+            if let (Some(at), Some(left)) = (h.cert_not_after, h.cert_expires_in_seconds) {
+                not_after.get_or_create(&ServiceLabels { service: s() }).set(at);
+                expires_in.get_or_create(&ServiceLabels { service: s() }).set(left);
+            }
+        }
         for backend in &service.backends {
             let labels = BackendLabels {
                 service: service.name.clone(),
@@ -397,10 +485,14 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
             total
                 .get_or_create(&labels)
                 .inc_by(backend.total_connections);
+            failed
+                .get_or_create(&labels)
+                .inc_by(backend.failed_connections);
             for (state, name) in [
                 (BackendState::Up, "up"),
                 (BackendState::Down, "down"),
                 (BackendState::Draining, "draining"),
+                (BackendState::Failed, "failed"),
             ] {
                 let labels = StateLabels {
                     service: labels.service.clone(),
@@ -427,8 +519,13 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         total,
     );
     registry.register(
+        "xlb_backend_failed_connections",
+        "New connections the backend refused or never answered (passive health)",
+        failed,
+    );
+    registry.register(
         "xlb_backend_up",
-        "1 for the backend's current state (up, down or draining), 0 for the others",
+        "1 for the backend's current state (up, down, draining or failed), 0 for the others",
         up,
     );
     registry.register_with_unit(
@@ -436,6 +533,33 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         "Duration of the last health probe of the backend",
         Unit::Seconds,
         probe,
+    );
+    registry.register(
+        "xlb_tls_handshakes",
+        "TLS handshakes of an https service: full, resumed (session ticket or cache) or failed",
+        handshakes,
+    );
+    registry.register(
+        "xlb_http_responses",
+        "HTTP responses of an https or redirect service, by status class",
+        responses,
+    );
+    registry.register(
+        "xlb_http_retries",
+        "Requests of an https service sent again to another backend after a failure",
+        retries,
+    );
+    registry.register_with_unit(
+        "xlb_certificate_not_after",
+        "notAfter of the https service's certificate that expires first (Unix time)",
+        Unit::Seconds,
+        not_after,
+    );
+    registry.register_with_unit(
+        "xlb_certificate_expiry",
+        "Time left until the https service's first certificate expires (negative once expired)",
+        Unit::Seconds,
+        expires_in,
     );
     let dataplane = &status.dataplane;
     let interfaces = dataplane
@@ -507,6 +631,15 @@ pub async fn set_drained(
         percent_encode(backend)
     );
     let body = call(addr, Method::POST, &path).await?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
+/// Asks a running daemon to reload its config file; used by `xlb reload`. An invalid file is
+/// an error carrying the daemon's reason.
+pub async fn reload(addr: SocketAddr) -> anyhow::Result<ReloadResult> {
+    let body = call(addr, Method::POST, "/api/reload").await?;
     serde_json::from_slice(&body).with_context(|| {
         format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
     })
@@ -614,6 +747,17 @@ mod tests {
                 live_connections: b.live_connections,
             })
         }
+
+        /// Accepts while the status is readable, as if the file were valid; refuses otherwise.
+        fn reload(&self) -> Result<ReloadResult, ControlError> {
+            match &self.0 {
+                Ok(_) => Ok(ReloadResult {
+                    config: "/etc/xlb/xlb.toml".into(),
+                    changes: vec!["service web: backend 203.0.113.10:8004 added".into()],
+                }),
+                Err(e) => Err(ControlError::Rejected(format!("/etc/xlb/xlb.toml:3: {e}"))),
+            }
+        }
     }
 
     fn sample() -> Status {
@@ -622,21 +766,27 @@ mod tests {
             state,
             live_connections: live,
             total_connections: total,
+            failed_connections: 0,
             healthy: probe.map(|_| state == BackendState::Up),
             last_probe_ms: probe,
             last_error: (state == BackendState::Down)
                 .then(|| "HTTP 503 Service Unavailable".into()),
+            checks_up: state != BackendState::Down,
+            probes: u64::from(probe.is_some()),
+            probes_passed_in_a_row: u64::from(probe.is_some() && state == BackendState::Up),
         };
         Status {
             services: vec![ServiceStatus {
                 name: "web".into(),
                 listen: "203.0.113.10:80".into(),
                 mode: "l4".into(),
+                rise: 2,
                 backends: vec![
                     backend("203.0.113.10:8001", BackendState::Up, 3, 120, Some(1.5)),
                     backend("203.0.113.10:8002", BackendState::Down, 0, 7, Some(250.0)),
                     backend("203.0.113.10:8003", BackendState::Draining, 1, 9, None),
                 ],
+                https: None,
             }],
             dataplane: DataplaneStatus {
                 interfaces: vec![InterfaceStatus {
@@ -658,6 +808,29 @@ mod tests {
         addr: SocketAddr,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    /// `sample` with an https service too.
+    fn sample_with_https() -> Status {
+        let mut status = sample();
+        let backends = vec![status.services[0].backends[0].clone()];
+        status.services.push(ServiceStatus {
+            name: "site".into(),
+            listen: "203.0.113.10:443".into(),
+            mode: "https".into(),
+            rise: 2,
+            backends,
+            https: Some(crate::https::HttpsStatus {
+                handshakes_full: 10,
+                handshakes_resumed: 4,
+                handshakes_failed: 1,
+                responses: crate::https::ResponseClasses { c2xx: 40, c5xx: 2, ..Default::default() },
+                retries: 3,
+                cert_not_after: Some(1_800_000_000),
+                cert_expires_in_seconds: Some(86_400),
+            }),
+        });
+        status
     }
 
     async fn start(source: Fixed) -> Server {
@@ -694,7 +867,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_expose_the_snapshot() {
-        let server = start(Fixed(Ok(sample()))).await;
+        let server = start(Fixed(Ok(sample_with_https()))).await;
         let response = get(server.addr, Method::GET, "/metrics").await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()[header::CONTENT_TYPE], OPENMETRICS);
@@ -707,6 +880,9 @@ mod tests {
             "# TYPE xlb_backend_connections counter".into(),
             format!("xlb_backend_connections_total{{{b1}}} 120"),
             format!("xlb_backend_connections_total{{{b2}}} 7"),
+            "# TYPE xlb_backend_failed_connections counter".into(),
+            format!("xlb_backend_failed_connections_total{{{b1}}} 0"),
+            format!("xlb_backend_up{{{b1},state=\"failed\"}} 0"),
             format!("xlb_backend_up{{{b1},state=\"up\"}} 1"),
             format!("xlb_backend_up{{{b1},state=\"down\"}} 0"),
             format!("xlb_backend_up{{{b2},state=\"down\"}} 1"),
@@ -721,6 +897,13 @@ mod tests {
             "# TYPE xlb_dataplane_new_flows counter".into(),
             "xlb_dataplane_new_flows_total 136".into(),
             "xlb_dataplane_drop_no_backend_total 0".into(),
+            r#"xlb_tls_handshakes_total{service="site",kind="full"} 10"#.into(),
+            r#"xlb_tls_handshakes_total{service="site",kind="resumed"} 4"#.into(),
+            r#"xlb_http_responses_total{service="site",class="2xx"} 40"#.into(),
+            r#"xlb_http_responses_total{service="site",class="5xx"} 2"#.into(),
+            r#"xlb_http_retries_total{service="site"} 3"#.into(),
+            r#"xlb_certificate_not_after_seconds{service="site"} 1800000000"#.into(),
+            r#"xlb_certificate_expiry_seconds{service="site"} 86400"#.into(),
         ] {
             assert!(
                 body.lines().any(|l| l == line),
@@ -892,6 +1075,31 @@ mod tests {
             text(&response).contains("/backends/{address}/drain"),
             "{}",
             text(&response)
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn reload_route() {
+        let server = start(Fixed(Ok(sample()))).await;
+        let done = reload(server.addr).await.unwrap();
+        assert_eq!(done.changes, ["service web: backend 203.0.113.10:8004 added"]);
+        let response = get(server.addr, Method::GET, "/api/reload").await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "POST");
+        let index = get(server.addr, Method::GET, "/").await.unwrap();
+        assert!(text(&index).contains("POST /api/reload"), "{}", text(&index));
+        server.shutdown().await;
+
+        let server = start(Fixed(Err("bad key".into()))).await;
+        let e = reload(server.addr).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the xlb admin API at {} answered 422 Unprocessable Entity: reload refused, the running \
+                 config stays: /etc/xlb/xlb.toml:3: bad key",
+                server.addr
+            )
         );
         server.shutdown().await;
     }

@@ -32,6 +32,8 @@ pub struct Config {
     pub dataplane: Dataplane,
     pub admin: Admin,
     pub services: Vec<Service>,
+    /// `[alerts]`: where to send alerts about backends and certificates; `None` sends none.
+    pub alerts: Option<AlertsConfig>,
     /// Where values checked by `check_system` sit in the file, so its errors can name the line.
     lines: Lines,
 }
@@ -46,8 +48,8 @@ struct Lines {
 /// moves with every comment edited) does not count.
 impl PartialEq for Config {
     fn eq(&self, other: &Self) -> bool {
-        (&self.path, &self.dataplane, &self.admin, &self.services)
-            == (&other.path, &other.dataplane, &other.admin, &other.services)
+        (&self.path, &self.dataplane, &self.admin, &self.services, &self.alerts)
+            == (&other.path, &other.dataplane, &other.admin, &other.services, &other.alerts)
     }
 }
 
@@ -77,13 +79,162 @@ pub struct Service {
     pub name: String,
     pub listen: SocketAddr,
     pub mode: ServiceMode,
+    /// Empty for a `redirect` service, which has none.
     pub backends: Vec<SocketAddr>,
     pub health: Health,
+    /// Passive health (nginx semantics): this many failed connections to a backend within
+    /// `fail_timeout` take it out until its health checks pass again; 0 disables.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// A backend back up after being down ramps its share of new connections up over this
+    /// long; zero: at once.
+    pub slow_start: Duration,
+    /// TLS, headers, timeouts and limits of an `https` service; `None` for the other modes.
+    pub https: Option<Https>,
 }
+
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `fail_timeout` and `slow_start` (the data path's arithmetic is sized for it).
+pub const MAX_PASSIVE_DURATION: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceMode {
+    /// Connections balanced by the XDP data path.
     L4,
+    /// TLS terminated and HTTP proxied by the daemon itself.
+    Https,
+    /// Plain HTTP answered with a 301 to https (and ACME HTTP-01 challenges).
+    Redirect,
+}
+
+impl ServiceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceMode::L4 => "l4",
+            ServiceMode::Https => "https",
+            ServiceMode::Redirect => "redirect",
+        }
+    }
+}
+
+/// Everything an `https` service has beyond its backends and health checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Https {
+    pub tls: Tls,
+    pub http: HttpHeaders,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Passive health, as nginx's `max_fails`: this many failed requests within `fail_timeout`
+    /// take a backend out until its probes pass `rise` times. 0 turns passive health off.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+/// Where an `https` service's certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tls {
+    /// PEM files, one pair per certificate; the ClientHello's SNI picks among them, the first
+    /// is the default.
+    Files(Vec<CertFiles>),
+    /// Issued and renewed by xlb's ACME client.
+    Acme(Acme),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// Account contacts, e.g. `mailto:ops@example.com`.
+    pub contact: Vec<String>,
+    pub domains: Vec<String>,
+    /// An extra trusted root (PEM) for a private ACME server such as Pebble.
+    pub ca: Option<PathBuf>,
+}
+
+/// Response headers an `https` service adds (`None`: not added). Set by `[service.http]`; an
+/// empty string there turns a header off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpHeaders {
+    /// `X-Backend-Server: <address>`.
+    pub backend_header: bool,
+    pub hsts: Option<String>,
+    pub frame_options: Option<String>,
+    pub content_type_options: Option<String>,
+    pub referrer_policy: Option<String>,
+}
+
+impl Default for HttpHeaders {
+    fn default() -> Self {
+        HttpHeaders {
+            backend_header: true,
+            hsts: Some("max-age=31536000; includeSubDomains".into()),
+            frame_options: Some("SAMEORIGIN".into()),
+            content_type_options: Some("nosniff".into()),
+            referrer_policy: Some("strict-origin-when-cross-origin".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept to a finished TLS handshake.
+    pub handshake: Duration,
+    /// From the first byte of a request head (or the end of the previous request on a
+    /// keep-alive connection) to its last.
+    pub request_header: Duration,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    pub idle: Duration,
+    /// Connecting to a backend.
+    pub backend_connect: Duration,
+    /// From sending a request to a backend to its response head.
+    pub backend_response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            request_header: Duration::from_secs(30),
+            idle: Duration::from_secs(75),
+            backend_connect: Duration::from_secs(3),
+            backend_response: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of one request head (request line and headers); more is answered 431.
+    pub max_header_bytes: usize,
+    /// Headers in one request; more is answered 431.
+    pub max_headers: usize,
+    /// Bytes of one request body; more is answered 413. `None`: unlimited.
+    pub max_body_bytes: Option<u64>,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: None,
+            max_connections: 10_000,
+            h2_max_streams: 128,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +293,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
+    alerts: Option<Spanned<RawAlerts>>,
 }
 
 #[derive(Deserialize)]
@@ -165,8 +317,77 @@ struct RawService {
     name: Spanned<String>,
     listen: Spanned<String>,
     mode: Option<Spanned<String>>,
-    backends: Spanned<Vec<Spanned<String>>>,
-    health: Option<RawHealth>,
+    backends: Option<Spanned<Vec<Spanned<String>>>>,
+    health: Option<Spanned<RawHealth>>,
+    tls: Option<Spanned<RawTls>>,
+    http: Option<Spanned<RawHttp>>,
+    timeouts: Option<Spanned<RawTimeouts>>,
+    limits: Option<Spanned<RawLimits>>,
+    max_fails: Option<Spanned<i64>>,
+    fail_timeout: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    certs: Option<Spanned<Vec<RawCertPair>>>,
+    acme: Option<Spanned<RawAcme>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertPair {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: Spanned<String>,
+    contact: Option<Spanned<StringOrList>>,
+    domains: Spanned<Vec<Spanned<String>>>,
+    ca: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    backend_header: Option<bool>,
+    hsts: Option<Spanned<String>>,
+    frame_options: Option<Spanned<String>>,
+    content_type_options: Option<Spanned<String>>,
+    referrer_policy: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<Spanned<String>>,
+    request_header: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+    backend_connect: Option<Spanned<String>>,
+    backend_response: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_header_bytes: Option<Spanned<i64>>,
+    max_headers: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    h2_max_streams: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -248,8 +469,9 @@ impl Config {
                 "cannot read the config file: {e}; check the path and its permissions"
             ),
         })?;
-        let config = Config::parse(path, &text)?;
+        let mut config = Config::parse(path, &text)?;
         config.check_system()?;
+        config.read_secrets()?;
         Ok(config)
     }
 
@@ -266,11 +488,13 @@ impl Config {
         let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
         let admin = parse_admin(&src, raw.admin)?;
         let (services, backend_lines) = parse_services(&src, raw.services)?;
+        let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
         Ok(Config {
             path: path.to_owned(),
             dataplane,
             admin,
             services,
+            alerts,
             lines: Lines {
                 interfaces: interface_lines,
                 backends: backend_lines,
@@ -304,6 +528,15 @@ impl Config {
                 ));
             }
         }
+        for service in &self.services {
+            if let Some(Https { tls: Tls::Files(files), .. }) = &service.https {
+                for pair in files {
+                    if let Err(e) = crate::https::tls::load_pair(pair) {
+                        return Err(error(None, format!("service \"{}\" [service.tls]: {e:#}", service.name)));
+                    }
+                }
+            }
+        }
         let local = local_addresses().map_err(|e| {
             error(
                 None,
@@ -330,6 +563,30 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads the files that hold credentials (`alerts.email.password_file`).
+    pub fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let path = self.path.clone();
+        let Some(credentials) = self.alerts.as_mut().and_then(|a| a.email.as_mut()).and_then(|e| e.credentials.as_mut()) else {
+            return Ok(());
+        };
+        let file = &credentials.password_file;
+        let error = |message: String| ConfigError { path: path.clone(), line: None, message };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            error(format!(
+                "alerts.email.password_file \"{}\": cannot read it: {e}; it must hold the SMTP password (and nothing else)",
+                file.display()
+            ))
+        })?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            return Err(error(format!("alerts.email.password_file \"{}\" is empty; write the SMTP password into it", file.display())));
+        }
+        credentials.password = Secret(password.to_owned());
         Ok(())
     }
 }
@@ -516,7 +773,7 @@ fn parse_services(
 
 fn parse_service(
     src: &Source,
-    raw: RawService,
+    mut raw: RawService,
     what: &str,
 ) -> Result<(Service, Vec<usize>), ConfigError> {
     let listen = socket_addr(
@@ -529,21 +786,78 @@ fn parse_service(
         None => ServiceMode::L4,
         Some(mode) => match mode.get_ref().as_str() {
             "l4" => ServiceMode::L4,
-            m @ ("https" | "redirect") => {
+            "https" => ServiceMode::Https,
+            "redirect" => ServiceMode::Redirect,
+            m => {
                 return Err(src.at(
                     mode,
                     format!(
-                        "{what} mode \"{m}\": not available in this version of xlb; only \"l4\" is"
+                        "{what} mode \"{m}\": not a mode; use \"l4\" (balanced by the data path), \
+                         \"https\" (TLS terminated and proxied) or \"redirect\" (HTTP to HTTPS)"
                     ),
                 ));
             }
-            m => return Err(src.at(mode, format!("{what} mode \"{m}\": not a mode; use \"l4\""))),
         },
     };
-    let count = raw.backends.get_ref().len();
+    let https_only: [(&str, Option<usize>); 4] = [
+        ("[service.tls]", raw.tls.as_ref().map(|v| v.span().start)),
+        ("[service.http]", raw.http.as_ref().map(|v| v.span().start)),
+        ("[service.timeouts]", raw.timeouts.as_ref().map(|v| v.span().start)),
+        ("[service.limits]", raw.limits.as_ref().map(|v| v.span().start)),
+    ];
+    if mode != ServiceMode::Https
+        && let Some((key, Some(at))) = https_only.iter().find(|(_, at)| at.is_some())
+    {
+        return Err(src.error(
+            Some(src.line(*at)),
+            format!(
+                "{what}: {key} is only for mode = \"https\" (this service is \"{}\"); remove it",
+                mode.as_str()
+            ),
+        ));
+    }
+    if mode == ServiceMode::Redirect {
+        if let Some(backends) = &raw.backends {
+            return Err(src.at(
+                backends,
+                format!(
+                    "{what} backends: a \"redirect\" service answers every request itself (301 to \
+                     https); remove backends"
+                ),
+            ));
+        }
+        if let Some(health) = &raw.health {
+            return Err(src.at(
+                health,
+                format!("{what}: [service.health] is not for a \"redirect\" service, which has no backends; remove it"),
+            ));
+        }
+        let name = raw.name.into_inner();
+        return Ok((
+            Service {
+                name,
+                listen,
+                mode,
+                backends: Vec::new(),
+                health: Health::default(),
+                max_fails: DEFAULT_MAX_FAILS,
+                fail_timeout: DEFAULT_FAIL_TIMEOUT,
+                slow_start: Duration::ZERO,
+                https: None,
+            },
+            Vec::new(),
+        ));
+    }
+    let Some(raw_backends) = &raw.backends else {
+        return Err(src.at(
+            &raw.name,
+            format!("{what}: missing field `backends`; list the backends as \"ip:port\" strings"),
+        ));
+    };
+    let count = raw_backends.get_ref().len();
     if count == 0 || count > MAX_BACKENDS_PER_SERVICE as usize {
         return Err(src.at(
-            &raw.backends,
+            raw_backends,
             format!(
                 "{what} backends: {count} listed; a service needs 1 to {MAX_BACKENDS_PER_SERVICE} \
                  backends (\"ip:port\" strings)"
@@ -552,7 +866,7 @@ fn parse_service(
     }
     let mut backends: Vec<SocketAddr> = Vec::with_capacity(count);
     let mut lines = Vec::with_capacity(count);
-    for value in raw.backends.get_ref() {
+    for value in raw_backends.get_ref() {
         let addr = socket_addr(src, value, &format!("{what} backend"), "203.0.113.10:8001")?;
         let problem = if backends.contains(&addr) {
             "listed twice; remove one".to_string()
@@ -588,7 +902,40 @@ fn parse_service(
         };
         return Err(src.at(value, format!("{what} backend \"{addr}\": {problem}")));
     }
-    let health = parse_health(src, raw.health, what)?;
+    let health = parse_health(src, raw.health.take().map(Spanned::into_inner), what)?;
+    let max_fails = match &raw.max_fails {
+        None => DEFAULT_MAX_FAILS,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 0..=1000) => n,
+            _ => {
+                return Err(src.at(
+                    v,
+                    format!(
+                        "{what} max_fails = {}: out of range; use 0 (passive health checks off) \
+                         to 1000 failed connections",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    let passive_duration = |value: &Option<Spanned<String>>, key: &str, default: Duration, zero_ok: bool| {
+        let Some(v) = value else { return Ok(default) };
+        let d = duration(src, v, &format!("{what} {key}"))?;
+        if d.is_zero() && !zero_ok {
+            return Err(src.at(v, format!("{what} {key} is zero; use e.g. \"10s\" (or max_fails = 0 to turn passive health checks off)")));
+        }
+        if d > MAX_PASSIVE_DURATION {
+            return Err(src.at(v, format!("{what} {key} \"{}\": too long; use at most \"1h\"", v.get_ref())));
+        }
+        Ok(d)
+    };
+    let fail_timeout = passive_duration(&raw.fail_timeout, "fail_timeout", DEFAULT_FAIL_TIMEOUT, false)?;
+    let slow_start = passive_duration(&raw.slow_start, "slow_start", Duration::ZERO, true)?;
+    let https = match mode {
+        ServiceMode::Https => Some(parse_https(src, &raw, what, max_fails, fail_timeout)?),
+        _ => None,
+    };
     let name = raw.name.into_inner();
     Ok((
         Service {
@@ -597,9 +944,229 @@ fn parse_service(
             mode,
             backends,
             health,
+            max_fails,
+            fail_timeout,
+            slow_start,
+            https,
         },
         lines,
     ))
+}
+
+/// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
+/// proxy's failures).
+fn parse_https(
+    src: &Source,
+    raw: &RawService,
+    what: &str,
+    max_fails: u32,
+    fail_timeout: Duration,
+) -> Result<Https, ConfigError> {
+    let Some(tls) = &raw.tls else {
+        return Err(src.at(
+            &raw.name,
+            format!(
+                "{what}: mode \"https\" needs a [service.tls] table with cert and key (PEM files) \
+                 or acme = {{ directory, contact, domains }}"
+            ),
+        ));
+    };
+    let tls = parse_tls(src, tls, what)?;
+    let mut http = HttpHeaders::default();
+    if let Some(raw) = &raw.http {
+        let raw = raw.get_ref();
+        if let Some(b) = raw.backend_header {
+            http.backend_header = b;
+        }
+        for (value, key, slot) in [
+            (&raw.hsts, "hsts", &mut http.hsts),
+            (&raw.frame_options, "frame_options", &mut http.frame_options),
+            (&raw.content_type_options, "content_type_options", &mut http.content_type_options),
+            (&raw.referrer_policy, "referrer_policy", &mut http.referrer_policy),
+        ] {
+            let Some(value) = value else { continue };
+            let v = value.get_ref();
+            if v.is_empty() {
+                *slot = None;
+            } else if hyper::header::HeaderValue::from_str(v).is_err() || !v.is_ascii() {
+                return Err(src.at(
+                    value,
+                    format!(
+                        "{what} http.{key} \"{}\": not a valid header value; use printable ASCII \
+                         only (\"\" leaves the header out)",
+                        v.escape_debug()
+                    ),
+                ));
+            } else {
+                *slot = Some(v.clone());
+            }
+        }
+    }
+    let mut timeouts = Timeouts::default();
+    if let Some(raw) = &raw.timeouts {
+        let raw = raw.get_ref();
+        for (value, key, slot) in [
+            (&raw.handshake, "handshake", &mut timeouts.handshake),
+            (&raw.request_header, "request_header", &mut timeouts.request_header),
+            (&raw.idle, "idle", &mut timeouts.idle),
+            (&raw.backend_connect, "backend_connect", &mut timeouts.backend_connect),
+            (&raw.backend_response, "backend_response", &mut timeouts.backend_response),
+        ] {
+            let Some(value) = value else { continue };
+            let key = format!("{what} timeouts.{key}");
+            let d = duration(src, value, &key)?;
+            if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+                return Err(src.at(
+                    value,
+                    format!("{key} \"{}\": out of range; use more than 0 and at most 24h", value.get_ref()),
+                ));
+            }
+            *slot = d;
+        }
+    }
+    let mut limits = Limits::default();
+    if let Some(raw) = &raw.limits {
+        let raw = raw.get_ref();
+        let int = |value: &Spanned<i64>, key: &str, range: std::ops::RangeInclusive<i64>, unit: &str| {
+            let v = *value.get_ref();
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(src.at(
+                    value,
+                    format!(
+                        "{what} limits.{key} = {v}: out of range; use {}..={} {unit}",
+                        range.start(),
+                        range.end()
+                    ),
+                ))
+            }
+        };
+        if let Some(v) = &raw.max_header_bytes {
+            // hyper's smallest read buffer is 8 KiB.
+            limits.max_header_bytes = int(v, "max_header_bytes", 8192..=1 << 20, "bytes")? as usize;
+        }
+        if let Some(v) = &raw.max_headers {
+            limits.max_headers = int(v, "max_headers", 1..=1000, "headers")? as usize;
+        }
+        if let Some(v) = &raw.max_body_bytes {
+            limits.max_body_bytes = Some(int(v, "max_body_bytes", 0..=i64::MAX, "bytes")? as u64);
+        }
+        if let Some(v) = &raw.max_connections {
+            limits.max_connections = int(v, "max_connections", 1..=1_000_000, "connections")? as usize;
+        }
+        if let Some(v) = &raw.h2_max_streams {
+            limits.h2_max_streams = int(v, "h2_max_streams", 1..=10_000, "streams")? as u32;
+        }
+    }
+    Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
+}
+
+fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, ConfigError> {
+    let t = raw.get_ref();
+    let path = |value: &Spanned<String>, key: &str| -> Result<PathBuf, ConfigError> {
+        let p = Path::new(value.get_ref());
+        if p.is_absolute() {
+            Ok(p.to_owned())
+        } else {
+            Err(src.at(
+                value,
+                format!(
+                    "{what} tls.{key} \"{}\": not an absolute path; write the full path, e.g. \
+                     \"/etc/xlb/site.crt\"",
+                    value.get_ref()
+                ),
+            ))
+        }
+    };
+    let forms = [t.cert.is_some() || t.key.is_some(), t.certs.is_some(), t.acme.is_some()];
+    if forms.iter().filter(|&&f| f).count() != 1 {
+        return Err(src.at(
+            raw,
+            format!(
+                "{what} [service.tls]: give exactly one of cert + key, certs = [{{ cert, key }}, ...] \
+                 or acme = {{ directory, contact, domains }}"
+            ),
+        ));
+    }
+    if let Some(acme) = &t.acme {
+        let a = acme.get_ref();
+        let dir = a.directory.get_ref();
+        if !dir.starts_with("https://") || dir.parse::<hyper::Uri>().is_err() {
+            return Err(src.at(
+                &a.directory,
+                format!(
+                    "{what} tls.acme.directory \"{dir}\": not an https:// URL; use e.g. \
+                     \"https://acme-v02.api.letsencrypt.org/directory\""
+                ),
+            ));
+        }
+        let contact = match a.contact.as_ref().map(Spanned::get_ref) {
+            None => Vec::new(),
+            Some(StringOrList::One(c)) => vec![c.clone()],
+            Some(StringOrList::Many(c)) => c.clone(),
+        };
+        if let Some(bad) = contact.iter().find(|c| !c.starts_with("mailto:") || c.len() < 10) {
+            return Err(src.at(
+                a.contact.as_ref().expect("contact given"),
+                format!("{what} tls.acme.contact \"{bad}\": not a mailto: URL; write e.g. \"mailto:ops@example.com\""),
+            ));
+        }
+        if a.domains.get_ref().is_empty() {
+            return Err(src.at(
+                &a.domains,
+                format!("{what} tls.acme.domains is empty; list the names the certificate is for"),
+            ));
+        }
+        let mut domains = Vec::new();
+        for d in a.domains.get_ref() {
+            let name = d.get_ref().to_ascii_lowercase();
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if name.len() > 253 || !name.contains('.') || !name.split('.').all(label_ok) {
+                return Err(src.at(
+                    d,
+                    format!(
+                        "{what} tls.acme.domains: \"{}\" is not a DNS name; write e.g. \"example.com\" \
+                         (no scheme, port or wildcard: HTTP-01 and TLS-ALPN-01 cannot validate wildcards)",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            if domains.contains(&name) {
+                return Err(src.at(d, format!("{what} tls.acme.domains: \"{name}\" is listed twice; remove one")));
+            }
+            domains.push(name);
+        }
+        let ca = a.ca.as_ref().map(|c| path(c, "acme.ca")).transpose()?;
+        return Ok(Tls::Acme(Acme { directory: dir.clone(), contact, domains, ca }));
+    }
+    let mut pairs = Vec::new();
+    if let Some(certs) = &t.certs {
+        if certs.get_ref().is_empty() {
+            return Err(src.at(certs, format!("{what} tls.certs is empty; list at least one {{ cert, key }}")));
+        }
+        for pair in certs.get_ref() {
+            pairs.push(CertFiles { cert: path(&pair.cert, "certs.cert")?, key: path(&pair.key, "certs.key")? });
+        }
+    } else {
+        match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) => pairs.push(CertFiles { cert: path(cert, "cert")?, key: path(key, "key")? }),
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(src.at(
+                    v,
+                    format!("{what} [service.tls]: cert and key go together; give both (PEM files)"),
+                ));
+            }
+            (None, None) => unreachable!("one form is given"),
+        }
+    }
+    Ok(Tls::Files(pairs))
 }
 
 fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Health, ConfigError> {
@@ -692,6 +1259,201 @@ fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Heal
         }
     }
     Ok(health)
+}
+
+/// `[alerts]`: alerts about backends going down and up, whole services down, and certificate
+/// renewals that failed, by e-mail and/or webhook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertsConfig {
+    /// At most this many messages per minute on each channel; the rest is sent as one summary
+    /// once the minute is over.
+    pub max_per_minute: u32,
+    pub email: Option<EmailConfig>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// Validated mailboxes (`xlb@example.com` or `xlb <xlb@example.com>`).
+    pub from: String,
+    pub to: Vec<String>,
+    pub credentials: Option<SmtpCredentials>,
+    /// Bounds one delivery.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587); refuses a server without it.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No encryption: only for a relay on this host.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmtpCredentials {
+    pub username: String,
+    pub password_file: PathBuf,
+    /// Read from `password_file` by `Config::load`.
+    pub password: Secret,
+}
+
+/// A credential: compared, never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL that gets a JSON `POST` per alert.
+    pub url: String,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    max_per_minute: Option<Spanned<i64>>,
+    email: Option<Spanned<RawEmail>>,
+    webhook: Option<Spanned<RawWebhook>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    host: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    tls: Option<Spanned<String>>,
+    from: Spanned<String>,
+    to: Spanned<Vec<Spanned<String>>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+}
+
+fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let max_per_minute = match &raw.max_per_minute {
+        None => DEFAULT_ALERTS_PER_MINUTE,
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+            src.at(v, format!("alerts.max_per_minute = {}: out of range; use 1..=1000 messages per minute", v.get_ref()))
+        })?,
+    };
+    let email = raw.email.map(|e| parse_email(src, e.into_inner())).transpose()?;
+    let webhook = raw.webhook.map(|w| parse_webhook(src, w.into_inner())).transpose()?;
+    if email.is_none() && webhook.is_none() {
+        return Err(src.error(
+            Some(src.line(span.start)),
+            "[alerts] has neither [alerts.email] nor [alerts.webhook]; add one (or remove [alerts] to send no alerts)",
+        ));
+    }
+    Ok(AlertsConfig { max_per_minute, email, webhook })
+}
+
+fn parse_email(src: &Source, raw: RawEmail) -> Result<EmailConfig, ConfigError> {
+    let host = raw.host.get_ref().trim();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+        return Err(src.at(
+            &raw.host,
+            format!("alerts.email.host \"{}\": not a host name or address; write e.g. \"smtp.example.com\" (the port goes in alerts.email.port)", raw.host.get_ref()),
+        ));
+    }
+    let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
+        None | Some("starttls") => SmtpTls::StartTls,
+        Some("tls") => SmtpTls::Tls,
+        Some("none") => SmtpTls::None,
+        Some(other) => {
+            return Err(src.at(
+                raw.tls.as_ref().expect("present"),
+                format!(
+                    "alerts.email.tls \"{other}\": use \"starttls\" (port 587, upgraded to TLS), \"tls\" (port 465, TLS \
+                     from the start) or \"none\" (unencrypted: only for a relay on this host)"
+                ),
+            ));
+        }
+    };
+    let port = match &raw.port {
+        None => match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        },
+        Some(v) => u16::try_from(*v.get_ref()).ok().filter(|p| *p != 0).ok_or_else(|| {
+            src.at(v, format!("alerts.email.port = {}: not a port; use 1..=65535 (e.g. 587)", v.get_ref()))
+        })?,
+    };
+    let mailbox = |value: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        value.get_ref().parse::<lettre::message::Mailbox>().map(|m| m.to_string()).map_err(|e| {
+            src.at(value, format!("{key} \"{}\": not an e-mail address ({e}); write e.g. \"ops@example.com\" or \"Ops <ops@example.com>\"", value.get_ref()))
+        })
+    };
+    let from = mailbox(&raw.from, "alerts.email.from")?;
+    if raw.to.get_ref().is_empty() {
+        return Err(src.at(&raw.to, "alerts.email.to is empty; list at least one recipient, e.g. to = [\"ops@example.com\"]"));
+    }
+    let to = raw.to.get_ref().iter().map(|t| mailbox(t, "alerts.email.to")).collect::<Result<Vec<_>, _>>()?;
+    let credentials = match (&raw.username, &raw.password_file) {
+        (None, None) => None,
+        (Some(username), Some(file)) => Some(SmtpCredentials {
+            username: username.get_ref().clone(),
+            password_file: PathBuf::from(file.get_ref()),
+            password: Secret::default(),
+        }),
+        (Some(v), None) => {
+            return Err(src.at(v, "alerts.email.username is set but password_file is not; add password_file = \"/etc/xlb/smtp-password\" (a file holding only the password)"));
+        }
+        (None, Some(v)) => {
+            return Err(src.at(v, "alerts.email.password_file is set but username is not; add the SMTP user name"));
+        }
+    };
+    if credentials.is_some() && tls == SmtpTls::None {
+        return Err(src.at(
+            raw.tls.as_ref().expect("\"none\" was given"),
+            "alerts.email.tls = \"none\" with a username: the password would cross the network unencrypted; use \"starttls\" or \"tls\"",
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.email.timeout")?,
+    };
+    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout })
+}
+
+fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigError> {
+    let text = raw.url.get_ref();
+    let uri = text.parse::<hyper::Uri>().ok();
+    let ok = uri.as_ref().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
+    if !ok {
+        return Err(src.at(
+            &raw.url,
+            format!("alerts.webhook.url \"{text}\": not an http:// or https:// URL; write e.g. \"https://hooks.example.com/xlb\""),
+        ));
+    }
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(10),
+        Some(v) => duration(src, v, "alerts.webhook.timeout")?,
+    };
+    Ok(WebhookConfig { url: text.clone(), timeout })
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
@@ -832,6 +1594,10 @@ fall = 2
                     rise: 2,
                     fall: 2,
                 },
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(10),
+                slow_start: Duration::ZERO,
+                https: None,
             }]
         );
         assert_eq!(config.lines.interfaces, vec![2]);
@@ -1101,19 +1867,130 @@ fall = 2
 
     #[test]
     fn mode_errors() {
-        for mode in ["https", "redirect"] {
-            assert_eq!(
-                err(&EXAMPLE.replace("\"l4\"", &format!("\"{mode}\""))),
-                format!(
-                    "/etc/xlb/xlb.toml:13: service \"web\" mode \"{mode}\": not available in this version of xlb; \
-                     only \"l4\" is"
-                )
-            );
-        }
         assert_eq!(
             err(&EXAMPLE.replace("\"l4\"", "\"L4\"")),
-            "/etc/xlb/xlb.toml:13: service \"web\" mode \"L4\": not a mode; use \"l4\""
+            "/etc/xlb/xlb.toml:13: service \"web\" mode \"L4\": not a mode; use \"l4\" (balanced by the data \
+             path), \"https\" (TLS terminated and proxied) or \"redirect\" (HTTP to HTTPS)"
         );
+        assert_eq!(
+            err(&EXAMPLE.replace("\"l4\"", "\"https\"")),
+            "/etc/xlb/xlb.toml:11: service \"web\": mode \"https\" needs a [service.tls] table with cert and key \
+             (PEM files) or acme = { directory, contact, domains }"
+        );
+        let e = err(&EXAMPLE.replace("\"l4\"", "\"redirect\""));
+        assert!(e.starts_with("/etc/xlb/xlb.toml:14: service \"web\" backends: a \"redirect\" service"), "{e}");
+        let e = err(&format!("{EXAMPLE}[service.tls]\ncert = \"/a\"\nkey = \"/b\"\n"));
+        assert_eq!(
+            e,
+            "/etc/xlb/xlb.toml:23: service \"web\": [service.tls] is only for mode = \"https\" (this service is \"l4\"); remove it"
+        );
+    }
+
+    const HTTPS: &str = r#"[dataplane]
+interfaces = ["eth0"]
+
+[[service]]
+name = "site"
+listen = "203.0.113.10:443"
+mode = "https"
+backends = ["203.0.113.10:8001", "203.0.113.10:8002", "203.0.113.10:8003"]
+[service.tls]
+cert = "/etc/xlb/site.crt"
+key = "/etc/xlb/site.key"
+[service.http]
+backend_header = true
+hsts = "max-age=31536000; includeSubDomains"
+
+[[service]]
+name = "site-http"
+listen = "203.0.113.10:80"
+mode = "redirect"
+"#;
+
+    #[test]
+    fn https_and_redirect_parse_with_defaults() {
+        let config = parse(HTTPS).unwrap();
+        let [site, http] = &config.services[..] else { panic!() };
+        assert_eq!(site.mode, ServiceMode::Https);
+        let h = site.https.as_ref().unwrap();
+        assert_eq!(
+            h.tls,
+            Tls::Files(vec![CertFiles { cert: "/etc/xlb/site.crt".into(), key: "/etc/xlb/site.key".into() }])
+        );
+        assert_eq!(h.http, HttpHeaders::default());
+        assert_eq!(h.timeouts, Timeouts::default());
+        assert_eq!(h.limits, Limits::default());
+        assert_eq!((h.max_fails, h.fail_timeout), (1, Duration::from_secs(10)));
+        assert_eq!(http.mode, ServiceMode::Redirect);
+        assert!(http.backends.is_empty() && http.https.is_none());
+    }
+
+    #[test]
+    fn https_options_parse() {
+        let text = HTTPS
+            .replace("[service.tls]\n", "max_fails = 3\nfail_timeout = \"30s\"\n[service.tls]\n")
+            .replace(
+                "[service.http]\n",
+                "[service.timeouts]\nhandshake = \"2s\"\nidle = \"5s\"\n\
+                 [service.limits]\nmax_headers = 50\nmax_body_bytes = 1000\n[service.http]\nframe_options = \"\"\n",
+            );
+        let config = parse(&text).unwrap();
+        let h = config.services[0].https.as_ref().unwrap();
+        assert_eq!((h.max_fails, h.fail_timeout), (3, Duration::from_secs(30)));
+        assert_eq!(h.timeouts.handshake, Duration::from_secs(2));
+        assert_eq!(h.timeouts.idle, Duration::from_secs(5));
+        assert_eq!(h.timeouts.backend_connect, Timeouts::default().backend_connect);
+        assert_eq!((h.limits.max_headers, h.limits.max_body_bytes), (50, Some(1000)));
+        assert_eq!(h.http.frame_options, None);
+        assert_eq!(h.http.hsts, HttpHeaders::default().hsts);
+
+        let acme = HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"https://acme.test/dir\", contact = \"mailto:ops@example.com\", domains = [\"Example.com\"], ca = \"/etc/xlb/pebble.pem\" }",
+        );
+        let config = parse(&acme).unwrap();
+        assert_eq!(
+            config.services[0].https.as_ref().unwrap().tls,
+            Tls::Acme(Acme {
+                directory: "https://acme.test/dir".into(),
+                contact: vec!["mailto:ops@example.com".into()],
+                domains: vec!["example.com".into()],
+                ca: Some("/etc/xlb/pebble.pem".into()),
+            })
+        );
+        let several = HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "certs = [{ cert = \"/a.crt\", key = \"/a.key\" }, { cert = \"/b.crt\", key = \"/b.key\" }]",
+        );
+        let config = parse(&several).unwrap();
+        let Tls::Files(files) = &config.services[0].https.as_ref().unwrap().tls else { panic!() };
+        assert_eq!(files.len(), 2);
+    }
+
+    #[test]
+    fn https_errors() {
+        let e = err(&HTTPS.replace("key = \"/etc/xlb/site.key\"\n", ""));
+        assert_eq!(e, "/etc/xlb/xlb.toml:10: service \"site\" [service.tls]: cert and key go together; give both (PEM files)");
+        let e = err(&HTTPS.replace("\"/etc/xlb/site.key\"", "\"site.key\""));
+        assert!(e.contains("tls.key \"site.key\": not an absolute path"), "{e}");
+        let e = err(&HTTPS.replace("hsts = \"max-age=31536000; includeSubDomains\"", "hsts = \"a\\nb\""));
+        assert!(e.contains("http.hsts \"a\\nb\": not a valid header value"), "{e}");
+        let e = err(&HTTPS.replace("[service.http]\n", "[service.limits]\nmax_header_bytes = 100\n[service.http]\n"));
+        assert!(e.ends_with("limits.max_header_bytes = 100: out of range; use 8192..=1048576 bytes"), "{e}");
+        let e = err(&HTTPS.replace("[service.http]\n", "[service.timeouts]\nidle = \"0s\"\n[service.http]\n"));
+        assert!(e.contains("timeouts.idle \"0s\": out of range"), "{e}");
+        let e = err(&HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"http://acme.test/dir\", domains = [\"example.com\"] }",
+        ));
+        assert!(e.contains("tls.acme.directory \"http://acme.test/dir\": not an https:// URL"), "{e}");
+        let e = err(&HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"https://acme.test/dir\", domains = [\"*.example.com\"] }",
+        ));
+        assert!(e.contains("is not a DNS name"), "{e}");
+        let e = err(&format!("{HTTPS}backends = [\"203.0.113.10:8001\"]\n"));
+        assert!(e.contains("\"redirect\" service answers every request itself"), "{e}");
     }
 
     #[test]
@@ -1225,6 +2102,38 @@ fall = 2
     }
 
     #[test]
+    fn passive_health_keys() {
+        let backends = "\"203.0.113.10:8001\"";
+        let svc = |keys: &str| parse(&web(backends, keys)).map(|c| c.services[0].clone());
+        let s = svc("").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (1, Duration::from_secs(10), Duration::ZERO));
+        let s = svc("max_fails = 3\nfail_timeout = \"2s 500ms\"\nslow_start = \"30s\"").unwrap();
+        assert_eq!((s.max_fails, s.fail_timeout, s.slow_start), (3, Duration::from_millis(2500), Duration::from_secs(30)));
+        assert_eq!(svc("max_fails = 0").unwrap().max_fails, 0);
+        let e = |keys: &str| svc(keys).expect_err("should be rejected").to_string();
+        for v in [-1, 1001] {
+            assert_eq!(
+                e(&format!("max_fails = {v}")),
+                format!(
+                    "/etc/xlb/xlb.toml:8: service \"web\" max_fails = {v}: out of range; use 0 (passive \
+                     health checks off) to 1000 failed connections"
+                )
+            );
+        }
+        assert_eq!(
+            e("fail_timeout = \"0s\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" fail_timeout is zero; use e.g. \"10s\" (or max_fails = 0 \
+             to turn passive health checks off)"
+        );
+        assert!(e("fail_timeout = \"ten\"").starts_with("/etc/xlb/xlb.toml:8: service \"web\" fail_timeout \"ten\": not a duration"));
+        assert_eq!(
+            e("slow_start = \"2h\""),
+            "/etc/xlb/xlb.toml:8: service \"web\" slow_start \"2h\": too long; use at most \"1h\""
+        );
+        assert!(e("max_fails = \"1\"").contains("max_fails"), "{}", e("max_fails = \"1\""));
+    }
+
+    #[test]
     fn check_system_accepts_loopback_and_rejects_foreign() {
         let ok = parse(&service(
             "listen = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]",
@@ -1323,5 +2232,85 @@ fall = 2
         assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
         let [web] = &config.services[..] else { panic!("{config:?}") };
         assert_eq!((web.name.as_str(), web.backends.len()), ("web", 3));
+    }
+
+    const ALERTS: &str = r#"
+[alerts]
+max_per_minute = 5
+
+[alerts.email]
+host = "smtp.example.com"
+tls = "starttls"
+from = "xlb <xlb@example.com>"
+to = ["ops@example.com", "oncall@example.com"]
+username = "xlb"
+password_file = "/etc/xlb/smtp-password"
+
+[alerts.webhook]
+url = "https://hooks.example.com/xlb"
+timeout = "3s"
+"#;
+
+    #[test]
+    fn alerts_parse() {
+        let config = parse(&format!("{EXAMPLE}{ALERTS}")).unwrap();
+        let alerts = config.alerts.expect("[alerts]");
+        assert_eq!(alerts.max_per_minute, 5);
+        let email = alerts.email.expect("[alerts.email]");
+        assert_eq!((email.host.as_str(), email.port, email.tls), ("smtp.example.com", 587, SmtpTls::StartTls));
+        assert_eq!(email.from, "xlb <xlb@example.com>");
+        assert_eq!(email.to, ["ops@example.com", "oncall@example.com"]);
+        let credentials = email.credentials.expect("credentials");
+        assert_eq!(credentials.username, "xlb");
+        assert_eq!(format!("{:?}", credentials.password), "Secret(…)");
+        let webhook = alerts.webhook.expect("[alerts.webhook]");
+        assert_eq!((webhook.url.as_str(), webhook.timeout), ("https://hooks.example.com/xlb", Duration::from_secs(3)));
+        assert_eq!(parse(EXAMPLE).unwrap().alerts, None);
+        // The port follows the kind of TLS unless given.
+        let tls = parse(&format!("{EXAMPLE}{}", ALERTS.replace("\"starttls\"", "\"tls\""))).unwrap();
+        assert_eq!(tls.alerts.unwrap().email.unwrap().port, 465);
+    }
+
+    #[test]
+    fn alerts_errors() {
+        let with = |from: &str, to: &str| err(&format!("{EXAMPLE}{}", ALERTS.replace(from, to)));
+        let e = with("tls = \"starttls\"", "tls = \"ssl\"");
+        assert!(e.starts_with("/etc/xlb/xlb.toml:29: alerts.email.tls \"ssl\": use \"starttls\""), "{e}");
+        let e = with("password_file = \"/etc/xlb/smtp-password\"\n", "");
+        assert!(e.contains("alerts.email.username is set but password_file is not"), "{e}");
+        let e = with("tls = \"starttls\"", "tls = \"none\"");
+        assert!(e.contains("the password would cross the network unencrypted"), "{e}");
+        let e = with("\"ops@example.com\", ", "\"ops at example.com\", ");
+        assert!(e.contains(":31: alerts.email.to \"ops at example.com\": not an e-mail address"), "{e}");
+        let e = with("[\"ops@example.com\", \"oncall@example.com\"]", "[]");
+        assert!(e.contains("alerts.email.to is empty"), "{e}");
+        let e = with("https://hooks.example.com/xlb", "ftp://hooks.example.com/xlb");
+        assert!(e.contains(":36: alerts.webhook.url \"ftp://hooks.example.com/xlb\": not an http:// or https:// URL"), "{e}");
+        let e = with("max_per_minute = 5", "max_per_minute = 0");
+        assert!(e.contains(":25: alerts.max_per_minute = 0: out of range"), "{e}");
+        let e = with("smtp.example.com", "smtp.example.com:587");
+        assert!(e.contains("the port goes in alerts.email.port"), "{e}");
+        let e = err(&format!("{EXAMPLE}\n[alerts]\nmax_per_minute = 3\n"));
+        assert!(e.contains("[alerts] has neither [alerts.email] nor [alerts.webhook]"), "{e}");
+        let e = with("[alerts.webhook]", "[alerts.webhok]");
+        assert!(e.contains("unknown field `webhok`"), "{e}");
+    }
+
+    #[test]
+    fn smtp_password_comes_from_its_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("smtp-password");
+        let text = format!("{EXAMPLE}{}", ALERTS.replace("/etc/xlb/smtp-password", &file.display().to_string()));
+        let mut config = parse(&text).unwrap();
+        let e = config.read_secrets().unwrap_err().to_string();
+        assert!(e.contains("alerts.email.password_file") && e.contains("cannot read it"), "{e}");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        config.read_secrets().unwrap();
+        let password = &config.alerts.as_ref().unwrap().email.as_ref().unwrap().credentials.as_ref().unwrap().password;
+        assert_eq!(password.0, "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(config.read_secrets().unwrap_err().to_string().contains("is empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,7 +30,7 @@ use aya::{
 };
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION, Meta, PROTO_TCP,
-    backend::{Backend, BackendConns, MAX_BACKENDS, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_UP},
+    backend::{Backend, BackendConns, MAX_BACKENDS, Passive, STATE_DOWN, STATE_DRAINING, STATE_EMPTY, STATE_FAILED, STATE_UP},
     flow::{Closed, Flow, FlowKey, ReplyNat},
     maps, programs,
     service::{MAX_BACKENDS_PER_SERVICE, Service, ServiceKey},
@@ -38,7 +38,11 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::{config, status::BackendState};
+use crate::{
+    config,
+    layout::{Layout, Occupancy},
+    status::BackendState,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -84,9 +88,10 @@ pub struct Dataplane {
     closed: HashMap<MapData, FlowKey, Closed>,
     vip_ports: Array<MapData, u8>,
     proxied: Array<MapData, i64>,
+    passive: Array<MapData, Passive>,
     stats: PerCpuArray<MapData, Stats>,
     interfaces: Vec<(String, AttachedMode)>,
-    /// Backend state updates written by `set_state` since this `Dataplane` was opened: health
+    /// Backend state updates written by `set_slot_state` since this `Dataplane` was opened: health
     /// transitions and drains. Flapping backends must not turn into a storm of map writes.
     state_writes: u64,
     /// Whether maps pinned by an earlier run were adopted (flows preserved).
@@ -118,6 +123,7 @@ fn state_value(state: BackendState) -> u32 {
         BackendState::Up => STATE_UP,
         BackendState::Down => STATE_DOWN,
         BackendState::Draining => STATE_DRAINING,
+        BackendState::Failed => STATE_FAILED,
     }
 }
 
@@ -126,6 +132,7 @@ fn state_of(value: u32) -> Option<BackendState> {
         STATE_UP => Some(BackendState::Up),
         STATE_DOWN => Some(BackendState::Down),
         STATE_DRAINING => Some(BackendState::Draining),
+        STATE_FAILED => Some(BackendState::Failed),
         _ => None,
     }
 }
@@ -156,7 +163,7 @@ struct Expected {
     max_entries: u32,
 }
 
-fn expected_maps(max_flows: u32) -> [Expected; 11] {
+fn expected_maps(max_flows: u32) -> [Expected; 12] {
     let e = |name, key: usize, value: usize, max_entries| Expected { name, key: key as u32, value: value as u32, max_entries };
     [
         e(maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>(), lb_common::service::MAX_SERVICES),
@@ -170,6 +177,7 @@ fn expected_maps(max_flows: u32) -> [Expected; 11] {
         e(maps::META, 4, size_of::<Meta>(), 1),
         e(maps::VIP_PORTS, 4, 1, lb_common::service::VIP_PORTS_LEN),
         e(maps::PROXIED, 4, 8, MAX_BACKENDS),
+        e(maps::PASSIVE, 4, size_of::<Passive>(), MAX_BACKENDS),
     ]
 }
 
@@ -312,6 +320,7 @@ impl Dataplane {
             closed: take(&mut ebpf, maps::CLOSED)?,
             vip_ports: take(&mut ebpf, maps::VIP_PORTS)?,
             proxied: take(&mut ebpf, maps::PROXIED)?,
+            passive: take(&mut ebpf, maps::PASSIVE)?,
             stats: take(&mut ebpf, maps::STATS)?,
             ebpf,
             logger,
@@ -348,6 +357,24 @@ impl Dataplane {
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutput { verdict: result.return_value, data: out, duration: result.duration })
+    }
+
+    /// Instructions the verifier processed for each program when loading it (the kernel's
+    /// `verified_insns`): what its load time grows with.
+    pub fn verified_instructions(&self) -> anyhow::Result<Vec<(&'static str, u32)>> {
+        [programs::XDP, programs::TC_EGRESS]
+            .into_iter()
+            .map(|name| {
+                let program = self.ebpf.program(name).with_context(|| format!("program {name} missing"))?;
+                let info = match program {
+                    aya::programs::Program::Xdp(p) => p.info(),
+                    aya::programs::Program::SchedClassifier(p) => p.info(),
+                    _ => bail!("unexpected type of program {name}"),
+                }
+                .with_context(|| format!("reading the info of {name}"))?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// The `FLOWS` entry of a client → VIP 4-tuple.
@@ -403,37 +430,105 @@ impl Dataplane {
             .collect()
     }
 
-    /// Writes services and backends. `states[s][b]` is each backend's state. Backends are
-    /// written before the services that point at them, and slots no longer used are emptied
-    /// after, so the data path never sees a service pointing at a half-written backend.
-    /// Live/total counts are kept for slots whose backend did not change.
+    /// Writes services and backends in the positional layout of a first start (backend `b` of
+    /// service `s` in slot `s * 16 + b`). `states[s][b]` is each backend's state.
     pub fn apply_services(&mut self, services: &[config::Service], states: &[Vec<BackendState>]) -> anyhow::Result<()> {
+        self.apply_layout(services, &Layout::positional(services), states)
+    }
+
+    /// The VIPs' blocks and the occupied backend slots, as the maps hold them now.
+    pub fn occupancy(&self) -> anyhow::Result<Occupancy> {
+        let mut now = Occupancy::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("reading SERVICES")?;
+            now.vips.insert(sock_addr(&key.addr, key.port, key.family), value.first_backend / MAX_BACKENDS_PER_SERVICE);
+        }
+        for slot in 0..MAX_BACKENDS {
+            let b = self.backends.get(&slot, 0)?;
+            if b.state != STATE_EMPTY {
+                now.slots.insert(slot, sock_addr(&b.addr, b.port, b.family));
+            }
+        }
+        Ok(now)
+    }
+
+    /// The state in the map of every backend of `layout`, or `None` for a slot that holds
+    /// another address (or none).
+    pub fn layout_states(&self, services: &[config::Service], layout: &Layout) -> Vec<Vec<Option<BackendState>>> {
+        services
+            .iter()
+            .enumerate()
+            .map(|(s, svc)| {
+                svc.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, addr)| {
+                        let cur = self.backends.get(&layout.slot(s, b), 0).ok()?;
+                        let (a, port, family) = map_addr(*addr);
+                        (cur.addr == a && cur.port == port && cur.family == family).then(|| state_of(cur.state)).flatten()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Writes services and backends where `layout` puts them. `states[s][b]` is each backend's
+    /// state; retiring slots are set draining (no new flows; theirs continue). Backends are
+    /// written before the services that point at them, and slots neither used nor retiring are
+    /// emptied after, so the data path never sees a service pointing at a half-written backend.
+    /// Live/total counts are kept for slots whose backend did not change.
+    pub fn apply_layout(&mut self, services: &[config::Service], layout: &Layout, states: &[Vec<BackendState>]) -> anyhow::Result<()> {
         let mut keep = std::collections::HashSet::new();
         // Ports first: a VIP port marked early only costs a hash lookup; one marked late would
         // let the first SYNs through unbalanced.
-        let ports: std::collections::HashSet<u16> = services.iter().map(|s| s.listen.port()).collect();
+        // Only L4 services go into the data path's service table: the daemon listens on the
+        // address of the others itself. Their backends still get slots, for states and counts.
+        let ports: std::collections::HashSet<u16> =
+            services.iter().filter(|s| s.mode == config::ServiceMode::L4).map(|s| s.listen.port()).collect();
         for &port in &ports {
             self.vip_ports.set(u32::from(port), 1, 0)?;
         }
+        let mut used = std::collections::HashSet::new();
+        for r in &layout.retiring {
+            let mut b = self.backends.get(&r.slot, 0)?;
+            if b.state != STATE_EMPTY {
+                b.state = STATE_DRAINING;
+                self.backends.set(r.slot, b, 0)?;
+            }
+            used.insert(r.slot);
+        }
         for (s, svc) in services.iter().enumerate() {
             for (b, addr) in svc.backends.iter().enumerate() {
-                let slot = slot(s, b);
+                let slot = layout.slot(s, b);
+                used.insert(slot);
                 let (a, port, family) = map_addr(*addr);
-                let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: s as u32 };
+                let new = Backend { addr: a, port, family, _pad: 0, state: state_value(states[s][b]), service: layout.blocks[s] };
                 let old = self.backends.get(&slot, 0)?;
-                if (old.addr, old.port, old.family) != (new.addr, new.port, new.family) {
+                let same_backend = (old.addr, old.port, old.family) == (new.addr, new.port, new.family);
+                if !same_backend {
                     self.reset_counts(slot)?;
+                }
+                // Passive health settings go in before the backend can be chosen; its failure
+                // window and ramp stay unless the slot now holds another backend.
+                let before = self.passive.get(&slot, 0)?;
+                let passive = Passive {
+                    max_fails: svc.max_fails,
+                    fail_timeout_ns: svc.fail_timeout.as_nanos() as u64,
+                    slow_start_ns: svc.slow_start.as_nanos() as u64,
+                    ..if same_backend { before } else { Passive::default() }
+                };
+                if passive != before {
+                    self.passive.set(slot, passive, 0)?;
                 }
                 self.backends.set(slot, new, 0)?;
             }
+            if svc.mode != config::ServiceMode::L4 {
+                continue;
+            }
             let (addr, port, family) = map_addr(svc.listen);
             let key = ServiceKey { addr, port, family, proto: PROTO_TCP };
-            let value = Service {
-                id: s as u32,
-                first_backend: slot(s, 0),
-                backend_count: svc.backends.len() as u32,
-                flags: 0,
-            };
+            let (first_backend, backend_count) = layout.range(s);
+            let value = Service { id: layout.blocks[s], first_backend, backend_count, flags: 0 };
             self.services.insert(key, value, 0)?;
             keep.insert(key);
         }
@@ -446,26 +541,21 @@ impl Dataplane {
             }
         }
         for slot in 0..MAX_BACKENDS {
-            let (s, b) = ((slot / MAX_BACKENDS_PER_SERVICE) as usize, (slot % MAX_BACKENDS_PER_SERVICE) as usize);
-            let used = services.get(s).is_some_and(|svc| b < svc.backends.len());
-            if !used && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
-                self.backends.set(slot, Backend::default(), 0)?;
-                self.reset_counts(slot)?;
+            if !used.contains(&slot) && self.backends.get(&slot, 0)?.state != STATE_EMPTY {
+                self.clear_slot(slot)?;
             }
         }
         Ok(())
     }
 
-    fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
-        self.conns.set(slot, BackendConns::default(), 0)?;
-        self.proxied.set(slot, 0, 0)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        self.backend_flows.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
-        Ok(())
+    /// Empties a slot and its counts (its backend left, and no flow refers to it any more).
+    pub fn clear_slot(&mut self, slot: u32) -> anyhow::Result<()> {
+        self.backends.set(slot, Backend::default(), 0)?;
+        self.reset_counts(slot)
     }
 
-    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
-        let slot = slot(service, backend);
+    /// The state of the backend in `slot`.
+    pub fn set_slot_state(&mut self, slot: u32, state: BackendState) -> anyhow::Result<()> {
         let mut b = self.backends.get(&slot, 0)?;
         b.state = state_value(state);
         self.backends.set(slot, b, 0)?;
@@ -473,7 +563,57 @@ impl Dataplane {
         Ok(())
     }
 
-    /// How many backend states `set_state` has written (see `state_writes`).
+    pub fn slot_conns(&self, slot: u32) -> anyhow::Result<BackendConns> {
+        Ok(self.conns.get(&slot, 0)?)
+    }
+
+    /// Connections ever sent to the backend in `slot`.
+    pub fn slot_total(&self, slot: u32) -> anyhow::Result<u64> {
+        self.backend_flows(slot)
+    }
+
+    fn reset_counts(&mut self, slot: u32) -> anyhow::Result<()> {
+        self.conns.set(slot, BackendConns::default(), 0)?;
+        self.passive.set(slot, Passive::default(), 0)?;
+        self.proxied.set(slot, 0, 0)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        self.backend_flows.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// A backend comes (back) up: its passive failure window starts empty, and when the
+    /// service has a `slow_start` its share of new connections ramps up from `now_ns`
+    /// (CLOCK_MONOTONIC). Call before writing `Up`, so the ramp is in place when it can be
+    /// chosen. Failure totals are kept.
+    pub fn restart_passive(&mut self, slot: u32, now_ns: u64) -> anyhow::Result<()> {
+        let p = self.passive.get(&slot, 0)?;
+        let up_since_ns = if p.slow_start_ns > 0 { now_ns } else { 0 };
+        self.passive.set(slot, Passive { fails: 0, window_start_ns: 0, up_since_ns, ..p }, 0)?;
+        Ok(())
+    }
+
+    /// The passive health record of the backend in `slot` (see `lb_common::backend::Passive`).
+    pub fn slot_passive(&self, slot: u32) -> anyhow::Result<Passive> {
+        Ok(self.passive.get(&slot, 0)?)
+    }
+
+    /// A backend's passive health record, in the positional layout (tests).
+    pub fn passive(&self, service: usize, backend: usize) -> anyhow::Result<Passive> {
+        self.slot_passive(slot(service, backend))
+    }
+
+    /// Overwrites a backend's passive health record, in the positional layout (tests set up
+    /// ramps and windows with it).
+    pub fn set_passive(&mut self, service: usize, backend: usize, passive: Passive) -> anyhow::Result<()> {
+        Ok(self.passive.set(slot(service, backend), passive, 0)?)
+    }
+
+    /// A backend's state, in the positional layout (tests).
+    pub fn set_state(&mut self, service: usize, backend: usize, state: BackendState) -> anyhow::Result<()> {
+        self.set_slot_state(slot(service, backend), state)
+    }
+
+    /// How many backend states `set_slot_state` has written (see `state_writes`).
     pub fn state_writes(&self) -> u64 {
         self.state_writes
     }
@@ -504,6 +644,15 @@ impl Dataplane {
 
     pub fn proxied(&self, slot: u32) -> anyhow::Result<i64> {
         Ok(self.proxied.get(&slot, 0)?)
+    }
+
+    /// A second handle on the live counts, for readers that must not wait for the lock around
+    /// the `Dataplane` (the HTTPS proxy reads them for every request).
+    pub fn conns_reader(&self) -> anyhow::Result<ConnsReader> {
+        use std::os::fd::AsFd as _;
+        let fd = self.conns.map().fd().as_fd().try_clone_to_owned().context("duplicating the BACKEND_CONNS fd")?;
+        let map = MapData::from_fd(fd).context("opening BACKEND_CONNS again")?;
+        Ok(ConnsReader(Array::try_from(aya::maps::Map::Array(map))?))
     }
 
     /// Connections ever sent to a backend: its new flows, summed over CPUs.
@@ -595,6 +744,16 @@ impl Dataplane {
         let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
         true
+    }
+}
+
+/// Reads `BACKEND_CONNS` without the `Dataplane`.
+pub struct ConnsReader(Array<MapData, BackendConns>);
+
+impl ConnsReader {
+    /// The data path's live count of a slot (0 if it cannot be read).
+    pub fn live(&self, slot: u32) -> i64 {
+        self.0.get(&slot, 0).map_or(0, |c| c.live)
     }
 }
 

@@ -67,6 +67,13 @@ impl Hysteresis {
         self.up
     }
 
+    /// Marks the backend down without probing: the data path's passive health checks took it
+    /// out, and it comes back after `rise` successful probes, like any backend that was down.
+    pub fn force_down(&mut self) {
+        self.up = false;
+        self.streak = 0;
+    }
+
     /// Records one probe; returns the new state when this probe changed it.
     pub fn record(&mut self, ok: bool) -> Option<bool> {
         if ok == self.up {
@@ -98,6 +105,41 @@ pub fn spawn(
     transitions: UnboundedSender<Transition>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
+    let failed = PassiveFailed::new(services);
+    spawn_with_passive(services, initial_up, &failed, results, transitions, shutdown)
+}
+
+/// One flag per backend (`[service][backend]`): set when the data path's passive health checks
+/// took the backend out. Its prober then counts it down (`Hysteresis::force_down`) before its
+/// next probe, so it needs `rise` successful probes to come back.
+#[derive(Clone)]
+pub struct PassiveFailed(std::sync::Arc<Vec<Vec<std::sync::atomic::AtomicBool>>>);
+
+impl PassiveFailed {
+    pub fn new(services: &[Service]) -> Self {
+        PassiveFailed(std::sync::Arc::new(
+            services.iter().map(|s| s.backends.iter().map(|_| Default::default()).collect()).collect(),
+        ))
+    }
+
+    pub fn set(&self, service: usize, backend: usize) {
+        self.0[service][backend].store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn take(&self, service: usize, backend: usize) -> bool {
+        self.0[service][backend].swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `spawn`, with the flags through which passive health failures reach the probers.
+pub fn spawn_with_passive(
+    services: &[Service],
+    initial_up: Vec<Vec<bool>>,
+    failed: &PassiveFailed,
+    results: UnboundedSender<ProbeResult>,
+    transitions: UnboundedSender<Transition>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
     for (s, service) in services.iter().enumerate() {
         for (b, &addr) in service.backends.iter().enumerate() {
@@ -112,6 +154,7 @@ pub fn spawn(
                 addr,
                 health: service.health.clone(),
                 state: Hysteresis::new(up, service.health.rise, service.health.fall),
+                failed: failed.clone(),
             };
             let (results, transitions, shutdown) =
                 (results.clone(), transitions.clone(), shutdown.clone());
@@ -127,6 +170,7 @@ struct Prober {
     addr: SocketAddr,
     health: Health,
     state: Hysteresis,
+    failed: PassiveFailed,
 }
 
 impl Prober {
@@ -142,6 +186,9 @@ impl Prober {
         let probes = async {
             loop {
                 ticker.tick().await;
+                if self.failed.take(self.service, self.backend) {
+                    self.state.force_down();
+                }
                 let start = Instant::now();
                 let outcome =
                     tokio::time::timeout(self.health.timeout, probe(self.addr, &self.health))
@@ -154,6 +201,10 @@ impl Prober {
                         });
                 let latency = start.elapsed();
                 let (service, backend) = (self.service, self.backend);
+                // Marked while this probe ran: the failure is newer than the probe's answer.
+                if self.failed.take(service, backend) {
+                    self.state.force_down();
+                }
                 if let Some(up) = self.state.record(outcome.is_ok())
                     && transitions
                         .send(Transition {
@@ -375,10 +426,14 @@ mod tests {
 
     fn service(backends: Vec<SocketAddr>, check: CheckKind, rise: u32, fall: u32) -> Service {
         Service {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            slow_start: Duration::ZERO,
             name: "web".into(),
             listen: "203.0.113.10:80".parse().unwrap(),
             mode: ServiceMode::L4,
             backends,
+            https: None,
             health: Health {
                 check,
                 path: "/healthz?full=1".into(),

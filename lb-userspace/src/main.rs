@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use xlb::{
     admin,
     config::Config,
-    daemon, dataplane,
+    daemon, dataplane, rollout,
     status::{self, BackendState},
 };
 
@@ -59,6 +59,47 @@ enum Command {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Make the running daemon read its config file again and apply it (as SIGHUP does):
+    /// services and backends added, removed or changed, without touching connections that
+    /// keep their backend. An invalid file changes nothing; the reason is printed.
+    Reload {
+        #[command(flatten)]
+        daemon: Daemon,
+    },
+    /// Restart a service's backends one at a time without failing requests: drain one, wait
+    /// for its connections to end, run --exec, wait for its health checks to pass, undrain it,
+    /// next. Any failure stops: what it drained is undrained, --rollback runs, exit status 1.
+    Rollout {
+        /// Service name, as in the config.
+        service: String,
+        /// Restart command per backend, run with `sh -c`: `{index}` is the backend's 1-based
+        /// position in the service's `backends`, `{backend}` its ip:port, `{port}` its port,
+        /// `{service}` the service name. E.g. 'systemctl restart app@{index}'.
+        #[arg(long, value_name = "CMD")]
+        exec: String,
+        /// Run once before the first backend (e.g. fetch and build the new version).
+        #[arg(long, value_name = "CMD")]
+        before: Option<String>,
+        /// Run once after the last backend is back.
+        #[arg(long, value_name = "CMD")]
+        after: Option<String>,
+        /// Run once if the rollout fails, after the drained backends are undrained; the
+        /// placeholders name the backend it stopped at.
+        #[arg(long, value_name = "CMD")]
+        rollback: Option<String>,
+        /// How long to wait for a drained backend's connections to end.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// Restart a backend even when connections are still open after --drain-timeout
+        /// (cutting them); without it the rollout stops there.
+        #[arg(long)]
+        proceed_on_drain_timeout: bool,
+        /// How long a restarted backend may take to pass its health checks.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Detach the programs and remove every pinned map and link (drops all tracked flows).
     Detach {
         #[arg(long, short, value_name = "FILE")]
@@ -86,6 +127,19 @@ fn admin_addr(admin: Option<SocketAddr>, config: Option<PathBuf>) -> anyhow::Res
     })
 }
 
+/// The admin address for `xlb reload`: the file being reloaded may be the invalid one, and the
+/// daemon is the one to say so (and log it), so only `admin.listen` has to be readable here.
+fn reload_admin_addr(path: &std::path::Path) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(config) = Config::parse(path, &text) {
+        return Ok(config.admin.listen);
+    }
+    let listen = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("admin")?.get("listen")?.as_str()?.parse::<SocketAddr>().ok());
+    Ok(listen.unwrap_or(xlb::config::DEFAULT_ADMIN_LISTEN))
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -107,7 +161,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
+            // Before any thread starts: it edits the environment.
+            let problems = xlb::listeners::init();
             init_tracing();
+            for problem in problems {
+                tracing::warn!("{problem}");
+            }
             let config = Config::load(&config)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -138,6 +197,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Drain { service, backend, daemon } => set_drained(&service, &backend, daemon, true),
         Command::Undrain { service, backend, daemon } => set_drained(&service, &backend, daemon, false),
+        Command::Reload { daemon: Daemon { config, admin } } => {
+            let addr = match (admin, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => reload_admin_addr(&path)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let r = rt.block_on(admin::reload(addr))?;
+            if r.changes.is_empty() {
+                println!("reloaded {}: nothing changed", r.config);
+            } else {
+                println!("reloaded {}:", r.config);
+                for change in &r.changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(())
+        }
+        Command::Rollout {
+            service,
+            exec,
+            before,
+            after,
+            rollback,
+            drain_timeout,
+            proceed_on_drain_timeout,
+            health_timeout,
+            daemon: Daemon { config, admin },
+        } => {
+            let addr = admin_addr(admin, config)?;
+            let plan = rollout::Plan {
+                service,
+                exec,
+                before,
+                after,
+                rollback,
+                drain_timeout,
+                proceed_on_drain_timeout,
+                health_timeout,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(rollout::run(addr, &plan))
+        }
         Command::Detach { config } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let config = Config::parse(&config, &text)?;

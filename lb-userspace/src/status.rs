@@ -7,6 +7,9 @@ pub enum BackendState {
     Up,
     Down,
     Draining,
+    /// Taken out by the data path's passive health checks (`max_fails` failed connections
+    /// within `fail_timeout`); back up once the health probes pass `rise` times.
+    Failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,12 +21,27 @@ pub struct BackendStatus {
     pub live_connections: u64,
     /// Flows ever sent to this backend through the data path.
     pub total_connections: u64,
+    /// New connections the backend refused (RST) or never answered, as the data path saw
+    /// them; with passive health on, each one was retried on the next backend.
+    #[serde(default)]
+    pub failed_connections: u64,
     /// Result of the last health probe; `None` before the first one.
     pub healthy: Option<bool>,
     /// Duration of the last probe in milliseconds.
     pub last_probe_ms: Option<f64>,
     /// Why the last probe failed, if it did.
     pub last_error: Option<String>,
+    /// The health checks' verdict after rise/fall, whatever a drain says: the state an undrain
+    /// gives it.
+    #[serde(default)]
+    pub checks_up: bool,
+    /// Health probes of this backend so far (since the daemon started or the backend was
+    /// added), and how many of the latest passed in a row: `xlb rollout` waits for passes that
+    /// all came after its restart command.
+    #[serde(default)]
+    pub probes: u64,
+    #[serde(default)]
+    pub probes_passed_in_a_row: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,7 +49,13 @@ pub struct ServiceStatus {
     pub name: String,
     pub listen: String,
     pub mode: String,
+    /// Consecutive passing probes that mark a backend up (`health.rise`).
+    #[serde(default)]
+    pub rise: u32,
     pub backends: Vec<BackendStatus>,
+    /// TLS and HTTP counters of an `https` or `redirect` service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<crate::https::HttpsStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -76,6 +100,16 @@ pub struct DrainResult {
     pub live_connections: u64,
 }
 
+/// The answer to `POST /api/reload` when the new config was applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// The file read (the one the daemon was started with).
+    pub config: String,
+    /// What changed, one line each (`service web: backend 198.18.0.1:8004 added`); empty when
+    /// the file says what was already running.
+    pub changes: Vec<String>,
+}
+
 /// `GET /status`: the layout of nginx's `stub_status`, so that scripts and monitoring written
 /// for it keep working. Mapped from what an L4 balancer knows: active = live connections over
 /// every backend; accepts = handled = connections sent to backends; requests repeats that
@@ -118,6 +152,7 @@ pub fn render_table(status: &Status) -> String {
                 BackendState::Up => "up",
                 BackendState::Down => "down",
                 BackendState::Draining => "draining",
+                BackendState::Failed => "failed (passive)",
             };
             let healthy = match b.healthy {
                 Some(true) => "yes",
@@ -139,9 +174,29 @@ pub fn render_table(status: &Status) -> String {
             ]);
         }
         if service.backends.is_empty() {
-            out += "  (no backends)\n";
+            if service.https.is_none() {
+                out += "  (no backends)\n";
+            }
         } else {
             out += &align(&rows, &[false, false, true, true, false, true, false]);
+        }
+        if let Some(h) = &service.https {
+            let r = &h.responses;
+            if service.mode == "https" {
+                let cert = match h.cert_expires_in_seconds {
+                    Some(s) if s < 0 => "EXPIRED".to_string(),
+                    Some(s) => format!("expires in {}d {}h", s / 86_400, s % 86_400 / 3600),
+                    None => "none yet".into(),
+                };
+                out += &format!(
+                    "  tls handshakes: {} full, {} resumed, {} failed  certificate: {cert}\n",
+                    h.handshakes_full, h.handshakes_resumed, h.handshakes_failed
+                );
+            }
+            out += &format!(
+                "  responses: 1xx {} 2xx {} 3xx {} 4xx {} 5xx {}  retries {}\n",
+                r.c1xx, r.c2xx, r.c3xx, r.c4xx, r.c5xx, h.retries
+            );
         }
         out.push('\n');
     }
@@ -209,9 +264,13 @@ mod tests {
             state,
             live_connections: 0,
             total_connections: 0,
+            failed_connections: 0,
             healthy: None,
             last_probe_ms: None,
             last_error: None,
+            checks_up: state != BackendState::Down,
+            probes: 0,
+            probes_passed_in_a_row: 0,
         }
     }
 
@@ -223,6 +282,7 @@ mod tests {
                     name: "web".into(),
                     listen: "203.0.113.10:80".into(),
                     mode: "l4".into(),
+                    rise: 2,
                     backends: vec![
                         BackendStatus {
                             live_connections: 3,
@@ -240,12 +300,15 @@ mod tests {
                         },
                         backend("[2001:db8::10]:8003", BackendState::Draining),
                     ],
+                    https: None,
                 },
                 ServiceStatus {
                     name: "empty".into(),
                     listen: "[::1]:80".into(),
                     mode: "l4".into(),
+                    rise: 2,
                     backends: vec![],
+                    https: None,
                 },
             ],
             dataplane: DataplaneStatus {
@@ -286,5 +349,35 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
   new_flows  12052
 ";
         assert_eq!(render_table(&status), expected);
+    }
+
+    #[test]
+    fn table_says_who_failed_a_backend() {
+        let status = Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: "203.0.113.10:80".into(),
+                mode: "l4".into(),
+                rise: 2,
+                https: None,
+                backends: vec![BackendStatus {
+                    total_connections: 40,
+                    failed_connections: 1,
+                    healthy: Some(true),
+                    last_probe_ms: Some(0.5),
+                    ..backend("203.0.113.10:8001", BackendState::Failed)
+                }],
+            }],
+            dataplane: DataplaneStatus::default(),
+        };
+        let table = render_table(&status);
+        assert!(
+            table.contains("  203.0.113.10:8001  failed (passive)     0     40  yes      0.5ms  -\n"),
+            "{table}"
+        );
+        // The JSON says `failed`, with the count of failed connections.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["services"][0]["backends"][0]["state"], "failed");
+        assert_eq!(json["services"][0]["backends"][0]["failed_connections"], 1);
     }
 }

@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
-    backend::BackendConns,
-    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
+    backend::{BackendConns, Passive},
+    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey, HANDSHAKE_ANSWERED, HANDSHAKE_SYN_SENT},
 };
 use xlb::{
     config::Config,
@@ -18,6 +18,7 @@ use xlb::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
@@ -419,6 +420,9 @@ fn rst_in_either_direction_removes_the_flow() {
     let syn = v4(CLIENT, 40021, VIP, 80, SYN);
     xdp(&dp, &syn);
     assert_eq!(live(&dp, 0, 0), 1);
+    // (After the backend's SYN-ACK: an RST in answer to the SYN is a refused connection, see
+    // the passive health rows.)
+    tc(&dp, &v4(HOST, 8001, CLIENT, 40021, SYN | ACK));
     let rst = v4(HOST, 8001, CLIENT, 40021, RST | ACK);
     let (_, out) = tc(&dp, &rst);
     assert_eq!(out, rst.with_src(VIP.into(), 80).bytes());
@@ -602,6 +606,252 @@ fn ties_are_broken_evenly() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Passive health: refused and unanswered new flows, max_fails within fail_timeout, slow start.
+
+/// Service 0 with `max_fails = 2`, service 1 with passive health off, service 2 with a
+/// 100-second slow start.
+const PASSIVE_CONFIG: &str = r#"
+[dataplane]
+interfaces = ["lo"]
+[[service]]
+name = "vip"
+listen = "198.18.0.10:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+max_fails = 2
+fail_timeout = "10s"
+[[service]]
+name = "off"
+listen = "198.18.0.1:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002"]
+max_fails = 0
+[[service]]
+name = "ramp"
+listen = "198.18.0.10:81"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002"]
+slow_start = "100s"
+"#;
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) }, 0);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn state(dp: &Dataplane, config: &str, service: usize, backend: usize) -> BackendState {
+    let config = Config::parse("packets.toml".as_ref(), config).unwrap();
+    dp.current_states(&config.services)[service][backend].expect("a known state")
+}
+
+/// The backend port a SYN was sent to.
+fn dport(out: &[u8]) -> u16 {
+    u16::from_be_bytes([out[36], out[37]])
+}
+
+#[test]
+fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
+    let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
+    let passive = dp.passive(0, 0).unwrap();
+    assert_eq!((passive.max_fails, passive.fail_timeout_ns), (2, 10_000_000_000), "settings written per slot");
+
+    // The backend answered: an RST later is an ordinary close, not a failure.
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    let syn = v4(CLIENT, 46000, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    assert_eq!(dp.flow(&syn.key()).unwrap().handshake, HANDSHAKE_SYN_SENT);
+    let syn_ack = v4(HOST, 8001, CLIENT, 46000, SYN | ACK);
+    assert_eq!(tc(&dp, &syn_ack), (TC_ACT_OK, syn_ack.with_src(VIP.into(), 80).bytes()));
+    assert_eq!(dp.flow(&syn.key()).unwrap().handshake, HANDSHAKE_ANSWERED, "the SYN-ACK marks the flow answered");
+    let rst = v4(HOST, 8001, CLIENT, 46000, RST | ACK);
+    assert_eq!(tc(&dp, &rst), (TC_ACT_OK, rst.with_src(VIP.into(), 80).bytes()));
+    assert_eq!(dp.passive(0, 0).unwrap().refused, 0);
+
+    // Refused: the RST answering the SYN counts a failure, is kept from the client (whose SYN
+    // retransmission is balanced afresh) and removes the flow.
+    for (i, port) in [46001u16, 46002].into_iter().enumerate() {
+        set_live(&mut dp, 0, &[0, 4, 4]);
+        let syn = v4(CLIENT, port, VIP, 80, SYN);
+        assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST.into(), 8001).bytes());
+        let rst = v4(HOST, 8001, CLIENT, port, RST | ACK);
+        let (verdict, _) = tc(&dp, &rst);
+        assert_eq!(verdict, TC_ACT_SHOT, "the refusal does not reach the client");
+        assert!(dp.flow(&syn.key()).is_none(), "the refused flow is forgotten");
+        assert_eq!(live(&dp, 0, 0), 0, "and no longer counted");
+        let p = dp.passive(0, 0).unwrap();
+        assert_eq!((p.refused, p.fails), (i as u64 + 1, i as u32 + 1));
+        let expected = if i == 0 { BackendState::Up } else { BackendState::Failed };
+        assert_eq!(state(&dp, PASSIVE_CONFIG, 0, 0), expected, "after {} refusals (max_fails 2)", i + 1);
+    }
+    // Failed: never chosen, however idle; the client's retransmitted SYN goes elsewhere.
+    for port in 0..20 {
+        set_live(&mut dp, 0, &[0, 4, 4]);
+        let syn = v4(CLIENT, 46001 + port, VIP, 80, SYN);
+        assert_ne!(dport(&xdp(&dp, &syn).1), 8001, "a failed backend was chosen");
+    }
+    // Others' failures do not touch it; the daemon brings it back.
+    dp.restart_passive(dataplane::slot(0, 0), monotonic_ns()).unwrap();
+    dp.set_state(0, 0, BackendState::Up).unwrap();
+    let p = dp.passive(0, 0).unwrap();
+    assert_eq!((p.fails, p.window_start_ns, p.up_since_ns, p.refused), (0, 0, 0, 2), "window cleared, totals kept");
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    assert_eq!(dport(&xdp(&dp, &v4(CLIENT, 47000, VIP, 80, SYN)).1), 8001);
+}
+
+#[test]
+fn ipv6_backends_are_failed_the_same_way() {
+    // `CONFIG`'s service 2 (IPv6) has the default max_fails = 1.
+    let mut dp = setup(&[]);
+    set_live(&mut dp, 2, &[0, 3]);
+    let syn = v6(CLIENT6, 46500, VIP6, 80, SYN);
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST6.into(), 8001).bytes());
+    let rst = v6(HOST6, 8001, CLIENT6, 46500, RST | ACK);
+    assert_eq!(tc(&dp, &rst).0, TC_ACT_SHOT);
+    assert!(dp.flow(&syn.key()).is_none());
+    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+    assert_eq!(dp.current_states(&config.services)[2][0], Some(BackendState::Failed));
+    assert_eq!(dp.passive(2, 0).unwrap().refused, 1);
+    // The client's retransmission goes to the other backend, however loaded.
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST6.into(), 8002).bytes());
+}
+
+#[test]
+fn failures_older_than_fail_timeout_do_not_count() {
+    let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
+    // One failure 11 s ago (fail_timeout 10 s): a new one starts a fresh window.
+    let p = dp.passive(0, 0).unwrap();
+    dp.set_passive(0, 0, Passive { fails: 1, window_start_ns: monotonic_ns() - 11_000_000_000, ..p }).unwrap();
+    set_live(&mut dp, 0, &[0, 4, 4]);
+    xdp(&dp, &v4(CLIENT, 46100, VIP, 80, SYN));
+    assert_eq!(tc(&dp, &v4(HOST, 8001, CLIENT, 46100, RST | ACK)).0, TC_ACT_SHOT);
+    assert_eq!(dp.passive(0, 0).unwrap().fails, 1);
+    assert_eq!(state(&dp, PASSIVE_CONFIG, 0, 0), BackendState::Up);
+    // The same within the window: failed.
+    dp.set_passive(0, 0, Passive { fails: 1, window_start_ns: monotonic_ns() - 9_000_000_000, ..p }).unwrap();
+    xdp(&dp, &v4(CLIENT, 46101, VIP, 80, SYN));
+    tc(&dp, &v4(HOST, 8001, CLIENT, 46101, RST | ACK));
+    assert_eq!(state(&dp, PASSIVE_CONFIG, 0, 0), BackendState::Failed);
+    // Only an up backend is failed: a draining one stays draining.
+    dp.set_state(0, 1, BackendState::Draining).unwrap();
+    dp.set_passive(0, 1, Passive { fails: 5, window_start_ns: monotonic_ns(), ..p }).unwrap();
+    set_live(&mut dp, 0, &[0, 0, 4]);
+    dp.set_state(0, 1, BackendState::Up).unwrap();
+    xdp(&dp, &v4(CLIENT, 46102, VIP, 80, SYN));
+    dp.set_state(0, 1, BackendState::Draining).unwrap();
+    tc(&dp, &v4(HOST, 8002, CLIENT, 46102, RST | ACK));
+    assert_eq!(state(&dp, PASSIVE_CONFIG, 0, 1), BackendState::Draining);
+}
+
+#[test]
+fn max_fails_zero_turns_passive_health_off() {
+    let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
+    for port in 0..5 {
+        set_live(&mut dp, 1, &[0, 4]);
+        let syn = v4(CLIENT, 46200 + port, HOST, 80, SYN);
+        assert_eq!(dport(&xdp(&dp, &syn).1), 8001);
+        let rst = v4(HOST, 8001, CLIENT, 46200 + port, RST | ACK);
+        assert_eq!(tc(&dp, &rst), (TC_ACT_OK, rst.with_src(HOST.into(), 80).bytes()), "the refusal reaches the client");
+    }
+    let p = dp.passive(1, 0).unwrap();
+    assert_eq!((p.refused, p.fails), (5, 0), "counted in the total only");
+    assert_eq!(state(&dp, PASSIVE_CONFIG, 1, 0), BackendState::Up);
+    // A retransmitted SYN stays with its backend.
+    let syn = v4(CLIENT, 46300, HOST, 80, SYN);
+    set_live(&mut dp, 1, &[0, 4]);
+    xdp(&dp, &syn);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    set_live(&mut dp, 1, &[9, 0]);
+    assert_eq!(dport(&xdp(&dp, &syn).1), 8001);
+}
+
+#[test]
+fn a_retransmitted_syn_to_a_silent_backend_is_balanced_again() {
+    let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
+    set_live(&mut dp, 0, &[0, 4, 5]);
+    let syn = v4(CLIENT, 46400, VIP, 80, SYN);
+    assert_eq!(dport(&xdp(&dp, &syn).1), 8001);
+    // A duplicate within 200 ms is no retransmission: same backend, nothing counted.
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST.into(), 8001).bytes());
+    assert_eq!(dp.passive(0, 0).unwrap().unanswered, 0);
+    assert_eq!(live(&dp, 0, 0), 1);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    // The client's retransmission: the backend never answered; the SYN goes to the next one.
+    let (verdict, out) = xdp(&dp, &syn);
+    assert_eq!((verdict, out), (XDP_PASS, syn.with_dst(HOST.into(), 8002).bytes()));
+    let flow = dp.flow(&syn.key()).unwrap();
+    assert_eq!((flow.backend, flow.closed, flow.handshake), (1, FLOW_OPEN, HANDSHAKE_SYN_SENT));
+    assert_eq!((live(&dp, 0, 0), live(&dp, 0, 1)), (0, 5), "the count moved with the flow");
+    let p = dp.passive(0, 0).unwrap();
+    assert_eq!((p.unanswered, p.fails), (1, 1));
+    assert_eq!(state(&dp, PASSIVE_CONFIG, 0, 0), BackendState::Up, "one failure of max_fails 2");
+    // Replies come from the new backend as the VIP; the old one's are no longer rewritten.
+    let syn_ack = v4(HOST, 8002, CLIENT, 46400, SYN | ACK);
+    assert_eq!(tc(&dp, &syn_ack).1, syn_ack.with_src(VIP.into(), 80).bytes());
+    let late = v4(HOST, 8001, CLIENT, 46400, SYN | ACK);
+    assert_eq!(tc(&dp, &late).1, late.bytes());
+    // Answered: a late duplicate SYN stays.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    assert_eq!(dport(&xdp(&dp, &syn).1), 8002);
+    assert_eq!(dp.passive(0, 1).unwrap().unanswered, 0);
+
+    // The only backend up: the retransmission goes to it again rather than nowhere.
+    let dp = setup_with(PASSIVE_CONFIG, 4096, &[&[BackendState::Up, BackendState::Down, BackendState::Down]]);
+    let syn = v4(CLIENT, 46401, VIP, 80, SYN);
+    xdp(&dp, &syn);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    assert_eq!(xdp(&dp, &syn).1, syn.with_dst(HOST.into(), 8001).bytes());
+    assert_eq!(live(&dp, 0, 0), 1);
+}
+
+#[test]
+fn slow_start_ramps_a_recovered_backends_share_linearly() {
+    let mut dp = setup_with(PASSIVE_CONFIG, 4096, &[]);
+    const SLOW_START_NS: u64 = 100_000_000_000;
+    assert_eq!(dp.passive(2, 0).unwrap().slow_start_ns, SLOW_START_NS);
+    // app-1 came back up `elapsed` of its 100 s ago; app-2 is up all along. Every flow is reset
+    // right away, so both stay idle and only the ramp decides. Without a ramp they alternate.
+    let share = |dp: &mut Dataplane, elapsed_ns: u64, base: u16| -> f64 {
+        let p = dp.passive(2, 0).unwrap();
+        dp.set_passive(2, 0, Passive { up_since_ns: monotonic_ns() - elapsed_ns, ..p }).unwrap();
+        let n = 1000u16;
+        let mut to_app1 = 0;
+        for i in 0..n {
+            let syn = v4(CLIENT, base + i, VIP, 81, SYN);
+            if dport(&xdp(dp, &syn).1) == 8001 {
+                to_app1 += 1;
+            }
+            xdp(dp, &v4(CLIENT, base + i, VIP, 81, RST));
+        }
+        f64::from(to_app1) / f64::from(n)
+    };
+    // It takes part in a choice with probability p = elapsed / slow_start; alternating with an
+    // idle peer that gives it p / (1 + p) of the flows.
+    let mut shares = Vec::new();
+    for (frac, base) in [(0.0, 10000), (0.25, 12000), (0.75, 14000), (2.0, 16000)] {
+        let got = share(&mut dp, (frac * SLOW_START_NS as f64) as u64, base);
+        let p: f64 = f64::min(frac, 1.0);
+        let expected = p / (1.0 + p);
+        println!("slow start at {:.0} % of the ramp: share {got:.3} (expected {expected:.3})", frac * 100.0);
+        assert!((got - expected).abs() < 0.06, "share {got} at {frac} of the ramp, expected about {expected}");
+        shares.push(got);
+    }
+    assert!(shares.windows(2).all(|w| w[0] < w[1]), "the share grows: {shares:?}");
+    // Alone, a ramping backend still gets every flow.
+    dp.set_state(2, 1, BackendState::Down).unwrap();
+    let p = dp.passive(2, 0).unwrap();
+    dp.set_passive(2, 0, Passive { up_since_ns: monotonic_ns(), ..p }).unwrap();
+    for i in 0..20 {
+        assert_eq!(dport(&xdp(&dp, &v4(CLIENT, 18000 + i, VIP, 81, SYN)).1), 8001);
+    }
+    // The daemon starts the ramp when a backend comes back up (only with slow_start set).
+    let before = monotonic_ns();
+    dp.restart_passive(dataplane::slot(2, 0), before).unwrap();
+    assert_eq!(dp.passive(2, 0).unwrap().up_since_ns, before);
+    dp.restart_passive(dataplane::slot(0, 0), before).unwrap();
+    assert_eq!(dp.passive(0, 0).unwrap().up_since_ns, 0, "no ramp without slow_start");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Conntrack capacity.
 
 #[test]
@@ -693,6 +943,9 @@ fn report_test_run_cost() {
         ns(rep.duration)
     );
     assert_eq!(counter(&dp, "new_flows"), u64::from(n) + 2);
+    let verified = dp.verified_instructions().unwrap();
+    eprintln!("verified instructions: {verified:?}");
+    assert!(verified.iter().all(|&(_, n)| n > 0), "the kernel reports verified_insns: {verified:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-//! Operating xlb: draining a backend under long-lived connections (RELIABILITY R12), the
-//! nginx-compatible `/status` page, the shipped systemd units, systemd's notify protocol, the
-//! daemon under the units' restrictions, and `cargo xtask install`.
+//! Operating xlb: draining a backend under long-lived connections and under load (RELIABILITY
+//! R12), the nginx-compatible `/status` page, the shipped systemd units, systemd's notify
+//! protocol, the daemon under the units' restrictions, and `cargo xtask install`.
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test ops -- --test-threads=1 --nocapture`.
@@ -494,7 +494,7 @@ fn with_exec_start(text: &str, exec_start: &str) -> String {
         + "\n"
 }
 
-/// Both units pass `systemd-analyze verify` without a single warning. Verify insists that
+/// The units pass `systemd-analyze verify` without a single warning. Verify insists that
 /// ExecStart's program exists, so the copies it checks differ from the shipped files in that
 /// line only: xlb.service runs the built xlb, app@.service the demo backend in place of the
 /// user's app.
@@ -515,7 +515,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "ExecStart=/usr/local/bin/xlb run --config /etc/xlb/xlb.toml",
         "Restart=on-failure",
         "WatchdogSec=10s",
-        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_BIND_SERVICE",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf",
@@ -527,10 +527,28 @@ fn systemd_units_pass_systemd_analyze_verify() {
             "xlb.service lacks {line:?}"
         );
     }
-    assert!(
-        !xlb_unit.lines().any(|l| l.starts_with("ExecReload=")),
-        "no reload yet"
-    );
+    for line in [
+        "ExecReload=/usr/local/bin/xlb reload --config /etc/xlb/xlb.toml",
+        "Wants=xlb.socket",
+        "After=xlb.socket",
+    ] {
+        assert!(
+            xlb_unit.lines().any(|l| l == line),
+            "xlb.service lacks {line:?}"
+        );
+    }
+    let socket_unit = read(&shipped.join("xlb.socket"));
+    for line in [
+        "ListenStream=203.0.113.10:443",
+        "ListenStream=203.0.113.10:80",
+        "FileDescriptorName=xlb",
+        "Service=xlb.service",
+    ] {
+        assert!(
+            socket_unit.lines().any(|l| l == line),
+            "xlb.socket lacks {line:?}"
+        );
+    }
     for line in [
         "Restart=on-failure",
         "MemoryMax=1G",
@@ -550,14 +568,20 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "{} --listen 127.0.0.1:800%i --name app-%i",
         demo_backend_bin().display()
     );
-    std::fs::write(dir.0.join("xlb.service"), with_exec_start(&xlb_unit, &xlb)).unwrap();
+    let xlb_unit = with_exec_start(&xlb_unit, &xlb).replace(
+        "ExecReload=/usr/local/bin/xlb",
+        &format!("ExecReload={}", xlb_bin().display()),
+    );
+    std::fs::write(dir.0.join("xlb.service"), xlb_unit).unwrap();
+    std::fs::write(dir.0.join("xlb.socket"), &socket_unit).unwrap();
     std::fs::write(dir.0.join("app@.service"), with_exec_start(&app_unit, &app)).unwrap();
     let mut cmd = Command::new(&analyze);
     cmd.arg("verify")
         .arg(dir.0.join("xlb.service"))
+        .arg(dir.0.join("xlb.socket"))
         .arg(dir.0.join("app@.service"));
     let (status, out) = run(cmd, "systemd-analyze verify");
-    println!("systemd-analyze verify xlb.service app@.service: {status} {out:?}");
+    println!("systemd-analyze verify xlb.service xlb.socket app@.service: {status} {out:?}");
     assert!(
         status.success() && out.trim().is_empty(),
         "systemd-analyze verify: {status}\n{out}"
@@ -669,7 +693,8 @@ fn notify_protocol_ready_watchdog_stopping() {
 }
 
 /// The capabilities xlb.service leaves the daemon.
-const UNIT_CAPS: [u32; 3] = [
+const UNIT_CAPS: [u32; 4] = [
+    10, /* CAP_NET_BIND_SERVICE */
     12, /* CAP_NET_ADMIN */
     38, /* CAP_PERFMON */
     39, /* CAP_BPF */
@@ -964,6 +989,7 @@ fn xtask_install_puts_files_in_place_and_keeps_config() {
     let files = [
         ("usr/local/bin/xlb", 0o755),
         ("etc/systemd/system/xlb.service", 0o644),
+        ("etc/systemd/system/xlb.socket", 0o644),
         ("etc/systemd/system/app@.service", 0o644),
         ("etc/xlb/xlb.toml", 0o644),
     ];
@@ -985,6 +1011,7 @@ fn xtask_install_puts_files_in_place_and_keeps_config() {
     );
     for (installed, source) in [
         ("etc/systemd/system/xlb.service", "xlb.service"),
+        ("etc/systemd/system/xlb.socket", "xlb.socket"),
         ("etc/systemd/system/app@.service", "app@.service"),
         ("etc/xlb/xlb.toml", "xlb.toml"),
     ] {
@@ -1021,7 +1048,10 @@ fn xtask_install_puts_files_in_place_and_keeps_config() {
     let unit = read(&other.0.join("etc/systemd/system/xlb.service"));
     assert!(
         unit.lines()
-            .any(|l| l == "ExecStart=/opt/xlb/bin/xlb run --config /etc/xlb/xlb.toml"),
+            .any(|l| l == "ExecStart=/opt/xlb/bin/xlb run --config /etc/xlb/xlb.toml")
+            && unit
+                .lines()
+                .any(|l| l == "ExecReload=/opt/xlb/bin/xlb reload --config /etc/xlb/xlb.toml"),
         "{unit}"
     );
     assert!(other.0.join("opt/xlb/bin/xlb").is_file());
@@ -1031,4 +1061,149 @@ fn xtask_install_puts_files_in_place_and_keeps_config() {
     assert!(out.contains("would install"), "{out}");
     let left: Vec<_> = std::fs::read_dir(&dry.0).unwrap().collect();
     assert!(left.is_empty(), "--dry-run wrote {left:?}");
+}
+
+/// The client namespace's TCP counters (`nstat -a`): every connection there is a client's.
+fn client_tcp_counters(lb: &Lb) -> std::collections::HashMap<String, u64> {
+    let mut cmd = lb.topo.client("nstat");
+    cmd.args(["-asz"]);
+    run_ok(cmd, "nstat")
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// RELIABILITY R12 under load: a backend drained while it holds keep-alive connections, one of
+/// them with a request in flight, and while a steady stream of new connections arrives. No
+/// connection is reset or refused, the request in flight and later ones on the held
+/// connections are answered, and no new connection reaches the backend once the drain returns.
+#[test]
+fn drain_under_load_resets_nothing() {
+    let lb = Lb::start("drain-load", Family::V4);
+    let mut held: Vec<Held> = (0..2 * BACKENDS).map(|_| lb.hold()).collect();
+    let before = client_tcp_counters(&lb);
+    let app1 = lb.backends[0].to_string();
+    let ((total_at_drain, in_flight), load) = under_load(&lb, || {
+        // A request that is still being answered when the drain happens.
+        let slow = held.iter_mut().find(|h| h.backend == 0).expect("app-1 holds two");
+        let peer = slow.stream.peer_addr().unwrap();
+        slow.stream
+            .write_all(format!("GET /slow?ms=1500 HTTP/1.1\r\nHost: {peer}\r\n\r\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let out = drain(&lb, "drain", 0);
+        assert!(out.contains(&format!("web {app1}: draining")), "{out}");
+        let total_at_drain = lb.view()[0].total;
+        let in_flight = read_response(&slow.stream).map(|body| app_index(&body));
+        // Keep the load going a while after the drain.
+        std::thread::sleep(Duration::from_secs(1));
+        (total_at_drain, in_flight)
+    });
+    println!(
+        "load during the drain: {} requests, per backend {:?}, {} failed",
+        load.ok,
+        load.served,
+        load.failures.len()
+    );
+    assert_eq!(in_flight.expect("the request in flight during the drain"), 0);
+    assert!(load.failures.is_empty(), "failed requests: {:?}", load.failures);
+    assert!(load.ok >= 100, "too little load to show anything: {load:?}");
+    let view = lb.view();
+    assert_eq!(
+        view[0].total, total_at_drain,
+        "new connections reached app-1 after its drain returned: {view:?}"
+    );
+    for h in &mut held {
+        assert_eq!(h.request(), h.backend, "a held connection changed backend");
+    }
+    // The held connections end normally: app-1's count goes to zero.
+    drop(held);
+    lb.poll(RECONCILE_DEADLINE, "app-1 with no connections left", |lb| {
+        let view = lb.view();
+        (view[0].live == 0 && view[0].state == "draining")
+            .then_some(())
+            .ok_or_else(|| format!("{view:?}"))
+    });
+    let after = client_tcp_counters(&lb);
+    for counter in ["TcpEstabResets", "TcpAttemptFails"] {
+        assert!(before.contains_key(counter), "nstat shows no {counter}: {before:?}");
+        let delta = after.get(counter).copied().unwrap_or(0) - before.get(counter).copied().unwrap_or(0);
+        println!("{counter}: +{delta} in the client namespace");
+        assert_eq!(delta, 0, "{counter} rose by {delta}: connections were reset or refused");
+    }
+    drain(&lb, "undrain", 0);
+    lb.finish();
+}
+
+/// Socket activation as `xlb.socket` does it: the daemon, started with listening sockets as
+/// descriptors 3 and 4 and `LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES` set, serves its admin API
+/// on the passed socket (a client that connected before the daemon started is answered) and
+/// warns about the socket no listener uses.
+#[test]
+fn daemon_serves_on_sockets_passed_by_systemd() {
+    let mut lb = Lb::prepare("sockets", Family::V4);
+    lb.spawn_apps();
+    let (admin, extra) = lb.topo.in_lb(|| {
+        (
+            std::net::TcpListener::bind(ADMIN).expect("binding the admin address"),
+            std::net::TcpListener::bind("127.0.0.1:9200").expect("binding 127.0.0.1:9200"),
+        )
+    });
+    let fds = [admin.as_raw_fd(), extra.as_raw_fd()];
+    let mut cmd = lb.topo.lb("sh");
+    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(xlb_bin())
+        .args(["run", "--config"])
+        .arg(&lb.config)
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "admin:extra");
+    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 2];
+            for (h, &fd) in high.iter_mut().zip(&fds) {
+                *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if *h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    // Connected before the daemon runs: it waits in the passed socket's queue.
+    let mut early = lb
+        .topo
+        .in_lb(|| TcpStream::connect(ADMIN))
+        .expect("connecting to the passed admin socket");
+    lb.start_daemon_with(cmd);
+    drop((admin, extra));
+    let log = lb.daemon().output();
+    assert!(log.contains("admin API on the socket passed by systemd"), "{log}");
+    // Logged just after `xlb ready`.
+    lb.daemon().wait_for_output(
+        "systemd passed a socket for 127.0.0.1:9200 (extra) that no listener of the config uses",
+        Duration::from_secs(5),
+    );
+    early
+        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    early.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    early.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("Active connections:"),
+        "{answer}"
+    );
+    lb.wait_healthy();
+    lb.finish();
 }

@@ -62,7 +62,7 @@ pub fn install(options: Options) -> anyhow::Result<()> {
     };
     let unit = read("xlb.service")?.replace("/usr/local/bin/xlb", &installed_bin.to_string_lossy());
     let text = |source, text| Content::Text { source, text };
-    let files: [(Content, &str, u32, Existing); 4] = [
+    let files: [(Content, &str, u32, Existing); 5] = [
         (
             Content::Copy(binary),
             &installed_bin.to_string_lossy(),
@@ -74,6 +74,13 @@ pub fn install(options: Options) -> anyhow::Result<()> {
             "/etc/systemd/system/xlb.service",
             0o644,
             Existing::Replace,
+        ),
+        (
+            // Holds the user's listen addresses, like the config.
+            text("systemd/xlb.socket", read("xlb.socket")?),
+            "/etc/systemd/system/xlb.socket",
+            0o644,
+            Existing::Keep,
         ),
         (
             text("systemd/app@.service", read("app@.service")?),

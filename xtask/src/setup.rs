@@ -17,9 +17,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
     ("curl", "curl"),
+    // The HTTPS tests: `openssl s_client` for refused protocol versions, testssl.sh for the
+    // TLS audit (Debian installs it as `testssl`).
+    ("openssl", "openssl"),
+    ("testssl.sh", "testssl"),
     ("wrk", "wrk"),
     // `systemd-analyze verify` checks the shipped units (PID 1 need not be systemd).
     ("systemd", "systemd-analyze"),
+    // A real SMTP server for the e-mail alert test.
+    ("python3-aiosmtpd", "aiosmtpd"),
 ];
 
 /// The fuzz targets (lb-userspace/fuzz) run with this; 0.13.2 builds with our stable toolchain.

@@ -3,7 +3,8 @@
 //!
 //! `GET /` → `served by <name>`; `/health`, `/health/ready`, `/health/live` → JSON status
 //! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
-//! N ms (≤ 60 s) first, to hold a connection open.
+//! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
+//! (method, target, headers, peer, body length), to check what a proxy added.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -45,9 +46,14 @@ struct Args {
     /// Start with the health endpoints answering 503; SIGUSR1 toggles this.
     #[arg(long)]
     fail_health: bool,
+    /// Print `request <METHOD> <target>` on stdout as each request (other than a health
+    /// probe) arrives, before its body is read.
+    #[arg(long)]
+    log_requests: bool,
 }
 
 struct State {
+    log_requests: bool,
     name: String,
     listen: Vec<SocketAddr>,
     started: Instant,
@@ -63,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         listen,
         name,
         fail_health,
+        log_requests,
     } = Args::parse();
     let mut listeners = Vec::with_capacity(listen.len());
     let mut bound = Vec::with_capacity(listen.len());
@@ -74,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         listeners.push(listener);
     }
     let state = Arc::new(State {
+        log_requests,
         name,
         listen: bound.clone(),
         started: Instant::now(),
@@ -106,8 +114,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 eprintln!("accept: {e}");
@@ -118,7 +126,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, state.clone()));
+            let service = service_fn(move |req| handle(req, peer, state.clone()));
             // Errors are clients going away (resets are routine in the tests): not worth a line.
             let _ = http1::Builder::new()
                 .keep_alive(true)
@@ -130,19 +138,50 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 
 async fn handle(
     req: Request<Incoming>,
+    peer: SocketAddr,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     state.served.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
+    if state.log_requests && !path.starts_with("/health") {
+        println!("request {} {}", req.method(), req.uri());
+    }
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
     let slow_ms = req.uri().query().and_then(|q| {
         q.split('&')
             .find_map(|kv| kv.strip_prefix("ms="))
             .and_then(|ms| ms.parse::<u64>().ok())
     });
     // Read the whole body (POSTs from the tests) so that the connection stays reusable.
-    let _ = req.into_body().collect().await;
+    let body_len = req
+        .into_body()
+        .collect()
+        .await
+        .map_or(0, |b| b.to_bytes().len());
     let response = match path.as_str() {
         "/" => served_by(&state),
+        "/echo" => respond(
+            &state,
+            StatusCode::OK,
+            "application/json",
+            format!(
+                "{}\n",
+                serde_json::json!({
+                    "instance": state.name,
+                    "method": method,
+                    "target": target,
+                    "headers": headers,
+                    "peer": peer.to_string(),
+                    "body_length": body_len,
+                })
+            ),
+        ),
         "/slow" => {
             let wait = Duration::from_millis(slow_ms.unwrap_or(1000)).min(MAX_SLOW);
             tokio::time::sleep(wait).await;

@@ -7,6 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    sync::atomic::{AtomicBool, Ordering},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
@@ -151,6 +152,19 @@ impl Lb {
     }
 
     pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
+        self.write_config_with(interfaces, xdp_mode, HEALTH_INTERVAL, HEALTH_TIMEOUT, "");
+    }
+
+    /// The config with other health probe timing, and `service_keys` (TOML lines such as
+    /// `max_fails = 0`) added to the service.
+    pub fn write_config_with(
+        &self,
+        interfaces: &[&str],
+        xdp_mode: &str,
+        interval: Duration,
+        timeout: Duration,
+        service_keys: &str,
+    ) {
         let list = |items: Vec<String>| {
             items
                 .iter()
@@ -172,6 +186,7 @@ name = "web"
 listen = "{vip}"
 mode = "l4"
 backends = [{backends}]
+{service_keys}
 
 [service.health]
 check = "http"
@@ -185,8 +200,8 @@ fall = {FALL}
             pin_path = self.topo.pin_path.display(),
             vip = self.vip,
             backends = list(self.backends.iter().map(ToString::to_string).collect()),
-            interval = HEALTH_INTERVAL.as_millis(),
-            timeout = HEALTH_TIMEOUT.as_millis(),
+            interval = interval.as_millis(),
+            timeout = timeout.as_millis(),
         );
         std::fs::write(&self.config, text)
             .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
@@ -561,6 +576,64 @@ impl Drop for Lb {
         }
         // Then the backends (Proc drops) and the topology (namespaces, leftover pins).
     }
+}
+
+/// Bounds the background load of `under_load`, whatever happens to the test.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+/// Results of the background load: requests that succeeded, per backend, and the failures.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub ok: usize,
+    pub served: [usize; BACKENDS],
+    pub failures: Vec<String>,
+}
+
+/// Runs `during` while two client threads send one short connection (`GET /`, HTTP/1.0) after
+/// another through the VIP; returns its result and what the load saw.
+pub fn under_load<T: Send>(lb: &Lb, during: impl FnOnce() -> T + Send) -> (T, Load) {
+    let stop = AtomicBool::new(false);
+    let vip = lb.vip;
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    lb.topo.in_client(|| {
+                        let mut load = Load::default();
+                        let start = Instant::now();
+                        while !stop.load(Ordering::Relaxed) && start.elapsed() < LOAD_LIMIT {
+                            match http_get(vip, "/", IO_TIMEOUT) {
+                                Ok(r) if r.status == 200 => {
+                                    load.ok += 1;
+                                    load.served[app_index(&r.body)] += 1;
+                                }
+                                Ok(r) => load.failures.push(format!("HTTP {}", r.status)),
+                                Err(e) => load.failures.push(e.to_string()),
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        load
+                    })
+                })
+            })
+            .collect();
+        // Some load before, so that every backend carries connections when the rollout starts.
+        std::thread::sleep(Duration::from_millis(300));
+        let result = during();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let mut total = Load::default();
+        for c in clients {
+            let load = c.join().expect("a load thread panicked");
+            total.ok += load.ok;
+            for i in 0..BACKENDS {
+                total.served[i] += load.served[i];
+            }
+            total.failures.extend(load.failures);
+        }
+        (result, total)
+    })
 }
 
 /// A connection through the VIP kept open between keep-alive requests.

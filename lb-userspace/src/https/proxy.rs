@@ -1,0 +1,570 @@
+//! The HTTP proxy of an `https` service: accepts TLS connections, serves HTTP/1.1 and HTTP/2
+//! with hyper, and forwards each request to the least-loaded usable backend over a pool of
+//! kept-alive HTTP/1.1 connections.
+//!
+//! Failures are handled as nginx's `proxy_next_upstream error timeout`: a backend that cannot
+//! be connected to is skipped for any request (nothing was sent); a backend that fails or times
+//! out before the response head is skipped for idempotent requests without a body, which can be
+//! sent again as they were; any other request that reached a backend is never sent twice and
+//! gets a 502 (or 504). Each failure counts against the backend's passive health.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full, Limited, combinators::BoxBody};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1 as client_http1,
+    header::{self, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{Activity, Backplane, InFlight, Stats, Tracked};
+use crate::{challenges::ACME_TLS_ALPN, config};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Idle connections kept per backend.
+const POOL_MAX_IDLE: usize = 64;
+/// An idle pooled connection older than this is closed instead of reused (backends commonly
+/// close idle keep-alive connections after 60-75 s; reusing one they are closing loses the
+/// race).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_BACKEND_SERVER: HeaderName = HeaderName::from_static("x-backend-server");
+static X_FRAME_OPTIONS: HeaderName = HeaderName::from_static("x-frame-options");
+static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// One `https` service's proxy.
+pub struct Proxy {
+    pub service: usize,
+    pub name: String,
+    backends: Vec<SocketAddr>,
+    options: config::Https,
+    backplane: Arc<dyn Backplane>,
+    pub stats: Arc<Stats>,
+    pool: Arc<Pool>,
+    /// Where the round-robin among equally loaded backends starts next.
+    next: AtomicUsize,
+}
+
+impl Proxy {
+    pub fn new(
+        service: usize,
+        svc: &config::Service,
+        backplane: Arc<dyn Backplane>,
+        stats: Arc<Stats>,
+    ) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            service,
+            name: svc.name.clone(),
+            backends: svc.backends.clone(),
+            options: svc.https.clone().expect("an https service has https options"),
+            backplane,
+            stats,
+            pool: Arc::default(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accepts connections on `listener` until `stop` fires.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(self.options.limits.max_connections));
+        loop {
+            // At the limit, further connections wait in the kernel's backlog.
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.changed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(service = %self.name, "accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let proxy = self.clone();
+            let acceptor = acceptor.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                proxy.connection(tcp, peer, acceptor, stop).await;
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
+        let _ = tcp.set_nodelay(true);
+        let t = &self.options.timeouts;
+        let tls = match tokio::time::timeout(t.handshake, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %self.name, %peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %self.name, %peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        match session.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => self.stats.handshakes_resumed.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.handshakes_full.fetch_add(1, Ordering::Relaxed),
+        };
+        if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
+            // A TLS-ALPN-01 validation: the handshake was the whole point.
+            return;
+        }
+        let activity = Activity::new();
+        let io = TokioIo::new(Tracked::new(tls, activity.clone()));
+        let l = &self.options.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(t.request_header)
+            .max_buf_size(l.max_header_bytes)
+            .max_headers(l.max_headers)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l.h2_max_streams)
+            .max_header_list_size(l.max_header_bytes as u32)
+            // Rapid reset (CVE-2023-44487): bounded by hyper's defaults for pending and
+            // locally reset streams; both answered with GOAWAY.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024));
+        let proxy = self.clone();
+        let act = activity.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let act = act.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, act).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(service = %self.name, %peer, "connection ended: {e}");
+                }
+                return;
+            }
+            () = activity.idle(t.idle) => {}
+            _ = stop.changed() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        // Requests in flight get to finish, within bounds.
+        let _ = tokio::time::timeout(t.backend_response, conn).await;
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
+        activity.requests.fetch_add(1, Ordering::Relaxed);
+        let done = RequestDone(activity);
+        let mut response = match self.forward(req, peer).await {
+            Ok(r) => r,
+            Err((status, message)) => local(status, message),
+        };
+        self.stats.count_response(response.status().as_u16());
+        let h = &self.options.http;
+        let headers = response.headers_mut();
+        for (name, value) in [
+            (&header::STRICT_TRANSPORT_SECURITY, &h.hsts),
+            (&X_FRAME_OPTIONS, &h.frame_options),
+            (&X_CONTENT_TYPE_OPTIONS, &h.content_type_options),
+            (&header::REFERRER_POLICY, &h.referrer_policy),
+        ] {
+            if let Some(v) = value
+                && !headers.contains_key(name)
+                && let Ok(v) = HeaderValue::from_str(v)
+            {
+                headers.insert(name.clone(), v);
+            }
+        }
+        // The request counts as in flight on this connection until its response body ends.
+        response.map(|body| BoxBody::new(Guarded { inner: body, _guard: Box::new(done) }))
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, (StatusCode, &'static str)> {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .ok_or((StatusCode::BAD_REQUEST, "no Host header\n"))?;
+        let host_value = HeaderValue::from_str(&host).map_err(|_| (StatusCode::BAD_REQUEST, "bad Host header\n"))?;
+        let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(max), Some(len)) = (self.options.limits.max_body_bytes, length)
+            && len > max
+        {
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"));
+        }
+        let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = backend_head(&parts, peer, host_value, upgrade);
+        let replayable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade;
+        let mut body = Some(match self.options.limits.max_body_bytes {
+            Some(max) => BoxBody::new(Limited::new(body, max as usize)),
+            None => BoxBody::new(body.map_err(BoxError::from)),
+        });
+        let mut tried = vec![false; self.backends.len()];
+        let mut stale_retries = 0;
+        loop {
+            let Some(b) = self.pick(&tried) else {
+                return Err(if tried.iter().any(|&t| t) {
+                    (StatusCode::BAD_GATEWAY, "no backend could answer\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
+                });
+            };
+            let addr = self.backends[b];
+            let guard = InFlight::new(self.backplane.clone(), addr);
+            let t = &self.options.timeouts;
+            let (mut sender, pooled) = match self.pool.take(addr) {
+                Some(s) => (s, true),
+                None => match connect(addr, t.backend_connect).await {
+                    Ok(s) => (s, false),
+                    Err(e) => {
+                        // Nothing was sent: any request may go elsewhere.
+                        debug!(service = %self.name, backend = %addr, "{e}");
+                        self.fail(b, &mut tried);
+                        continue;
+                    }
+                },
+            };
+            let request_body = match body.take() {
+                Some(b) => b,
+                None => BoxBody::new(Empty::new().map_err(|e| match e {})),
+            };
+            let mut request = Request::from_parts(head.clone(), request_body);
+            *request.version_mut() = Version::HTTP_11;
+            let sent = tokio::time::timeout(t.backend_response, sender.try_send_request(request)).await;
+            let mut response = match sent {
+                Ok(Ok(response)) => response,
+                Ok(Err(mut e)) => {
+                    if let Some(unsent) = e.take_message() {
+                        // The connection was gone before the request went out (a pooled
+                        // connection the backend had just closed): the request is intact.
+                        body = Some(unsent.into_body());
+                        if pooled && stale_retries < POOL_MAX_IDLE {
+                            stale_retries += 1;
+                            continue;
+                        }
+                        debug!(service = %self.name, backend = %addr, "{}", e.error());
+                        self.fail(b, &mut tried);
+                        continue;
+                    }
+                    if let Some(answer) = client_side(e.error()) {
+                        // The client's body broke off or ran over the limit: nothing the
+                        // backend did, and nothing that can be sent again.
+                        return Err(answer);
+                    }
+                    debug!(service = %self.name, backend = %addr, "request failed: {}", e.error());
+                    self.backplane.failed(self.service, b);
+                    if replayable {
+                        self.retry(b, &mut tried);
+                        continue;
+                    }
+                    return Err((StatusCode::BAD_GATEWAY, "the backend failed before answering\n"));
+                }
+                Err(_) => {
+                    debug!(service = %self.name, backend = %addr, "no response within {:?}", t.backend_response);
+                    self.backplane.failed(self.service, b);
+                    if replayable {
+                        self.retry(b, &mut tried);
+                        continue;
+                    }
+                    return Err((StatusCode::GATEWAY_TIMEOUT, "the backend did not answer in time\n"));
+                }
+            };
+            let status = response.status();
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_upgrade) = client_upgrade else {
+                    return Err((StatusCode::BAD_GATEWAY, "the backend switched protocols unasked\n"));
+                };
+                let backend_upgrade = hyper::upgrade::on(&mut response);
+                let name = self.name.clone();
+                tokio::spawn(async move {
+                    // The tunnel counts as in flight to the backend while it is open.
+                    let _guard = guard;
+                    let _sender = sender;
+                    match tokio::try_join!(client_upgrade, backend_upgrade) {
+                        Ok((client, backend)) => {
+                            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                        }
+                        Err(e) => debug!(service = %name, "upgrade failed: {e}"),
+                    }
+                });
+                let (mut parts, _) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, true);
+                if self.options.http.backend_header {
+                    parts.headers.insert(X_BACKEND_SERVER.clone(), header_value(addr));
+                }
+                return Ok(Response::from_parts(parts, BoxBody::new(Empty::new().map_err(|e| match e {}))));
+            }
+            self.pool.give_back_when_ready(addr, sender);
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            if self.options.http.backend_header {
+                parts.headers.insert(X_BACKEND_SERVER.clone(), header_value(addr));
+            }
+            let body = Guarded { inner: body.map_err(BoxError::from), _guard: Box::new(guard) };
+            return Ok(Response::from_parts(parts, BoxBody::new(body)));
+        }
+    }
+
+    fn fail(&self, b: usize, tried: &mut [bool]) {
+        self.backplane.failed(self.service, b);
+        self.retry(b, tried);
+    }
+
+    fn retry(&self, b: usize, tried: &mut [bool]) {
+        tried[b] = true;
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The usable backend not yet tried with the fewest live connections over both paths;
+    /// round-robin among equals.
+    fn pick(&self, tried: &[bool]) -> Option<usize> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(i64, usize)> = None;
+        for i in 0..n {
+            let b = (start + i) % n;
+            if tried[b] || !self.backplane.usable(self.service, b) {
+                continue;
+            }
+            let addr = self.backends[b];
+            let load = self.backplane.l4_live(addr).max(0) + self.backplane.in_flight(addr);
+            if best.is_none_or(|(l, _)| load < l) {
+                best = Some((load, b));
+            }
+        }
+        best.map(|(_, b)| b)
+    }
+}
+
+/// Marks the end of a request on its client connection.
+struct RequestDone(Arc<Activity>);
+
+impl Drop for RequestDone {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A body that holds something (a count) until it is finished or dropped.
+struct Guarded<B> {
+    inner: B,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The answer when a request failed because of its own body: past `max_body_bytes` (a body
+/// without Content-Length is only measured as it streams), or the client stopped sending it.
+fn client_side(e: &hyper::Error) -> Option<(StatusCode, &'static str)> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return Some((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"));
+        }
+        source = cause.source();
+    }
+    e.is_user().then_some((StatusCode::BAD_REQUEST, "the request body broke off\n"))
+}
+
+fn local(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(BoxBody::new(Full::new(Bytes::from_static(message.as_bytes())).map_err(|e| match e {})));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn header_value(addr: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&addr.to_string()).expect("an address is a valid header value")
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the headers that describe one hop (RFC 9110 §7.6.1), and those the Connection
+/// header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in [&header::CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The request head sent to a backend: origin-form target, HTTP/1.1 headers, and the
+/// forwarding headers.
+fn backend_head(parts: &hyper::http::request::Parts, peer: SocketAddr, host: HeaderValue, upgrade: bool) -> hyper::http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.uri = target.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    let mut headers = parts.headers.clone();
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers, upgrade);
+    if let (true, Some(v)) = (upgrade, upgrade_value) {
+        headers.insert(header::UPGRADE, v);
+    }
+    // HTTP/2 may split cookies into several fields; an HTTP/1.1 server wants one (RFC 9113
+    // §8.2.3).
+    if headers.get_all(header::COOKIE).iter().count() > 1 {
+        let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+    let ip = peer.ip().to_canonical();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_REAL_IP.clone(), HeaderValue::from_str(&ip.to_string()).expect("an IP is a valid header value"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    headers.insert(header::HOST, host);
+    head.headers = headers;
+    head
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<client_http1::SendRequest<ProxyBody>, String> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = client_http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// A kept-alive backend connection and when it went idle.
+type Idle = (client_http1::SendRequest<ProxyBody>, Instant);
+
+/// Idle kept-alive connections to the backends.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+impl Pool {
+    fn take(&self, addr: SocketAddr) -> Option<client_http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.get_mut(&addr)?;
+        while let Some((sender, since)) = list.pop() {
+            if sender.is_ready() && !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Puts the connection back once its response has been read to the end (an HTTP/1.1
+    /// connection carries one request at a time).
+    fn give_back_when_ready(self: &Arc<Pool>, addr: SocketAddr, mut sender: client_http1::SendRequest<ProxyBody>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.idle.lock().unwrap();
+                let list = idle.entry(addr).or_default();
+                if list.len() < POOL_MAX_IDLE {
+                    list.push((sender, Instant::now()));
+                }
+            }
+        });
+    }
+}

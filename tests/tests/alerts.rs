@@ -1,0 +1,213 @@
+//! Alerts reach a real SMTP server (aiosmtpd, in the lb namespace) and a webhook receiver (a
+//! tokio HTTP server in this test): a killed backend is reported down once, however long it
+//! stays down, and recovered once when it is back; all backends down is reported once for the
+//! service, and its recovery once.
+//!
+//! Run as root after `cargo build` (needs `aiosmtpd`, Debian's python3-aiosmtpd):
+//! `cargo test -p xlb-tests --test alerts -- --test-threads=1 --nocapture`.
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use support::*;
+use xlb_tests::{Proc, wait_until};
+
+const SMTP_PORT: u16 = 2525;
+/// Long enough for `fall` probes, the alert and its delivery on a loaded machine.
+const ALERT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A webhook receiver: every JSON body POSTed to it, in arrival order. It runs until the test
+/// process ends (its runtime lives on a thread of its own).
+struct Receiver {
+    addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    /// Listens on `ip` (port chosen by the kernel) in the lb namespace.
+    fn start(lb: &Lb, ip: std::net::IpAddr) -> Receiver {
+        let listener = lb
+            .topo
+            .in_lb(|| std::net::TcpListener::bind((ip, 0)))
+            .expect("binding the webhook receiver in the lb namespace");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let store = bodies.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request: Request<Incoming>| {
+                            let store = store.clone();
+                            async move {
+                                let ok = request.method() == hyper::Method::POST
+                                    && request.uri().path() == "/hook"
+                                    && request.headers().get("content-type").is_some_and(|v| v == "application/json");
+                                let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                match (ok, serde_json::from_slice::<Value>(&body)) {
+                                    (true, Ok(json)) => {
+                                        store.lock().unwrap().push(json);
+                                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                                    }
+                                    _ => {
+                                        let mut r = Response::new(Full::new(Bytes::from_static(b"bad request")));
+                                        *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                                        Ok(r)
+                                    }
+                                }
+                            }
+                        });
+                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    });
+                }
+            });
+        });
+        Receiver { addr, bodies }
+    }
+
+    /// Every event received so far as (event, backend or service), in order.
+    fn events(&self) -> Vec<(String, String)> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|body| {
+                assert_eq!(body["source"], "xlb", "{body}");
+                body["events"].as_array().cloned().unwrap_or_default()
+            })
+            .map(|e| {
+                let what = e["backend"].as_str().or(e["service"].as_str()).unwrap_or("").to_owned();
+                (e["event"].as_str().unwrap_or("").to_owned(), what)
+            })
+            .collect()
+    }
+
+    fn count(&self, event: &str, what: &str) -> usize {
+        self.events().iter().filter(|(e, w)| e == event && w == what).count()
+    }
+}
+
+/// Mail subjects the SMTP server printed, in order.
+fn subjects(smtp: &Proc) -> Vec<String> {
+    smtp.output()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Subject: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn mails(smtp: &Proc, needle: &str) -> usize {
+    subjects(smtp).iter().filter(|s| s.contains(needle)).count()
+}
+
+/// Waits until the webhook has `n` × `event` about `what` and the SMTP server as many mails
+/// whose subject contains `subject`.
+fn await_alert(hook: &Receiver, smtp: &Proc, event: &str, what: &str, subject: &str, n: usize) {
+    wait_until(ALERT_DEADLINE, &format!("{n}× {event} {what} by webhook and mail ({subject:?})"), || {
+        hook.count(event, what) >= n && mails(smtp, subject) >= n
+    });
+}
+
+#[test]
+fn alerts_reach_smtp_and_webhook_once_per_event() {
+    let mut lb = Lb::prepare("alerts", Family::V4);
+    let ip = lb.backends[0].ip();
+    let hook = Receiver::start(&lb, ip);
+    let mut aiosmtpd = lb.topo.lb("aiosmtpd");
+    aiosmtpd.args(["-n", "-l", &format!("{ip}:{SMTP_PORT}")]).env("PYTHONUNBUFFERED", "1");
+    let smtp = lb.topo.spawn(aiosmtpd, "aiosmtpd");
+    wait_until(Duration::from_secs(10), "aiosmtpd to listen", || {
+        lb.topo.ss_lb(&["-Htln", &format!("sport = :{SMTP_PORT}")]).contains(&SMTP_PORT.to_string())
+    });
+    let mut config = std::fs::read_to_string(&lb.config).unwrap();
+    config += &format!(
+        r#"
+[alerts]
+max_per_minute = 30
+
+[alerts.email]
+host = "{ip}"
+port = {SMTP_PORT}
+tls = "none"
+from = "xlb <xlb@xlb.test>"
+to = ["ops@xlb.test"]
+
+[alerts.webhook]
+url = "http://{hook}/hook"
+timeout = "2s"
+"#,
+        hook = hook.addr
+    );
+    std::fs::write(&lb.config, config).unwrap();
+    lb.spawn_apps();
+    lb.start_daemon();
+    lb.wait_healthy();
+    assert!(hook.events().is_empty() && subjects(&smtp).is_empty(), "alerts while everything was up");
+
+    // One backend killed: "down" once, however long it stays down.
+    let app2 = lb.backends[1].to_string();
+    drop(lb.apps[1].take());
+    await_alert(&hook, &smtp, "backend_down", &app2, &format!("DOWN: web backend {app2}"), 1);
+    std::thread::sleep(HEALTH_INTERVAL * 10);
+    assert_eq!(hook.count("backend_down", &app2), 1, "{:?}", hook.events());
+    assert_eq!(mails(&smtp, "DOWN: web backend"), 1, "{:?}", subjects(&smtp));
+    // The body is quoted-printable: undo its soft line breaks.
+    let mail = smtp.output().replace("=\n", "");
+    assert!(
+        mail.contains("From: xlb <xlb@xlb.test>") && mail.contains("To: ops@xlb.test"),
+        "the mail as aiosmtpd received it:\n{mail}"
+    );
+    assert!(mail.contains(&format!("DOWN: backend {app2} of service web fails its health checks (last probe: connect:")), "{mail}");
+
+    // Back: "recovered" once.
+    lb.apps[1] = Some(lb.spawn_app(1));
+    await_alert(&hook, &smtp, "backend_recovered", &app2, &format!("RECOVERED: web backend {app2}"), 1);
+    std::thread::sleep(HEALTH_INTERVAL * 10);
+    assert_eq!(hook.count("backend_recovered", &app2), 1, "{:?}", hook.events());
+    assert_eq!(hook.events().len(), 2, "nothing else was reported: {:?}", hook.events());
+    assert_eq!(subjects(&smtp).len(), 2, "{:?}", subjects(&smtp));
+
+    // Every backend down: the service too, once; all back: each recovery once.
+    for app in &mut lb.apps {
+        drop(app.take());
+    }
+    await_alert(&hook, &smtp, "service_down", "web", "DOWN: service web has no backend up", 1);
+    for addr in &lb.backends {
+        let n = if addr.to_string() == app2 { 2 } else { 1 };
+        await_alert(&hook, &smtp, "backend_down", &addr.to_string(), &format!("DOWN: web backend {addr}"), n);
+    }
+    for i in 0..BACKENDS {
+        lb.apps[i] = Some(lb.spawn_app(i));
+    }
+    await_alert(&hook, &smtp, "service_recovered", "web", "RECOVERED: service web", 1);
+    for addr in &lb.backends {
+        let n = if addr.to_string() == app2 { 2 } else { 1 };
+        await_alert(&hook, &smtp, "backend_recovered", &addr.to_string(), &format!("RECOVERED: web backend {addr}"), n);
+    }
+    std::thread::sleep(HEALTH_INTERVAL * 10);
+    let events = hook.events();
+    println!("webhook events: {events:?}");
+    println!("mail subjects: {:?}", subjects(&smtp));
+    // 2 + 3 down + 1 service down + 3 recovered + 1 service recovered.
+    assert_eq!(events.len(), 10, "{events:?}");
+    assert_eq!(subjects(&smtp).len(), 10, "{:?}", subjects(&smtp));
+    let service_down = events.iter().position(|(e, _)| e == "service_down").unwrap();
+    let service_up = events.iter().position(|(e, _)| e == "service_recovered").unwrap();
+    assert!(service_down < service_up, "{events:?}");
+    drop(smtp);
+    lb.finish();
+}

@@ -1,0 +1,971 @@
+//! The HTTPS path in namespaces with real processes: TLS terminated by the daemon on the lb
+//! address (port 443) with certificates from a CA made at test time, requests proxied to the
+//! three demo backends, a redirect listener on port 80, and an L4 service on port 8080 over the
+//! same backends so that both paths can be seen balancing one load.
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Version};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use serde_json::Value;
+use support::*;
+use xlb_tests::{demo_backend_bin, http_get};
+
+const SITE: &str = "site.test";
+const HTTPS_PORT: u16 = 443;
+const HTTP_PORT: u16 = 80;
+const L4_PORT: u16 = 8080;
+/// The HTTPS service's timeouts in these tests: short, so that the slow-client cases finish
+/// quickly.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const MAX_BODY: usize = 1 << 20;
+const HSTS: &str = "max-age=31536000; includeSubDomains";
+
+/// A CA made for one test, and certificates it signs.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "xlb test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir: dir.to_owned(), ca }
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A leaf certificate for `SITE` (and the lb address) with subject CN `cn`: (cert PEM,
+    /// key PEM, cert DER).
+    fn leaf(&self, cn: &str) -> (String, String, Vec<u8>) {
+        let mut params = rcgen::CertificateParams::new(vec![SITE.to_string(), "198.18.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        // Like a certificate from a public CA: valid for 90 days from yesterday, with a CRL
+        // to check it against (testssl.sh rates longer lives and no revocation info HIGH).
+        let (y, m, d) = civil_date(-1);
+        params.not_before = rcgen::date_time_ymd(y, m, d);
+        let (y, m, d) = civil_date(89);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+        params.crl_distribution_points =
+            vec![rcgen::CrlDistributionPoint { uris: vec!["http://198.18.0.1/test-ca.crl".into()] }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    /// Writes a leaf as `site.crt`/`site.key` the way a renewal tool does: new files renamed
+    /// over the old ones, key first. Returns the certificate's DER.
+    fn install(&self, cn: &str) -> Vec<u8> {
+        let (cert, key, der) = self.leaf(cn);
+        for (name, text) in [("site.key", key), ("site.crt", cert)] {
+            let tmp = self.dir.join(format!("{name}.new"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.dir.join(name)).unwrap();
+        }
+        der
+    }
+}
+
+/// The date `offset_days` from today (UTC) as (year, month, day): Howard Hinnant's
+/// `civil_from_days`.
+fn civil_date(offset_days: i64) -> (i32, u8, u8) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let z = now / 86_400 + offset_days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+/// The topology, the daemon with an L4, an HTTPS and a redirect service, and a TLS client
+/// trusting the test CA.
+struct Site {
+    lb: Lb,
+    pki: Pki,
+    ip: IpAddr,
+    tls: Arc<rustls::ClientConfig>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+impl Site {
+    fn start(tag: &str) -> Site {
+        Site::start_with(tag, "")
+    }
+
+    /// `start`, with `http` as the HTTPS service's `[service.http]` table body.
+    fn start_with(tag: &str, http: &str) -> Site {
+        let mut lb = Lb::prepare(tag, Family::V4);
+        let ip: IpAddr = lb.topo.lb_v4.into();
+        lb.vip = SocketAddr::new(ip, L4_PORT);
+        let pki = Pki::new(&lb.dir);
+        pki.install("first");
+        write_config_with(&lb, &pki, http);
+        for i in 0..BACKENDS {
+            let app = spawn_app(&lb, i);
+            lb.apps.push(Some(app));
+        }
+        lb.start_daemon();
+        lb.wait_healthy();
+        let site = Site { tls: client_config(&pki.ca_path()), pki, ip, lb, rt: runtime() };
+        site.lb.poll(Duration::from_secs(10), "the HTTPS service's backends up and healthy", |lb| {
+            let status = lb.status();
+            let site = &status["services"][1];
+            let ok = site["name"] == "site"
+                && site["mode"] == "https"
+                && site["backends"].as_array().is_some_and(|b| {
+                    b.len() == BACKENDS && b.iter().all(|b| b["state"] == "up" && b["healthy"] == true)
+                });
+            ok.then_some(()).ok_or_else(|| format!("{site}"))
+        });
+        site
+    }
+
+    fn https(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, HTTPS_PORT)
+    }
+
+    fn http(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, HTTP_PORT)
+    }
+
+    /// A TCP connection from the client namespace.
+    fn tcp(&self, to: SocketAddr) -> TcpStream {
+        let stream = self
+            .lb
+            .topo
+            .in_client(|| TcpStream::connect_timeout(&to, IO_TIMEOUT))
+            .unwrap_or_else(|e| panic!("connecting to {to} from the client namespace: {e}"));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream
+    }
+
+    /// A new HTTPS connection (HTTP/2 when `h2`, else HTTP/1.1, by ALPN).
+    fn connect(&self, h2: bool) -> Result<Conn, String> {
+        let tcp = self.tcp(self.https());
+        self.rt.block_on(Conn::open(tcp, self.tls.clone(), h2))
+    }
+
+    /// One request on a new connection.
+    fn request(&self, h2: bool, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+        let mut conn = self.connect(h2)?;
+        self.rt.block_on(conn.send(method, path, headers, Bytes::new()))
+    }
+
+    /// `GET /` on a new connection: the index of the backend that answered.
+    fn get(&self) -> usize {
+        let answer = self.request(false, "GET", "/", &[]).unwrap_or_else(|e| panic!("GET https://{SITE}/: {e}"));
+        assert_eq!(answer.status, 200, "{answer:?}");
+        self.backend_of(&answer)
+    }
+
+    /// Which backend answered, by `X-Backend-Server`, checked against the body.
+    fn backend_of(&self, answer: &Answer) -> usize {
+        let server = answer.header("x-backend-server").unwrap_or_else(|| panic!("no X-Backend-Server: {answer:?}"));
+        let b = self
+            .lb
+            .backends
+            .iter()
+            .position(|a| a.to_string() == server)
+            .unwrap_or_else(|| panic!("X-Backend-Server {server} is none of the backends {:?}", self.lb.backends));
+        if answer.body.starts_with("served by") {
+            assert_eq!(app_index(&answer.body), b, "X-Backend-Server {server} disagrees with the body {:?}", answer.body);
+        }
+        b
+    }
+
+    /// `/api/status`'s view of the HTTPS service.
+    fn site_status(&self) -> Value {
+        let status = self.lb.status();
+        let site = status["services"][1].clone();
+        assert_eq!(site["name"], "site", "{status:#}");
+        site
+    }
+
+    /// `curl` in the client namespace, resolving `SITE` to the lb address and trusting the CA.
+    fn curl(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut cmd = self.lb.topo.client("curl");
+        cmd.args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(self.pki.ca_path())
+            .args(["--resolve", &format!("{SITE}:{HTTPS_PORT}:{}", self.ip)])
+            .args(args);
+        run(cmd, "curl")
+    }
+
+    fn openssl(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut cmd = self.lb.topo.client("openssl");
+        cmd.args(["s_client", "-connect", &self.https().to_string(), "-servername", SITE, "-CAfile"])
+            .arg(self.pki.ca_path())
+            .args(args);
+        run(cmd, "openssl s_client")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn spawn_app(lb: &Lb, i: usize) -> xlb_tests::Proc {
+    let addr = lb.backends[i].to_string();
+    let name = format!("app-{}", i + 1);
+    let app = lb.topo.spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &name, "--log-requests"]);
+    app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
+    app
+}
+
+/// The config, with `http` as the HTTPS service's `[service.http]` table body.
+fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
+    let backends = lb.backends.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
+    let health = format!(
+        "[service.health]\ncheck = \"http\"\npath = \"/health\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n",
+        HEALTH_INTERVAL.as_millis(),
+        HEALTH_TIMEOUT.as_millis()
+    );
+    let ip = lb.vip.ip();
+    let text = format!(
+        r#"[dataplane]
+interfaces = ["{iface}"]
+pin_path = "{pin_path}"
+
+[admin]
+listen = "{ADMIN}"
+
+[[service]]
+name = "web"
+listen = "{vip}"
+mode = "l4"
+backends = [{backends}]
+{health}
+[[service]]
+name = "site"
+listen = "{ip}:{HTTPS_PORT}"
+mode = "https"
+backends = [{backends}]
+max_fails = 1
+fail_timeout = "10s"
+[service.tls]
+cert = "{cert}"
+key = "{key}"
+[service.timeouts]
+handshake = "{handshake}ms"
+request_header = "{header}ms"
+idle = "{idle}ms"
+backend_connect = "1s"
+backend_response = "10s"
+[service.limits]
+max_header_bytes = 16384
+max_headers = 50
+max_body_bytes = {MAX_BODY}
+[service.http]
+{http}
+{health}
+[[service]]
+name = "site-http"
+listen = "{ip}:{HTTP_PORT}"
+mode = "redirect"
+"#,
+        iface = lb.topo.lb_if,
+        pin_path = lb.topo.pin_path.display(),
+        vip = lb.vip,
+        cert = pki.dir.join("site.crt").display(),
+        key = pki.dir.join("site.key").display(),
+        handshake = HANDSHAKE_TIMEOUT.as_millis(),
+        header = HEADER_TIMEOUT.as_millis(),
+        idle = IDLE_TIMEOUT.as_millis(),
+    );
+    std::fs::write(&lb.config, text).unwrap_or_else(|e| panic!("writing {}: {e}", lb.config.display()));
+}
+
+/// A response, read to the end.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    version: Version,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// A client connection over TLS, kept open between requests.
+struct Conn {
+    sender: Sender,
+    /// The leaf certificate the server sent.
+    peer_cert: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, h2: bool) -> Result<Conn, String> {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let mut config = (*tls).clone();
+        config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from(SITE).unwrap();
+        let stream = tokio::time::timeout(IO_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let (_, session) = stream.get_ref();
+        let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let io = TokioIo::new(stream);
+        let sender = if h2 {
+            assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "the server did not agree to h2 by ALPN");
+            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("http/1.1 handshake: {e}"))?;
+            tokio::spawn(conn);
+            Sender::H1(sender)
+        };
+        Ok(Conn { sender, peer_cert })
+    }
+
+    async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Answer, String> {
+        let uri = match self.sender {
+            Sender::H1(_) => path.to_string(),
+            Sender::H2(_) => format!("https://{SITE}{path}"),
+        };
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Sender::H1(_) = self.sender {
+            req = req.header("host", SITE);
+        }
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let req = req.body(Full::new(body)).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(15), async {
+            match &mut self.sender {
+                Sender::H1(s) => {
+                    s.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
+                    s.send_request(req).await
+                }
+                Sender::H2(s) => {
+                    s.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
+                    s.send_request(req).await
+                }
+            }
+            .map_err(|e| format!("request failed: {e}"))
+        })
+        .await
+        .map_err(|_| "no response in 15 s".to_string())??;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| format!("reading the body: {e}"))?.to_bytes();
+        Ok(Answer {
+            status: parts.status.as_u16(),
+            version: parts.version,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// Test 1: HTTPS through the VIP over HTTP/1.1 and HTTP/2: every backend answers, with every
+/// header the proxy adds, and the backend sees the client's address.
+#[test]
+fn proxies_http1_and_http2_with_headers() {
+    let site = Site::start("https1");
+    for h2 in [false, true] {
+        let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
+        let mut seen = BTreeSet::new();
+        for _ in 0..9 {
+            let answer = site
+                .request(h2, "GET", "/echo?q=1", &[("x-forwarded-for", "192.0.2.7")])
+                .unwrap_or_else(|e| panic!("{proto} GET /echo: {e}"));
+            assert_eq!(answer.status, 200, "{answer:?}");
+            assert_eq!(answer.version, if h2 { Version::HTTP_2 } else { Version::HTTP_11 });
+            let b = site.backend_of(&answer);
+            seen.insert(b);
+            for (name, value) in [
+                ("strict-transport-security", HSTS),
+                ("x-frame-options", "SAMEORIGIN"),
+                ("x-content-type-options", "nosniff"),
+                ("referrer-policy", "strict-origin-when-cross-origin"),
+            ] {
+                assert_eq!(answer.header(name), Some(value), "{proto}: {name} in {answer:?}");
+            }
+            let echo = answer.json();
+            assert_eq!(echo["instance"], format!("app-{}", b + 1), "{echo}");
+            assert_eq!(echo["method"], "GET");
+            assert_eq!(echo["target"], "/echo?q=1");
+            let got = |name: &str| -> Vec<String> {
+                echo["headers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|h| h[0] == name)
+                    .map(|h| h[1].as_str().unwrap().to_string())
+                    .collect()
+            };
+            let client = site.lb.topo.client_v4.to_string();
+            assert_eq!(got("x-forwarded-for"), [format!("192.0.2.7, {client}")], "{echo}");
+            assert_eq!(got("x-real-ip"), std::slice::from_ref(&client), "{echo}");
+            assert_eq!(got("x-forwarded-proto"), ["https"], "{echo}");
+            assert_eq!(got("x-forwarded-host"), [SITE], "{echo}");
+            assert_eq!(got("host"), [SITE], "{echo}");
+            // The backend's peer is the daemon, on the lb address; the client is only in the
+            // headers.
+            assert!(echo["peer"].as_str().unwrap().starts_with(&format!("{}:", site.ip)), "{echo}");
+        }
+        println!("{proto}: answered by backends {seen:?}");
+        assert_eq!(seen.len(), BACKENDS, "{proto}: every backend should answer some of 9 requests: {seen:?}");
+    }
+    // The same from curl, which negotiates h2 by ALPN by itself.
+    let (status, out) = site.curl(&["-o", "/dev/null", "-w", "%{http_version} %{http_code}", &format!("https://{SITE}/")]);
+    assert!(status.success(), "curl: {out}");
+    assert_eq!(out.trim(), "2 200", "curl over h2");
+    let (status, out) =
+        site.curl(&["--http1.1", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", &format!("https://{SITE}/")]);
+    assert!(status.success(), "curl: {out}");
+    assert_eq!(out.trim(), "1.1 200", "curl over http/1.1");
+    let https = &site.site_status()["https"];
+    assert!(https["responses"]["2xx"].as_u64().unwrap() >= 20, "{https}");
+    // The client keeps its session tickets, so its later connections resume.
+    let (full, resumed) = (https["handshakes_full"].as_u64().unwrap(), https["handshakes_resumed"].as_u64().unwrap());
+    println!("TLS handshakes: {full} full, {resumed} resumed");
+    assert!(resumed >= 10, "sessions should be resumed: {https}");
+    let days = https["cert_expires_in_seconds"].as_i64().unwrap() / 86_400;
+    assert!((88..=89).contains(&days), "the certificate expires in 89 days, not {days}: {https}");
+    let metrics = site.lb.topo.in_lb(|| http_get(ADMIN, "/metrics", IO_TIMEOUT)).unwrap().body;
+    for line in [
+        format!("xlb_tls_handshakes_total{{service=\"site\",kind=\"resumed\"}} {resumed}"),
+        "xlb_http_retries_total{service=\"site\"} 0".into(),
+        "xlb_http_responses_total{service=\"site\",class=\"5xx\"} 0".into(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing `{line}` in /metrics:\n{metrics}");
+    }
+    assert!(metrics.contains("xlb_certificate_expiry_seconds{service=\"site\"} "), "{metrics}");
+    let table = run_ok(site.lb.xlb(&["status"]), "xlb status");
+    assert!(table.contains("service site  listen 198.18.0.1:443  mode https"), "{table}");
+    assert!(table.contains(&format!("tls handshakes: {full} full, {resumed} resumed, 0 failed")), "{table}");
+    assert!(table.contains("certificate: expires in 8"), "{table}");
+    site.lb.finish();
+}
+
+/// Test 2: port 80 answers with a redirect keeping path and query (and serves no unknown ACME
+/// challenge); TLS 1.0 and 1.1 handshakes are refused, 1.2 and 1.3 accepted.
+#[test]
+fn redirects_and_refuses_old_tls() {
+    let site = Site::start("https2");
+    let http = site.http();
+    let answer = site
+        .lb
+        .topo
+        .in_client(|| http_get(http, "/a/b?x=1&y=two%20words", IO_TIMEOUT))
+        .unwrap_or_else(|e| panic!("GET http://{http}/a/b: {e}"));
+    assert_eq!(answer.status, 301, "{answer:?}");
+    // `http_get` sends `Host: <ip>:80`; the port is dropped.
+    assert_eq!(answer.header("location"), Some(format!("https://{}/a/b?x=1&y=two%20words", site.ip).as_str()));
+    // curl's --resolve covers port 443 only: the address with a Host header instead.
+    let (status, out) = site.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        &format!("Host: {SITE}"),
+        &format!("http://{}/p/q?r=s", site.ip),
+    ]);
+    assert!(status.success(), "curl: {out}");
+    assert_eq!(out.trim(), format!("301 https://{SITE}/p/q?r=s"));
+    let answer = site
+        .lb
+        .topo
+        .in_client(|| http_get(http, "/.well-known/acme-challenge/unknown-token", IO_TIMEOUT))
+        .unwrap();
+    assert_eq!(answer.status, 404, "{answer:?}");
+
+    // The client is allowed every version (SECLEVEL=0), so a refusal is the server's.
+    for old in ["-tls1", "-tls1_1"] {
+        let (status, out) = site.openssl(&[old, "-cipher", "DEFAULT:@SECLEVEL=0"]);
+        assert!(!status.success(), "openssl s_client {old} succeeded:\n{out}");
+        // rustls answers a ClientHello that offers nothing above TLS 1.1 with a fatal alert
+        // (handshake_failure or protocol_version) before any certificate.
+        let alert = ["alert protocol version", "alert handshake failure"].into_iter().find(|a| out.contains(a));
+        assert!(
+            alert.is_some() && out.contains("no peer certificate available"),
+            "openssl s_client {old} should be refused with an alert before any certificate:\n{out}"
+        );
+        println!("{old}: refused ({})", alert.unwrap());
+    }
+    for (new, name) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let (status, out) = site.openssl(&[new]);
+        assert!(status.success(), "openssl s_client {new} failed:\n{out}");
+        assert!(out.contains(&format!("Protocol  : {name}")) || out.contains(&format!(", {name},")), "{new}:\n{out}");
+        assert!(out.contains("Verify return code: 0 (ok)"), "{new}:\n{out}");
+    }
+    let redirects = &site.lb.status()["services"][2];
+    assert_eq!(redirects["mode"], "redirect", "{redirects}");
+    assert!(redirects["https"]["responses"]["3xx"].as_u64().unwrap() >= 2, "{redirects}");
+    site.lb.finish();
+}
+
+/// Test 6: two long connections held on backend 1 through the L4 path steer the next HTTPS
+/// requests to the other backends; and HTTPS requests in flight steer new L4 connections.
+#[test]
+fn both_paths_balance_one_load() {
+    let site = Site::start("https6");
+    let lb = &site.lb;
+    let (mut on_app1, mut elsewhere) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        if on_app1.len() == 2 {
+            break;
+        }
+        let held = lb.hold();
+        if held.backend == 0 { on_app1.push(held) } else { elsewhere.push(held) }
+    }
+    assert_eq!(on_app1.len(), 2, "could not get two L4 connections onto app-1 in 30 tries");
+    drop(elsewhere);
+    lb.await_live([2, 0, 0], "L4 live counts [2, 0, 0]");
+    let mut served = [0; BACKENDS];
+    for _ in 0..10 {
+        served[site.get()] += 1;
+    }
+    println!("10 HTTPS requests with 2 L4 connections held on app-1: {served:?}");
+    assert_eq!(served[0], 0, "an HTTPS request went to app-1, which holds 2 L4 connections: {served:?}");
+    assert!(served[1] > 0 && served[2] > 0, "both idle backends should get some: {served:?}");
+    drop(on_app1);
+    lb.await_live([0, 0, 0], "L4 live counts back to 0");
+
+    // Two slow HTTPS requests in flight take two backends; new L4 connections go to the third.
+    let busy: Vec<usize> = std::thread::scope(|scope| {
+        let slow: Vec<_> = (0..2)
+            .map(|_| {
+                let site = &site;
+                let handle = scope.spawn(move || {
+                    let rt = runtime();
+                    let tcp = site.tcp(site.https());
+                    rt.block_on(async {
+                        let mut conn = Conn::open(tcp, site.tls.clone(), false).await.unwrap();
+                        conn.send("GET", "/slow?ms=3000", &[], Bytes::new()).await.unwrap()
+                    })
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                handle
+            })
+            .collect();
+        // Both are in flight now (each waits 3 s at its backend).
+        site.lb.poll(Duration::from_secs(2), "two HTTPS requests in flight", |lb| {
+            let status = lb.status();
+            let live: u64 = status["services"][1]["backends"].as_array().unwrap().iter().map(|b| b["live_connections"].as_u64().unwrap()).sum();
+            (live == 2).then_some(()).ok_or_else(|| format!("{}", status["services"][1]))
+        });
+        let l4 = lb.spread(6);
+        let answers: Vec<Answer> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+        let busy: Vec<usize> = answers.iter().map(|a| site.backend_of(a)).collect();
+        println!("HTTPS requests in flight on {busy:?}; 6 new L4 connections meanwhile: {l4:?}");
+        assert_ne!(busy[0], busy[1], "two concurrent requests should go to two backends");
+        for b in &busy {
+            assert_eq!(l4[*b], 0, "an L4 connection went to backend {b}, busy with an HTTPS request: {l4:?}");
+        }
+        busy
+    });
+    assert_eq!(busy.len(), 2);
+    site.lb.finish();
+}
+
+/// Test 5: `kill -9` of a backend during a stream of GETs fails none of them; a POST that
+/// reached the dying backend is answered 502 and sent to no other backend.
+#[test]
+fn backend_killed_mid_stream() {
+    let mut site = Site::start("https5");
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let errors = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let (site, stop, ok, failed, errors) = (&site, &stop, &ok, &failed, &errors);
+            scope.spawn(move || {
+                let rt = runtime();
+                // Kept-alive connections, and a new one now and then.
+                let mut conn = None;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() || n % 10 == 0 {
+                        let tcp = site.tcp(site.https());
+                        conn = Some(rt.block_on(Conn::open(tcp, site.tls.clone(), n % 20 == 0)).unwrap());
+                    }
+                    n += 1;
+                    match rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new())) {
+                        Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.lock().unwrap().push(format!("{other:?}"));
+                            conn = None;
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let app = site.lb.apps[1].as_ref().unwrap();
+        app.kill9();
+        println!("killed app-2 after {} requests", ok.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    println!("{ok} GETs answered 200, {failed} failed; {} retries", site.site_status()["https"]["retries"]);
+    assert_eq!(failed, 0, "GETs failed while a backend died: {:?}", errors.into_inner().unwrap());
+    assert!(ok > 100, "too few requests to show anything: {ok}");
+    // Passive health ("failed") or the probes ("down") took app-2 out.
+    let b2 = &site.site_status()["backends"][1];
+    assert!(b2["state"] == "failed" || b2["state"] == "down", "{b2}");
+
+    // Bring app-2 back, then send a slow POST; kill whichever backend got it.
+    site.lb.apps[1] = Some(spawn_app(&site.lb, 1));
+    site.lb.poll(Duration::from_secs(10), "app-2 back up for HTTPS", |lb| {
+        let s = &lb.status()["services"][1]["backends"][1];
+        (s["state"] == "up").then_some(()).ok_or_else(|| format!("{s}"))
+    });
+    let before: Vec<usize> = site.lb.apps.iter().map(|a| posts(a.as_ref().unwrap())).collect();
+    std::thread::scope(|scope| {
+        let site = &site;
+        let post = scope.spawn(move || {
+            let rt = runtime();
+            let tcp = site.tcp(site.https());
+            rt.block_on(async {
+                let mut conn = Conn::open(tcp, site.tls.clone(), false).await.unwrap();
+                conn.send("POST", "/slow?ms=5000", &[("content-type", "text/plain")], Bytes::from_static(b"order #1")).await
+            })
+        });
+        let (victim, _) = site.lb.poll(Duration::from_secs(5), "a backend to receive the POST", |lb| {
+            lb.apps
+                .iter()
+                .enumerate()
+                .find(|(i, a)| posts(a.as_ref().unwrap()) > before[*i])
+                .map(|(i, _)| i)
+                .ok_or_else(|| "no backend logged the POST yet".to_string())
+        });
+        site.lb.apps[victim].as_ref().unwrap().kill9();
+        let answer = post.join().unwrap().expect("the POST gets an answer");
+        println!("POST reached app-{} which was killed: answered {}", victim + 1, answer.status);
+        assert_eq!(answer.status, 502, "{answer:?}");
+        // Give a replay every chance to show up.
+        std::thread::sleep(Duration::from_millis(500));
+        for (i, app) in site.lb.apps.iter().enumerate() {
+            if i != victim {
+                assert_eq!(posts(app.as_ref().unwrap()), before[i], "app-{} got the POST too: it was replayed", i + 1);
+            }
+        }
+        assert_eq!(posts(site.lb.apps[victim].as_ref().unwrap()), before[victim] + 1);
+    });
+    site.lb.finish();
+}
+
+/// How many POSTs a demo backend has logged.
+fn posts(app: &xlb_tests::Proc) -> usize {
+    app.output().matches("request POST ").count()
+}
+
+/// Test 7: slow clients are closed by the timeouts while a probe client keeps being served;
+/// oversize headers get 431.
+#[test]
+fn slow_clients_are_timed_out() {
+    let site = Site::start("https7");
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        let (site_ref, stop_ref, ok_ref, failed_ref) = (&site, &stop, &ok, &failed);
+        scope.spawn(move || {
+            while !stop_ref.load(Ordering::Relaxed) {
+                match site_ref.request(false, "GET", "/", &[]) {
+                    Ok(a) if a.status == 200 => ok_ref.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("probe client: {other:?}");
+                        failed_ref.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let https = site.https();
+        // Says nothing after connecting.
+        let silent = site.tcp(https);
+        // Starts a TLS record and stops.
+        let mut stalled = site.tcp(https);
+        stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+        let slow_handshakes = [("silent connection", silent), ("stalled TLS handshake", stalled)];
+        let started = Instant::now();
+        for (what, mut stream) in slow_handshakes {
+            let closed = closed_within(&mut stream, HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+            let took = started.elapsed();
+            assert!(closed, "{what} still open after {took:?}");
+            assert!(took >= HANDSHAKE_TIMEOUT - Duration::from_millis(200), "{what} closed too early: {took:?}");
+            println!("{what}: closed after {} ms", took.as_millis());
+        }
+
+        // Headers dribbled one byte a second after a good handshake.
+        let rt = runtime();
+        let tcp = site.tcp(https);
+        let dribble = rt.block_on(async {
+            tcp.set_nonblocking(true).unwrap();
+            let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+            let mut config = (*site.tls).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from(SITE).unwrap(), tcp)
+                .await
+                .unwrap();
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let start = Instant::now();
+            let request = b"GET / HTTP/1.1\r\nHost: site.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            for byte in request {
+                if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                    return (start.elapsed(), "write failed".to_string());
+                }
+                let mut buf = [0u8; 256];
+                match tokio::time::timeout(Duration::from_secs(1), tls.read(&mut buf)).await {
+                    Err(_) => {}
+                    Ok(Ok(0)) | Ok(Err(_)) => return (start.elapsed(), "closed".to_string()),
+                    Ok(Ok(n)) => return (start.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()),
+                }
+            }
+            (start.elapsed(), "the whole request went through".to_string())
+        });
+        println!("dribbled headers: {:?} after {} ms", dribble.1, dribble.0.as_millis());
+        assert!(
+            dribble.0 <= HEADER_TIMEOUT + Duration::from_secs(2),
+            "dribbled headers were not cut off by the 2 s header timeout: {dribble:?}"
+        );
+        assert!(dribble.1 == "closed" || dribble.1.starts_with("HTTP/1.1 408") || dribble.1 == "write failed", "{dribble:?}");
+
+        // A keep-alive connection left idle is closed after the idle timeout.
+        let mut conn = site.connect(false).unwrap();
+        assert_eq!(rt.block_on(conn.send("GET", "/", &[], Bytes::new())).unwrap().status, 200);
+        std::thread::sleep(IDLE_TIMEOUT + Duration::from_secs(1));
+        let after_idle = rt.block_on(conn.send("GET", "/", &[], Bytes::new()));
+        assert!(after_idle.is_err(), "an idle connection survived the idle timeout: {after_idle:?}");
+
+        // Oversize headers: one huge header, and too many headers.
+        let big = "x".repeat(20_000);
+        let answer = site.request(false, "GET", "/", &[("x-big", &big)]).unwrap();
+        assert_eq!(answer.status, 431, "{answer:?}");
+        let names: Vec<String> = (0..60).map(|i| format!("x-h{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+        let answer = site.request(false, "GET", "/", &many).unwrap();
+        assert_eq!(answer.status, 431, "{answer:?}");
+
+        // Bodies over max_body_bytes: refused by Content-Length before anything is sent, and
+        // cut off when chunked. Neither counts against the backend.
+        let mut conn = site.connect(false).unwrap();
+        let big = Bytes::from(vec![b'x'; MAX_BODY + 1]);
+        let answer = rt.block_on(conn.send("POST", "/echo", &[], big)).unwrap();
+        assert_eq!(answer.status, 413, "{answer:?}");
+        let fits = Bytes::from(vec![b'x'; MAX_BODY]);
+        let answer = rt.block_on(site.connect(false).unwrap().send("POST", "/echo", &[], fits)).unwrap();
+        assert_eq!((answer.status, answer.json()["body_length"].as_u64()), (200, Some(MAX_BODY as u64)), "{answer:?}");
+        let chunked = rt.block_on(chunked_post(site.tcp(https), site.tls.clone(), 2 * MAX_BODY));
+        assert!(chunked.starts_with("HTTP/1.1 413"), "a chunked body over the limit: {chunked:?}");
+        let states: Vec<Value> = site.site_status()["backends"].as_array().unwrap().iter().map(|b| b["state"].clone()).collect();
+        assert!(states.iter().all(|s| s == "up"), "an oversize body counted against a backend: {states:?}");
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    println!("probe client: {ok} answered, {failed} failed");
+    assert_eq!(failed, 0, "the probe client failed while slow clients were being timed out");
+    assert!(ok > 50, "the probe client made too few requests: {ok}");
+    site.lb.finish();
+}
+
+/// A chunked `POST /echo` of `size` bytes written by hand; the start of what comes back.
+async fn chunked_post(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, size: usize) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let mut config = (*tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SITE).unwrap(), tcp)
+        .await
+        .unwrap();
+    let head = format!("POST /echo HTTP/1.1\r\nHost: {SITE}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let _ = tls.write_all(head.as_bytes()).await;
+    let chunk = vec![b'x'; 16 * 1024];
+    let (reader, mut writer) = tokio::io::split(tls);
+    let write = async move {
+        let mut sent = 0;
+        while sent < size {
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+            sent += chunk.len();
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+        // Keep the write half open until the answer is read.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let read = async move {
+        let mut reader = reader;
+        let mut buf = vec![0; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            other => format!("no answer: {other:?}"),
+        }
+    };
+    tokio::select! {
+        answer = read => answer,
+        () = async { write.await; std::future::pending::<()>().await } => unreachable!(),
+    }
+}
+
+/// Whether the peer closes (EOF or reset) `stream` within `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Test 4: a certificate replaced on disk is served to new connections within the reload
+/// period, while a connection opened before keeps working.
+#[test]
+fn certificate_reload_keeps_connections() {
+    let site = Site::start("https4");
+    let first = std::fs::read(site.pki.dir.join("site.crt")).unwrap();
+    let first_der = CertificateDer::from_pem_slice(&first).unwrap().to_vec();
+    let mut old = site.connect(false).unwrap();
+    assert_eq!(old.peer_cert, first_der);
+    assert_eq!(site.rt.block_on(old.send("GET", "/", &[], Bytes::new())).unwrap().status, 200);
+
+    let second = site.pki.install("second");
+    let (conn, took) = site.lb.poll(Duration::from_secs(5), "new connections to get the new certificate", |_| {
+        let conn = site.connect(false).map_err(|e| e.to_string())?;
+        if conn.peer_cert == second { Ok(conn) } else { Err("still the old certificate".into()) }
+    });
+    println!("new certificate served {} ms after the files were replaced", took.as_millis());
+    let mut new = conn;
+    assert_eq!(site.rt.block_on(new.send("GET", "/", &[], Bytes::new())).unwrap().status, 200);
+    // The connection from before continues on its session.
+    for _ in 0..3 {
+        let answer = site.rt.block_on(old.send("GET", "/", &[], Bytes::new())).expect("the old connection still works");
+        assert_eq!(answer.status, 200);
+    }
+    // A broken replacement (key of another certificate) is refused; the second stays.
+    let (_, other_key, _) = site.pki.leaf("third");
+    std::fs::write(site.pki.dir.join("site.key.new"), other_key).unwrap();
+    std::fs::rename(site.pki.dir.join("site.key.new"), site.pki.dir.join("site.key")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let conn = site.connect(false).unwrap();
+    assert_eq!(conn.peer_cert, second, "a mismatched key must not replace the working certificate");
+    site.lb.daemon().wait_for_output("certificates not reloaded, still serving the previous ones", Duration::from_secs(5));
+    // SIGHUP reloads at once.
+    let third = site.pki.install("fourth");
+    site.lb.daemon().signal(xlb_tests::Signal::SIGHUP);
+    let (_, took) = site.lb.poll(Duration::from_secs(3), "the certificate after SIGHUP", |_| {
+        let conn = site.connect(false).map_err(|e| e.to_string())?;
+        (conn.peer_cert == third).then_some(()).ok_or_else(|| "old certificate".into())
+    });
+    println!("SIGHUP: new certificate served after {} ms", took.as_millis());
+    let expiry = &site.site_status()["https"];
+    assert!(expiry["cert_expires_in_seconds"].as_i64().unwrap() > 0, "{expiry}");
+    assert!(expiry["handshakes_full"].as_u64().unwrap() >= 4, "{expiry}");
+    site.lb.finish();
+}
+
+/// Test 8: testssl.sh finds nothing of severity MEDIUM or higher, except that it does not
+/// trust the test CA.
+///
+/// `X-Backend-Server` is off here: testssl.sh rates any IPv4 address in a response header
+/// MEDIUM (`ipv4_in_header`), and that header's whole point is a backend address. The README
+/// says so where it documents `backend_header`.
+#[test]
+fn testssl_finds_nothing_medium_or_worse() {
+    let testssl = ["testssl", "testssl.sh"]
+        .into_iter()
+        .find(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()))
+        .expect("testssl.sh is not installed: `cargo xtask setup` installs it (Debian package testssl.sh)");
+    let site = Site::start_with("https8", "backend_header = false");
+    let json = site.lb.dir.join("testssl.json");
+    let mut cmd = site.lb.topo.client("timeout");
+    cmd.args(["300", testssl, "--quiet", "--warnings", "off", "--color", "0", "--severity", "MEDIUM", "--ip"])
+        .arg(site.ip.to_string())
+        .arg("--jsonfile")
+        .arg(&json)
+        .arg(format!("https://{SITE}/"));
+    let proc = xlb_tests::Proc::spawn(cmd, "testssl.sh");
+    let (status, out) = proc.wait_with_output(Duration::from_secs(320));
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("testssl.sh wrote no JSON ({e}); exit {status}:\n{out}"));
+    let findings: Vec<Value> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("testssl.sh JSON ({e}): {text}"));
+    let serious: Vec<&Value> = findings
+        .iter()
+        .filter(|f| matches!(f["severity"].as_str(), Some("MEDIUM" | "HIGH" | "CRITICAL")))
+        // The test CA is not in testssl.sh's trust stores, by design.
+        .filter(|f| !matches!(f["id"].as_str(), Some(id) if id.starts_with("cert_chain_of_trust") || id.starts_with("cert_trust")))
+        .collect();
+    println!("testssl.sh: {} findings, {} of severity MEDIUM or higher besides the test CA", findings.len(), serious.len());
+    assert!(serious.is_empty(), "testssl.sh findings:\n{serious:#?}");
+    assert!(!findings.is_empty(), "testssl.sh reported nothing at all; exit {status}:\n{out}");
+    site.lb.finish();
+}

@@ -1,0 +1,186 @@
+//! `xlb rollout` under a steady stream of short connections through the VIP: restarting all
+//! three backends one at a time fails no request; a restart command that fails stops the
+//! rollout, undrains what it drained, runs the rollback command and exits non-zero.
+//!
+//! The restart command is a script this test writes: it stops the backend whose pid is in
+//! `app-N.pid` (SIGTERM), waits until its port is free, starts a new `xlb-demo-backend` there
+//! and waits until it listens, as `systemctl restart app@N` would.
+//!
+//! Run as root after `cargo build`:
+//! `cargo test -p xlb-tests --test rollout -- --test-threads=1 --nocapture`.
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use support::*;
+use xlb_tests::demo_backend_bin;
+
+/// Bounds a whole `xlb rollout` run.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Backends started by the restart script, killed when the test ends (they are not `Proc`s).
+struct Restarted(PathBuf);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for i in 1..=BACKENDS {
+            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn write_restart_script(lb: &Lb) -> PathBuf {
+    let script = lb.dir.join("restart.sh");
+    let ip = lb.backends[0].ip();
+    let text = format!(
+        r#"#!/bin/sh
+# restart.sh N: restart app-N on port 800N, like `systemctl restart app@N`.
+set -eu
+i=$1
+dir={dir}
+pid=$(cat "$dir/app-$i.pid")
+kill -TERM "$pid"
+n=0
+while ss -Htln "sport = :800$i" | grep -q .; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
+    sleep 0.05
+done
+setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
+echo $! >"$dir/app-$i.pid"
+n=0
+until grep -qs "listening on" "$dir/app-$i.log"; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
+    sleep 0.05
+done
+echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
+"#,
+        dir = lb.dir.display(),
+        demo = demo_backend_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    run_ok(
+        {
+            let mut c = std::process::Command::new("chmod");
+            c.arg("755").arg(&script);
+            c
+        },
+        "chmod",
+    );
+    for (i, app) in lb.apps.iter().enumerate() {
+        let pid = app.as_ref().expect("the backend runs").pid();
+        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
+    }
+    script
+}
+
+fn pids(dir: &Path) -> Vec<String> {
+    (1..=BACKENDS)
+        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
+        .collect()
+}
+
+fn rollout(lb: &Lb, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut all = vec!["rollout", "web"];
+    all.extend_from_slice(args);
+    let proc = lb.topo.spawn(lb.xlb(&all), "xlb rollout");
+    proc.wait_with_output(ROLLOUT_TIMEOUT)
+}
+
+#[test]
+fn rollout_restarts_every_backend_without_a_failed_request() {
+    let lb = Lb::start("rollout", Family::V4);
+    let _restarted = Restarted(lb.dir.clone());
+    let script = write_restart_script(&lb);
+    let dir = lb.dir.display().to_string();
+    let old_pids = pids(&lb.dir);
+    let exec = format!("{} {{index}}", script.display());
+    let before = format!("touch {dir}/before-ran");
+    let after = format!("touch {dir}/after-ran");
+    let ((status, out), load) = under_load(&lb, || {
+        rollout(
+            &lb,
+            &["--exec", &exec, "--before", &before, "--after", &after, "--drain-timeout", "10s", "--health-timeout", "20s"],
+        )
+    });
+    println!("xlb rollout:\n{out}");
+    println!("load during the rollout: {} requests, per backend {:?}, {} failed", load.ok, load.served, load.failures.len());
+    assert!(status.success(), "xlb rollout failed ({status}):\n{out}");
+    assert!(out.contains("rollout of web complete: 3 backends restarted"), "{out}");
+    for (i, addr) in lb.backends.iter().enumerate() {
+        let tag = format!("[{}/3] {addr}", i + 1);
+        for step in ["draining", "no open connections left", "running `", "healthy"] {
+            assert!(out.contains(&format!("{tag}: {step}")), "no `{tag}: {step}` in:\n{out}");
+        }
+    }
+    assert!(lb.dir.join("before-ran").exists() && lb.dir.join("after-ran").exists(), "--before/--after did not run");
+    let new_pids = pids(&lb.dir);
+    for i in 0..BACKENDS {
+        assert_ne!(old_pids[i], new_pids[i], "app-{} was not restarted", i + 1);
+    }
+    assert!(load.failures.is_empty(), "{} failed requests during the rollout: {:?}", load.failures.len(), load.failures);
+    assert!(load.ok >= 100, "too little load to show anything: {load:?}");
+    lb.wait_healthy();
+    assert_eq!(lb.spread(9), [3, 3, 3], "every restarted backend is back in rotation");
+    lb.finish();
+}
+
+#[test]
+fn failing_restart_stops_undrains_and_rolls_back() {
+    let lb = Lb::start("rollout-fail", Family::V4);
+    let _restarted = Restarted(lb.dir.clone());
+    let script = write_restart_script(&lb);
+    let dir = lb.dir.display().to_string();
+    // The second backend's restart "fails" after restarting it.
+    let exec = format!("{} {{index}} && [ {{index}} -ne 2 ]", script.display());
+    let rollback = format!("echo rolled back at {{index}} {{backend}} > {dir}/rollback");
+    let ((status, out), load) = under_load(&lb, || {
+        rollout(&lb, &["--exec", &exec, "--rollback", &rollback, "--drain-timeout", "10s", "--health-timeout", "20s"])
+    });
+    println!("xlb rollout:\n{out}");
+    println!("load during the rollout: {} requests, per backend {:?}, {} failed", load.ok, load.served, load.failures.len());
+    assert_eq!(status.code(), Some(1), "{out}");
+    let (b1, b2, b3) = (lb.backends[0], lb.backends[1], lb.backends[2]);
+    for line in [
+        format!("rollout of web stopped: [2/3] {b2}: `"),
+        format!("restarted and back in rotation: {b1}"),
+        format!("undrained again: {b2} (up)"),
+        format!("not restarted: {b3}"),
+        "succeeded".to_string(),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(lb.dir.join("rollback")).unwrap().trim(),
+        format!("rolled back at 2 {b2}")
+    );
+    assert!(load.failures.is_empty(), "failed requests: {:?}", load.failures);
+    // Nothing is left drained.
+    let view = lb.view();
+    assert!(view.iter().all(|b| b.state == "up"), "{view:?}");
+    assert!(lb.spread(9).iter().all(|&n| n > 0), "every backend takes connections again");
+
+    // A service that does not exist, and a backend that is not up, are refused before anything.
+    let (status, out) = rollout(&lb, &["--exec", "true"]);
+    assert!(status.success(), "{out}");
+    let mut cmd = lb.xlb(&["rollout", "api", "--exec", "true"]);
+    cmd.env_remove("XLB_LOG");
+    let (status, out) = run(cmd, "xlb rollout api");
+    assert!(!status.success() && out.contains("no service \"api\"; the services are: web"), "{out}");
+    run_ok(lb.xlb(&["drain", "web", &b3.to_string()]), "xlb drain");
+    let (status, out) = rollout(&lb, &["--exec", "true"]);
+    assert!(
+        !status.success() && out.contains(&format!("not starting the rollout of web: {b3} is draining")),
+        "{out}"
+    );
+    run_ok(lb.xlb(&["undrain", "web", &b3.to_string()]), "xlb undrain");
+    lb.finish();
+}
