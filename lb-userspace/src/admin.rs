@@ -1104,6 +1104,71 @@ mod tests {
         server.shutdown().await;
     }
 
+    /// Every query of the shipped Grafana dashboard names only series that /metrics exports,
+    /// and every exported series is on the dashboard. The data-path counters are taken from
+    /// `lb_common::stats::Stats`, whose fields `Dataplane::counters` exports one each.
+    #[test]
+    fn grafana_dashboard_matches_the_metrics() {
+        let stats = include_str!("../../lb-common/src/stats.rs");
+        let counters: BTreeMap<String, u64> = stats
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub ")?.strip_suffix(": u64,"))
+            .map(|name| (name.to_owned(), 1))
+            .collect();
+        assert!(counters.len() >= 17, "{counters:?}");
+        let mut status = sample();
+        status.dataplane.counters = counters;
+        let exported: std::collections::BTreeSet<String> = encode_metrics(&status)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+            .collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../dashboards/xlb-grafana.json"))
+                .expect("the dashboard is JSON");
+        let mut queries = Vec::new();
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (key, value) in map {
+                        match (key.as_str(), value) {
+                            ("expr" | "definition", serde_json::Value::String(q)) => {
+                                out.push(q.clone())
+                            }
+                            _ => walk(value, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+                _ => {}
+            }
+        }
+        walk(&dashboard, &mut queries);
+        assert!(queries.len() >= 20, "{queries:?}");
+        let mut used = std::collections::BTreeSet::new();
+        for query in &queries {
+            let names: Vec<&str> = query
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("xlb_"))
+                .collect();
+            assert!(!names.is_empty(), "a query of no xlb series: {query}");
+            for name in names {
+                assert!(
+                    exported.contains(name),
+                    "the dashboard queries {name}, which /metrics does not export ({query}); it exports {exported:?}"
+                );
+                used.insert(name.to_owned());
+            }
+        }
+        let missing: Vec<&String> = exported.difference(&used).collect();
+        assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
+        let panels = dashboard["panels"].as_array().unwrap();
+        let ids: std::collections::BTreeSet<u64> =
+            panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids.len(), panels.len(), "panel ids must be unique");
+    }
+
     #[test]
     fn percent_coding_round_trips() {
         for text in ["web", "[2001:db8::10]:8001", "a b%c/d", "ü"] {

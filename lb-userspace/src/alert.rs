@@ -28,7 +28,10 @@ use hyper_util::rt::TokioIo;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport as _, Tokio1Executor,
     message::{Mailbox, header::ContentType},
-    transport::smtp::authentication::Credentials,
+    transport::smtp::{
+        authentication::Credentials,
+        client::{Certificate, Tls, TlsParameters},
+    },
 };
 use serde_json::json;
 use tokio::{
@@ -141,7 +144,8 @@ pub struct Alerts {
 #[derive(Debug)]
 enum Command {
     Event(Event),
-    Configure(Option<AlertsConfig>),
+    Known(Event),
+    Configure(Box<Option<AlertsConfig>>),
 }
 
 impl Alerts {
@@ -158,10 +162,16 @@ impl Alerts {
         let _ = self.tx.send(Command::Event(event));
     }
 
+    /// Records a failure as already reported, without sending it: what a restarted daemon finds
+    /// failing was reported by the daemon before it, and its recovery must still be sent.
+    pub fn known_failing(&self, event: Event) {
+        let _ = self.tx.send(Command::Known(event));
+    }
+
     /// Applies the `[alerts]` of a new config (after a reload). What was reported failing stays
     /// so, and its recovery is sent on the new channels.
     pub fn configure(&self, config: Option<AlertsConfig>) {
-        let _ = self.tx.send(Command::Configure(config));
+        let _ = self.tx.send(Command::Configure(Box::new(config)));
     }
 }
 
@@ -334,7 +344,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Command>, config: Option<AlertsConf
         tokio::select! {
             command = rx.recv() => match command {
                 None => break,
-                Some(Command::Configure(config)) => chans = channels(config.as_ref()),
+                Some(Command::Configure(config)) => chans = channels(config.as_ref().as_ref()),
+                Some(Command::Known(event)) => {
+                    if event.failing() {
+                        dedup.admit(&event);
+                    }
+                }
                 Some(Command::Event(event)) => {
                     if !dedup.admit(&event) {
                         continue;
@@ -406,11 +421,19 @@ struct Email {
 
 impl Email {
     fn new(config: &EmailConfig, host: &str, max_per_minute: u32) -> anyhow::Result<Email> {
-        let EmailConfig { host: server, port, tls, from, to, credentials, timeout } = config;
+        let EmailConfig { host: server, port, tls, from, to, credentials, timeout, ca_file: _, ca_pem } = config;
+        let parameters = || -> anyhow::Result<TlsParameters> {
+            let mut parameters = TlsParameters::builder(server.clone());
+            if let Some(pem) = ca_pem {
+                parameters = parameters.add_root_certificate(Certificate::from_pem(pem).context("alerts.email.ca_file")?);
+            }
+            Ok(parameters.build_rustls()?)
+        };
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(server);
         let builder = match tls {
-            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(server)?,
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(server)?,
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(server),
+            SmtpTls::StartTls => builder.tls(Tls::Required(parameters()?)),
+            SmtpTls::Tls => builder.tls(Tls::Wrapper(parameters()?)),
+            SmtpTls::None => builder,
         };
         let mut builder = builder.port(*port).timeout(Some(*timeout));
         if let Some(c) = credentials {
@@ -431,7 +454,8 @@ impl Email {
             builder = builder.to(to.clone());
         }
         let mail = builder.header(ContentType::TEXT_PLAIN).body(message.body(&self.host, self.max_per_minute))?;
-        self.transport.send(mail).await.context("sending over SMTP")?;
+        // lettre's message already names its causes; a chain would repeat them.
+        self.transport.send(mail).await.map_err(|e| anyhow!("sending over SMTP: {e}"))?;
         Ok(())
     }
 }
@@ -446,12 +470,20 @@ struct Webhook {
 impl Webhook {
     fn new(config: &WebhookConfig, host: &str) -> anyhow::Result<Webhook> {
         let uri: hyper::Uri = config.url.parse().context("alerts.webhook.url")?;
-        let tls = (uri.scheme_str() == Some("https")).then(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let tls = (uri.scheme_str() == Some("https")).then(|| -> anyhow::Result<_> {
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            if let Some(pem) = &config.ca_pem {
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert.context("alerts.webhook.ca_file")?).context("alerts.webhook.ca_file")?;
+                }
+            }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| tokio_rustls::TlsConnector::from(Arc::new(b.with_root_certificates(roots).with_no_client_auth())))
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
         });
         Ok(Webhook { uri, tls: tls.transpose()?, timeout: config.timeout, host: host.to_owned() })
     }

@@ -568,14 +568,42 @@ impl Config {
 }
 
 impl Config {
-    /// Reads the files that hold credentials (`alerts.email.password_file`).
+    /// Reads the files the config names for credentials and trust (`alerts.email.password_file`,
+    /// `alerts.email.ca_file`, `alerts.webhook.ca_file`).
     pub fn read_secrets(&mut self) -> Result<(), ConfigError> {
         let path = self.path.clone();
-        let Some(credentials) = self.alerts.as_mut().and_then(|a| a.email.as_mut()).and_then(|e| e.credentials.as_mut()) else {
+        let error = |message: String| ConfigError { path: path.clone(), line: None, message };
+        let read_ca = |key: &str, file: &Path| -> Result<Vec<u8>, ConfigError> {
+            let pem = std::fs::read(file)
+                .map_err(|e| error(format!("{key} \"{}\": cannot read it: {e}", file.display())))?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+            let certificates: Result<Vec<CertificateDer>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+            match certificates {
+                Ok(c) if !c.is_empty() => Ok(pem),
+                outcome => {
+                    let why = outcome.err().map_or_else(|| "none found".to_owned(), |e| e.to_string());
+                    Err(error(format!(
+                        "{key} \"{}\": not PEM certificates ({why}); it must hold the CA certificate(s) as -----BEGIN CERTIFICATE----- blocks",
+                        file.display()
+                    )))
+                }
+            }
+        };
+        if let Some(webhook) = self.alerts.as_mut().and_then(|a| a.webhook.as_mut())
+            && let Some(file) = &webhook.ca_file
+        {
+            webhook.ca_pem = Some(read_ca("alerts.webhook.ca_file", file)?);
+        }
+        let Some(email) = self.alerts.as_mut().and_then(|a| a.email.as_mut()) else {
+            return Ok(());
+        };
+        if let Some(file) = &email.ca_file {
+            email.ca_pem = Some(read_ca("alerts.email.ca_file", file)?);
+        }
+        let Some(credentials) = email.credentials.as_mut() else {
             return Ok(());
         };
         let file = &credentials.password_file;
-        let error = |message: String| ConfigError { path: path.clone(), line: None, message };
         let text = std::fs::read_to_string(file).map_err(|e| {
             error(format!(
                 "alerts.email.password_file \"{}\": cannot read it: {e}; it must hold the SMTP password (and nothing else)",
@@ -1283,6 +1311,10 @@ pub struct EmailConfig {
     pub credentials: Option<SmtpCredentials>,
     /// Bounds one delivery.
     pub timeout: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots, for a relay with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read by `Config::load`.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1318,6 +1350,10 @@ pub struct WebhookConfig {
     /// `http://` or `https://` URL that gets a JSON `POST` per alert.
     pub url: String,
     pub timeout: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots, for an https hook with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The content of `ca_file`, read by `Config::load`.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
@@ -1341,6 +1377,7 @@ struct RawEmail {
     username: Option<Spanned<String>>,
     password_file: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1348,6 +1385,7 @@ struct RawEmail {
 struct RawWebhook {
     url: Spanned<String>,
     timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
@@ -1436,7 +1474,11 @@ fn parse_email(src: &Source, raw: RawEmail) -> Result<EmailConfig, ConfigError> 
         None => Duration::from_secs(10),
         Some(v) => duration(src, v, "alerts.email.timeout")?,
     };
-    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout })
+    if let (Some(ca), SmtpTls::None) = (&raw.ca_file, tls) {
+        return Err(src.at(ca, "alerts.email.ca_file is set but tls = \"none\": a CA is only used with \"starttls\" or \"tls\""));
+    }
+    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout, ca_file, ca_pem: None })
 }
 
 fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigError> {
@@ -1453,7 +1495,13 @@ fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigE
         None => Duration::from_secs(10),
         Some(v) => duration(src, v, "alerts.webhook.timeout")?,
     };
-    Ok(WebhookConfig { url: text.clone(), timeout })
+    if let Some(ca) = &raw.ca_file
+        && !text.starts_with("https://")
+    {
+        return Err(src.at(ca, "alerts.webhook.ca_file is set but the url is not https://: a CA is only used for https"));
+    }
+    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    Ok(WebhookConfig { url: text.clone(), timeout, ca_file, ca_pem: None })
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
@@ -2292,6 +2340,10 @@ timeout = "3s"
         assert!(e.contains("the port goes in alerts.email.port"), "{e}");
         let e = err(&format!("{EXAMPLE}\n[alerts]\nmax_per_minute = 3\n"));
         assert!(e.contains("[alerts] has neither [alerts.email] nor [alerts.webhook]"), "{e}");
+        let e = err(&format!(
+            "{EXAMPLE}\n[alerts.email]\nhost = \"127.0.0.1\"\ntls = \"none\"\nfrom = \"a@b.c\"\nto = [\"a@b.c\"]\nca_file = \"/x\"\n"
+        ));
+        assert!(e.contains("alerts.email.ca_file is set but tls = \"none\""), "{e}");
         let e = with("[alerts.webhook]", "[alerts.webhok]");
         assert!(e.contains("unknown field `webhok`"), "{e}");
     }
@@ -2311,6 +2363,17 @@ timeout = "3s"
         assert_eq!(password.0, "s3cret");
         std::fs::write(&file, "\n").unwrap();
         assert!(config.read_secrets().unwrap_err().to_string().contains("is empty"));
+        // A CA file must hold certificates.
+        let ca = dir.join("ca.pem");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let mut config = parse(&text.replace(
+            "username = \"xlb\"",
+            &format!("username = \"xlb\"\nca_file = \"{}\"", ca.display()),
+        ))
+        .unwrap();
+        let e = config.read_secrets().unwrap_err().to_string();
+        assert!(e.contains("alerts.email.ca_file") && e.contains("not PEM certificates"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

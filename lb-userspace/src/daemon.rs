@@ -268,6 +268,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
     let mut https_listeners = Vec::new();
     let mut watchers = Vec::new();
+    // The certificate stores of ACME-managed services, by service index, for the certificate
+    // manager; it answers challenges through `challenges`.
+    let mut acme_resolvers: Vec<(usize, Arc<https::tls::Resolver>)> = Vec::new();
     for (s, svc) in config.services.iter().enumerate() {
         if svc.mode == ServiceMode::L4 {
             https_stats.push(None);
@@ -297,9 +300,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             Some(Tls::Acme(_)) => {
-                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
-                // get a handshake.
+                // Until the certificate manager has issued one (and installs it with
+                // `Resolver::set`), only TLS-ALPN-01 validations get a handshake.
                 let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
+                acme_resolvers.push((s, resolver.clone()));
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             None => None,
@@ -395,6 +399,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A backend the data path failed must pass `rise` probes, like one that was down.
     let initial_up =
         states.iter().map(|s| s.iter().map(|&st| !matches!(st, BackendState::Down | BackendState::Failed)).collect()).collect();
+    {
+        // What is down already was reported by the daemon before this one: only its recovery
+        // is news.
+        let control = shared.control.lock().unwrap();
+        let current = shared.current();
+        for (s, svc) in current.config.services.iter().enumerate() {
+            for (b, &addr) in svc.backends.iter().enumerate() {
+                if matches!(control[s][b].state(), BackendState::Down | BackendState::Failed) {
+                    let reason = "down when the daemon started".to_owned();
+                    shared.alerts.known_failing(Event::BackendDown { service: svc.name.clone(), backend: addr, reason });
+                }
+            }
+            if !control[s].iter().any(|c| c.state() == BackendState::Up) {
+                shared.alerts.known_failing(Event::ServiceDown { service: svc.name.clone() });
+            }
+        }
+    }
     start_health(&shared, &shared.current(), initial_up);
 
     // Passive health of the HTTPS path: `max_fails` failed requests within `fail_timeout` take
@@ -481,6 +502,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
         info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
+    }
+    for (s, _) in &acme_resolvers {
+        warn!(
+            service = %shared.current().config.services[*s].name,
+            "tls.acme: no certificate manager runs in this version of xlb, so the service has no certificate; use cert and key files"
+        );
     }
     for (name, files, resolver) in watchers {
         tasks.spawn(https::tls::watch_files(name, files, resolver, certificates.clone(), shutdown_rx.clone()));
@@ -667,6 +694,11 @@ fn open_dataplane(config: &Config) -> anyhow::Result<(Dataplane, Layout, Vec<Vec
         .map(|svc| svc.into_iter().map(|s| s.unwrap_or(BackendState::Up)).collect())
         .collect();
     dp.apply_layout(&config.services, &layout, &states)?;
+    // Requests a previous daemon had in flight died with it; and a backend that is no longer
+    // behind an https service must not keep what was published for it.
+    for slot in 0..lb_common::backend::MAX_BACKENDS {
+        dp.set_proxied(slot, 0)?;
+    }
     Ok((dp, layout, states))
 }
 
@@ -938,11 +970,19 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
 /// What differs between two configs' services, one line each.
 fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
+    // A service is the same one when its name or, renamed, its VIP is (the maps know it by VIP).
+    let same = |a: &crate::config::Service, b: &crate::config::Service| {
+        a.name == b.name || (a.listen == b.listen && !new.services.iter().any(|n| n.name == a.name))
+    };
     for svc in &new.services {
-        let Some(before) = old.services.iter().find(|s| s.name == svc.name) else {
-            changes.push(format!("service {} added ({}, {} backends)", svc.name, svc.listen, svc.backends.len()));
+        let Some(before) = old.services.iter().find(|s| same(s, svc)) else {
+            let n = svc.backends.len();
+            changes.push(format!("service {} added ({}, {n} backend{})", svc.name, svc.listen, if n == 1 { "" } else { "s" }));
             continue;
         };
+        if before.name != svc.name {
+            changes.push(format!("service {} renamed to {}", before.name, svc.name));
+        }
         if before.listen != svc.listen {
             changes.push(format!("service {}: listen {} -> {}", svc.name, before.listen, svc.listen));
         }
@@ -959,7 +999,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             changes.push(format!("service {}: backends reordered", svc.name));
         }
     }
-    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| n.name == s.name)) {
+    for svc in old.services.iter().filter(|s| !new.services.iter().any(|n| same(s, n))) {
         changes.push(format!("service {} removed (its backends drain)", svc.name));
     }
     if old.alerts != new.alerts {
@@ -1232,5 +1272,49 @@ impl StatusSource for Source {
             ReloadError::Rejected(message) => ControlError::Rejected(message),
             ReloadError::Failed(e) => ControlError::Failed(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(services: &str) -> Config {
+        let text = format!("[dataplane]\ninterfaces = [\"lo\"]\n{services}");
+        Config::parse(std::path::Path::new("/etc/xlb/xlb.toml"), &text).unwrap()
+    }
+
+    fn service(name: &str, listen: &str, backends: &str) -> String {
+        format!("[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [{backends}]\n")
+    }
+
+    #[test]
+    fn reload_changes_are_described() {
+        let a = "\"127.0.0.1:8001\"";
+        let b = "\"127.0.0.1:8002\"";
+        let c = "\"127.0.0.1:8003\"";
+        let old = config(&(service("web", "127.0.0.1:80", &format!("{a}, {b}")) + &service("api", "127.0.0.1:81", a)));
+        assert!(describe_changes(&old, &old.clone()).is_empty());
+        let new = config(
+            &(service("web", "127.0.0.1:80", &format!("{b}, {c}"))
+                + &service("app", "127.0.0.1:81", a)
+                + &service("admin", "127.0.0.1:82", c)),
+        );
+        assert_eq!(
+            describe_changes(&old, &new),
+            [
+                "service web: backend 127.0.0.1:8003 added",
+                "service web: backend 127.0.0.1:8001 removed (draining)",
+                "service api renamed to app",
+                "service admin added (127.0.0.1:82, 1 backend)",
+            ]
+        );
+        let reordered = config(&(service("web", "127.0.0.1:80", &format!("{b}, {a}")) + &service("api", "127.0.0.1:81", a)));
+        assert_eq!(describe_changes(&old, &reordered), ["service web: backends reordered"]);
+        let gone = config(&service("web", "127.0.0.1:8080", &format!("{a}, {b}")));
+        assert_eq!(
+            describe_changes(&old, &gone),
+            ["service web: listen 127.0.0.1:80 -> 127.0.0.1:8080", "service api removed (its backends drain)"]
+        );
     }
 }

@@ -200,7 +200,7 @@ impl Run<'_> {
                 let timeout = humantime::format_duration(self.plan.drain_timeout);
                 if self.plan.proceed_on_drain_timeout {
                     println!(
-                        "{tag}: still {} after {timeout}; restarting anyway (--proceed-on-drain-timeout): they are cut",
+                        "{tag}: still {} after {timeout}; restarting anyway (--proceed-on-drain-timeout); the restart may cut them",
                         connections(b.live_connections)
                     );
                     return Ok(());

@@ -359,7 +359,6 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
                 listen: "203.0.113.10:80".into(),
                 mode: "l4".into(),
                 rise: 2,
-                https: None,
                 backends: vec![BackendStatus {
                     total_connections: 40,
                     failed_connections: 1,
@@ -367,6 +366,7 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
                     last_probe_ms: Some(0.5),
                     ..backend("203.0.113.10:8001", BackendState::Failed)
                 }],
+                https: None,
             }],
             dataplane: DataplaneStatus::default(),
         };

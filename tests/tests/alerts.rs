@@ -33,8 +33,8 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Listens on `ip` (port chosen by the kernel) in the lb namespace.
-    fn start(lb: &Lb, ip: std::net::IpAddr) -> Receiver {
+    /// Listens on `ip` (port chosen by the kernel) in the lb namespace; with `tls`, https.
+    fn start(lb: &Lb, ip: std::net::IpAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let listener = lb
             .topo
             .in_lb(|| std::net::TcpListener::bind((ip, 0)))
@@ -50,6 +50,7 @@ impl Receiver {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     let store = store.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |request: Request<Incoming>| {
                             let store = store.clone();
@@ -71,7 +72,17 @@ impl Receiver {
                                 }
                             }
                         });
-                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                        match tls {
+                            None => {
+                                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                            }
+                            Some(tls) => {
+                                // A failed handshake (an untrusting client) just ends the connection.
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                }
+                            }
+                        }
                     });
                 }
             });
@@ -126,7 +137,7 @@ fn await_alert(hook: &Receiver, smtp: &Proc, event: &str, what: &str, subject: &
 fn alerts_reach_smtp_and_webhook_once_per_event() {
     let mut lb = Lb::prepare("alerts", Family::V4);
     let ip = lb.backends[0].ip();
-    let hook = Receiver::start(&lb, ip);
+    let hook = Receiver::start(&lb, ip, None);
     let mut aiosmtpd = lb.topo.lb("aiosmtpd");
     aiosmtpd.args(["-n", "-l", &format!("{ip}:{SMTP_PORT}")]).env("PYTHONUNBUFFERED", "1");
     let smtp = lb.topo.spawn(aiosmtpd, "aiosmtpd");
@@ -208,6 +219,133 @@ timeout = "2s"
     let service_down = events.iter().position(|(e, _)| e == "service_down").unwrap();
     let service_up = events.iter().position(|(e, _)| e == "service_recovered").unwrap();
     assert!(service_down < service_up, "{events:?}");
+
+    // Down across a daemon restart: the new daemon does not repeat the failure, and sends the
+    // recovery.
+    drop(lb.apps[1].take());
+    await_alert(&hook, &smtp, "backend_down", &app2, &format!("DOWN: web backend {app2}"), 3);
+    let old = lb.daemon.take().expect("the daemon runs");
+    assert!(old.terminate().success(), "{}", old.output());
+    lb.start_daemon();
+    std::thread::sleep(HEALTH_INTERVAL * 10);
+    assert_eq!(hook.count("backend_down", &app2), 3, "{:?}", hook.events());
+    lb.apps[1] = Some(lb.spawn_app(1));
+    await_alert(&hook, &smtp, "backend_recovered", &app2, &format!("RECOVERED: web backend {app2}"), 3);
+    assert_eq!(hook.events().len(), 12, "{:?}", hook.events());
+    drop(smtp);
+    lb.finish();
+}
+
+/// `openssl` with `args`; panics with its output unless it succeeds.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.current_dir(dir).args(args);
+    run_ok(cmd, &format!("openssl {}", args.join(" ")));
+}
+
+/// E-mail over STARTTLS to a relay, and an https webhook, whose certificate a private CA signed:
+/// untrusted without `ca_file` (deliveries fail, and say why), delivered once `ca_file` names
+/// the CA (applied by `xlb reload`). aiosmtpd refuses mail before STARTTLS, so a delivered mail
+/// went over TLS.
+#[test]
+fn alerts_use_tls_and_a_private_ca() {
+    let mut lb = Lb::prepare("alerts-tls", Family::V4);
+    let ip = lb.backends[0].ip();
+    let dir = lb.dir.clone();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=xlb test CA", "-keyout", "ca.key", "-out", "ca.pem"];
+    ca.extend(ec);
+    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+    openssl(&dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=smtp.xlb.test", "-keyout", "smtp.key", "-out", "smtp.csr"];
+    csr.extend(ec);
+    openssl(&dir, &csr);
+    std::fs::write(
+        dir.join("smtp.ext"),
+        format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &["x509", "-req", "-days", "2", "-in", "smtp.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "smtp.ext", "-out", "smtp.pem"],
+    );
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::pem_file_iter(dir.join("smtp.pem")).unwrap().map(Result::unwrap).collect()
+    };
+    let key = {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("smtp.key")).unwrap()
+    };
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let hook = Receiver::start(&lb, ip, Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server))));
+    let mut aiosmtpd = lb.topo.lb("aiosmtpd");
+    aiosmtpd
+        .args(["-n", "-l", &format!("{ip}:{SMTP_PORT}"), "--tlscert"])
+        .arg(dir.join("smtp.pem"))
+        .arg("--tlskey")
+        .arg(dir.join("smtp.key"))
+        .env("PYTHONUNBUFFERED", "1");
+    let smtp = lb.topo.spawn(aiosmtpd, "aiosmtpd");
+    wait_until(Duration::from_secs(10), "aiosmtpd to listen", || {
+        lb.topo.ss_lb(&["-Htln", &format!("sport = :{SMTP_PORT}")]).contains(&SMTP_PORT.to_string())
+    });
+    let base = std::fs::read_to_string(&lb.config).unwrap();
+    let alerts = format!(
+        r#"
+[alerts.email]
+host = "{ip}"
+port = {SMTP_PORT}
+tls = "starttls"
+from = "xlb@xlb.test"
+to = ["ops@xlb.test"]
+timeout = "3s"
+
+[alerts.webhook]
+url = "https://{ip}:{port}/hook"
+timeout = "2s"
+"#,
+        port = hook.addr.port()
+    );
+    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{alerts}")).unwrap();
+    lb.spawn_apps();
+    lb.start_daemon();
+    lb.wait_healthy();
+
+    // Only Mozilla's roots: the relay's certificate is not trusted, nothing is delivered.
+    let app2 = lb.backends[1];
+    drop(lb.apps[1].take());
+    lb.daemon().wait_for_output("alerts: e-mail delivery failed (attempt 1 of 3", ALERT_DEADLINE);
+    lb.daemon().wait_for_output("alerts: webhook delivery failed (attempt 1 of 3", ALERT_DEADLINE);
+    let log = lb.daemon().output();
+    for channel in ["e-mail", "webhook"] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("alerts: {channel} delivery failed")))
+            .unwrap_or_else(|| panic!("no {channel} failure in:\n{log}"));
+        assert!(line.contains("invalid peer certificate: UnknownIssuer"), "{line}");
+    }
+    assert!(subjects(&smtp).is_empty() && hook.events().is_empty(), "{:?} {:?}", subjects(&smtp), hook.events());
+
+    // Trust the CA (a reload applies it); the recovery then arrives, over STARTTLS.
+    let ca_file = dir.join("ca.pem");
+    let with_ca = alerts
+        .replace("timeout = \"3s\"", &format!("timeout = \"3s\"\nca_file = \"{}\"", ca_file.display()))
+        .replace("timeout = \"2s\"", &format!("timeout = \"2s\"\nca_file = \"{}\"", ca_file.display()));
+    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{with_ca}")).unwrap();
+    let out = run_ok(lb.xlb(&["reload"]), "xlb reload");
+    assert!(out.contains("[alerts] changed"), "{out}");
+    lb.apps[1] = Some(lb.spawn_app(1));
+    wait_until(ALERT_DEADLINE, "the recovery by mail over STARTTLS and by https webhook", || {
+        mails(&smtp, &format!("RECOVERED: web backend {app2}")) == 1
+            && hook.count("backend_recovered", &app2.to_string()) == 1
+    });
+    println!("mail subjects: {:?}", subjects(&smtp));
     drop(smtp);
     lb.finish();
 }

@@ -501,6 +501,74 @@ fn proxies_http1_and_http2_with_headers() {
     assert!(table.contains("service site  listen 198.18.0.1:443  mode https"), "{table}");
     assert!(table.contains(&format!("tls handshakes: {full} full, {resumed} resumed, 0 failed")), "{table}");
     assert!(table.contains("certificate: expires in 8"), "{table}");
+
+    // A drained backend gets no new HTTPS requests; undrained, it does again.
+    let first = site.lb.backends[0].to_string();
+    run_ok(site.lb.xlb(&["drain", "site", &first]), "xlb drain");
+    let mut served = [0; BACKENDS];
+    for _ in 0..6 {
+        served[site.get()] += 1;
+    }
+    assert_eq!(served[0], 0, "a drained backend got HTTPS requests: {served:?}");
+    run_ok(site.lb.xlb(&["undrain", "site", &first]), "xlb undrain");
+    let mut served = [0; BACKENDS];
+    for _ in 0..6 {
+        served[site.get()] += 1;
+    }
+    assert!(served[0] > 0, "an undrained backend got no HTTPS requests: {served:?}");
+    site.lb.finish();
+}
+
+/// An `Upgrade` (HTTP/1.1, as WebSockets use it) passes through both ways, and the tunnel counts
+/// as a request in flight to its backend while it is open.
+#[test]
+fn upgrades_pass_through() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let site = Site::start("https-upgrade");
+    let tcp = site.tcp(site.https());
+    let (head, mut tls) = site.rt.block_on(async {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let mut config = (*site.tls).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(SITE).unwrap(), tcp)
+            .await
+            .unwrap();
+        let request = format!("GET /upgrade HTTP/1.1\r\nHost: {SITE}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = tokio::time::timeout(IO_TIMEOUT, tls.read(&mut byte)).await.expect("the 101 in time").unwrap();
+            assert_eq!(n, 1, "closed inside the response head: {}", String::from_utf8_lossy(&head));
+            head.push(byte[0]);
+        }
+        (String::from_utf8(head).unwrap(), tls)
+    });
+    println!("{}", head.trim());
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupgrade: echo\r\n") && lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(lower.contains("\r\nx-backend-server: 198.18.0.1:800"), "{head}");
+    let in_flight = |site: &Site| -> u64 {
+        site.site_status()["backends"].as_array().unwrap().iter().map(|b| b["live_connections"].as_u64().unwrap()).sum()
+    };
+    for message in ["hello", "through the tunnel"] {
+        let echoed = site.rt.block_on(async {
+            tls.write_all(message.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; message.len()];
+            tokio::time::timeout(IO_TIMEOUT, tls.read_exact(&mut buf)).await.expect("the echo in time").unwrap();
+            String::from_utf8(buf).unwrap()
+        });
+        assert_eq!(echoed, message);
+    }
+    assert_eq!(in_flight(&site), 1, "the open tunnel counts as a request in flight");
+    drop(tls);
+    site.lb.poll(Duration::from_secs(3), "the closed tunnel to stop counting", |_| {
+        let n = in_flight(&site);
+        (n == 0).then_some(()).ok_or_else(|| format!("{n} in flight"))
+    });
     site.lb.finish();
 }
 
@@ -713,6 +781,54 @@ fn backend_killed_mid_stream() {
         assert_eq!(posts(site.lb.apps[victim].as_ref().unwrap()), before[victim] + 1);
     });
     site.lb.finish();
+}
+
+/// Passive health: a backend that fails requests (closes without answering) is taken out at
+/// once by the proxy, before its probes (which pass) could notice anything; an idempotent
+/// request goes on to the next backend, a POST is not sent again.
+#[test]
+fn failing_requests_take_backends_out() {
+    let site = Site::start("https-passive");
+    let before: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
+    let answer = site.request(false, "POST", "/abort", &[]).unwrap();
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
+    let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
+    let marks = || site.lb.daemon().output().matches("requests to it failed (passive health)").count();
+    site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
+    assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
+    let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
+    assert_eq!(site.site_status()["backends"][victim]["state"], "down");
+    // Its probes pass, so it comes back after `rise` probes.
+    let all_up = |what: &str| {
+        site.lb.poll(Duration::from_secs(5), what, |lb| {
+            let s = lb.status();
+            let b = s["services"][1]["backends"].as_array().unwrap().clone();
+            b.iter().all(|b| b["state"] == "up").then_some(()).ok_or_else(|| format!("{b:?}"))
+        })
+    };
+    let (_, took) = all_up("the backend back after its probes");
+    println!("app-{} back up {} ms after passive health took it out", victim + 1, took.as_millis());
+
+    // Every backend fails a GET: each is tried once and taken out, the client gets 502.
+    let answer = site.request(false, "GET", "/abort", &[]).unwrap();
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let gets: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "GET")).collect();
+    println!("GET /abort reached the backends {gets:?} times");
+    assert_eq!(gets, [1; BACKENDS], "each backend should get the GET exactly once");
+    site.lb.poll(Duration::from_secs(2), "every backend taken out", |_| {
+        (marks() == 1 + BACKENDS).then_some(()).ok_or_else(|| format!("{} taken out", marks()))
+    });
+    assert_eq!(site.site_status()["https"]["retries"].as_u64(), Some(BACKENDS as u64 - 1));
+    all_up("the backends back after their probes");
+    assert!(site.get() < BACKENDS);
+    site.lb.finish();
+}
+
+/// How many `/abort` requests with `method` a demo backend has logged.
+fn aborts(app: &xlb_tests::Proc, method: &str) -> usize {
+    app.output().matches(&format!("request {method} /abort")).count()
 }
 
 /// How many POSTs a demo backend has logged.

@@ -129,6 +129,42 @@ fn reload_rejects_bad_files_and_drains_removed_backends() {
     // Nothing changed: nothing to do.
     let out = run_ok(lb.xlb(&["reload"]), "xlb reload (same file)");
     assert!(out.contains("nothing changed"), "{out}");
+
+    // 4. A second service on a VIP port of its own, then removed again.
+    let api = std::net::SocketAddr::new(lb.vip.ip(), 81);
+    let with_api = format!(
+        "{original}\n[[service]]\nname = \"api\"\nlisten = \"{api}\"\nbackends = [\"{}\", \"{}\"]\n",
+        lb.backends[0], lb.backends[1]
+    );
+    std::fs::write(&lb.config, &with_api).unwrap();
+    let out = run_ok(lb.xlb(&["reload"]), "xlb reload (service added)");
+    assert!(out.contains(&format!("service api added ({api}, 2 backends)")), "{out}");
+    let mut answered = [0; BACKENDS];
+    for _ in 0..4 {
+        let response = lb
+            .topo
+            .in_client(|| xlb_tests::http_get(api, "/", IO_TIMEOUT))
+            .unwrap_or_else(|e| panic!("GET http://{api}/ after adding service api: {e}"));
+        answered[app_index(&response.body)] += 1;
+    }
+    assert_eq!(answered, [2, 2, 0], "service api spreads over its two backends");
+    let status = lb.status();
+    assert_eq!(status["services"][1]["name"], "api", "{status:#}");
+    let freed = log_count(&lb, "removed backend has no connections left");
+    std::fs::write(&lb.config, &original).unwrap();
+    let out = run_ok(lb.xlb(&["reload"]), "xlb reload (service removed)");
+    assert!(out.contains("service api removed"), "{out}");
+    // Its VIP is no longer balanced: nothing listens on port 81 itself.
+    let refused = lb.topo.in_client(|| xlb_tests::http_get(api, "/", IO_TIMEOUT));
+    assert!(refused.is_err(), "{api} still answered after its service was removed: {refused:?}");
+    // Its backends held no connections: their slots are freed at the next reconcile.
+    wait_log(&lb, "removed backend has no connections left", freed + 2, Duration::from_secs(10));
+    // Service web is unaffected: its held connections keep their backends, and new ones go
+    // to the least loaded (app-3, the one without a held connection).
+    for h in &mut held {
+        assert_eq!(h.request(), h.backend, "a held connection broke or moved after the reload");
+    }
+    assert_eq!(lb.spread(6)[2], 6, "service web after service api came and went");
     drop(held);
     lb.finish();
 }

@@ -184,3 +184,42 @@ fn failing_restart_stops_undrains_and_rolls_back() {
     run_ok(lb.xlb(&["undrain", "web", &b3.to_string()]), "xlb undrain");
     lb.finish();
 }
+
+/// A backend whose connections outlast `--drain-timeout` stops the rollout before its restart
+/// (and is undrained), unless `--proceed-on-drain-timeout`, which restarts it anyway and says so.
+#[test]
+fn drain_timeout_stops_unless_told_to_proceed() {
+    let lb = Lb::start("rollout-drain", Family::V4);
+    // One keep-alive connection on every backend, held through both rollouts.
+    let mut held: Vec<Held> = (0..BACKENDS).map(|_| lb.hold()).collect();
+    lb.await_live([1, 1, 1], "one held connection per backend");
+    let b1 = lb.backends[0];
+    let (status, out) = rollout(&lb, &["--exec", "true", "--drain-timeout", "1s"]);
+    println!("xlb rollout --drain-timeout 1s:\n{out}");
+    assert_eq!(status.code(), Some(1), "{out}");
+    for line in [
+        format!("[1/3] {b1}: draining (1 open connection)"),
+        format!("rollout of web stopped: [1/3] {b1}: still 1 open connection after --drain-timeout 1s; not restarting it"),
+        "no backend was restarted".to_string(),
+        format!("undrained again: {b1} (up)"),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+    assert!(!out.contains("running `true`"), "the command ran: {out}");
+    assert!(lb.view().iter().all(|b| b.state == "up"));
+
+    let (status, out) = rollout(&lb, &["--exec", "true", "--drain-timeout", "500ms", "--proceed-on-drain-timeout"]);
+    println!("xlb rollout --proceed-on-drain-timeout:\n{out}");
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(&format!("[1/3] {b1}: still 1 open connection after 500ms; restarting anyway (--proceed-on-drain-timeout); the restart may cut them")),
+        "{out}"
+    );
+    assert!(out.contains("rollout of web complete: 3 backends restarted"), "{out}");
+    // `true` restarted nothing: the held connections are still there and answered.
+    for h in &mut held {
+        assert_eq!(h.request(), h.backend, "a held connection changed backend");
+    }
+    drop(held);
+    lb.finish();
+}

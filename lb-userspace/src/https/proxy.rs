@@ -248,6 +248,7 @@ impl Proxy {
         });
         let mut tried = vec![false; self.backends.len()];
         let mut stale_retries = 0;
+        let mut failed_backends = 0;
         loop {
             let Some(b) = self.pick(&tried) else {
                 return Err(if tried.iter().any(|&t| t) {
@@ -256,6 +257,13 @@ impl Proxy {
                     (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
                 });
             };
+            // A retry is the request going to another backend after one failed (not a stale
+            // pooled connection swapped for a fresh one).
+            let failed_now = tried.iter().filter(|&&t| t).count();
+            if failed_now > failed_backends {
+                failed_backends = failed_now;
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
             let addr = self.backends[b];
             let guard = InFlight::new(self.backplane.clone(), addr);
             let t = &self.options.timeouts;
@@ -360,7 +368,6 @@ impl Proxy {
 
     fn retry(&self, b: usize, tried: &mut [bool]) {
         tried[b] = true;
-        self.stats.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The usable backend not yet tried with the fewest live connections over both paths;
@@ -470,8 +477,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in [&header::CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+    for name in [&header::CONNECTION, &KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING] {
         headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::UPGRADE);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -486,11 +496,10 @@ fn backend_head(parts: &hyper::http::request::Parts, peer: SocketAddr, host: Hea
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.uri = target.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     let mut headers = parts.headers.clone();
-    let upgrade_value = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers, upgrade);
-    if let (true, Some(v)) = (upgrade, upgrade_value) {
-        headers.insert(header::UPGRADE, v);
-    }
+    // The client got its 100 Continue from us as soon as its body was asked for; a backend
+    // answering one more would confuse the exchange.
+    headers.remove(header::EXPECT);
     // HTTP/2 may split cookies into several fields; an HTTP/1.1 server wants one (RFC 9113
     // §8.2.3).
     if headers.get_all(header::COOKIE).iter().count() > 1 {

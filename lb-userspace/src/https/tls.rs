@@ -36,11 +36,11 @@ pub const RELOAD_POLL: Duration = Duration::from_secs(1);
 /// Sessions the server-side cache keeps (for clients that resume by session id, TLS 1.2).
 const SESSION_CACHE: usize = 16 * 1024;
 
-/// ring's suites are exactly the TLS 1.3 suites and the TLS 1.2 ECDHE suites with AES-GCM or
+/// aws-lc-rs's default suites are exactly the TLS 1.3 suites and the TLS 1.2 ECDHE suites with AES-GCM or
 /// ChaCha20-Poly1305: every one forward-secret and AEAD. Kept explicit so that a future default
 /// cannot widen it unnoticed.
 pub fn provider() -> CryptoProvider {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.retain(|s| match s {
         rustls::SupportedCipherSuite::Tls13(_) => true,
         rustls::SupportedCipherSuite::Tls12(s) => {
@@ -77,14 +77,39 @@ pub fn load_pair(files: &CertFiles) -> anyhow::Result<Loaded> {
         ),
         e => anyhow::anyhow!("reading private key file {}: {e}", key.display()),
     })?;
-    let (names, not_after) = describe(&chain[0]).with_context(|| format!("{}: the leaf certificate", cert.display()))?;
-    let certified = CertifiedKey::from_der(chain, der, &provider()).map_err(|e| {
-        anyhow::anyhow!(
+    from_der(chain, der).map_err(|e| match e {
+        Mismatch::Leaf(e) => e.context(format!("{}: the leaf certificate", cert.display())),
+        Mismatch::Key(e) => anyhow::anyhow!(
             "{} and {} do not go together ({e}); give the key the certificate was issued for",
             cert.display(),
             key.display()
-        )
-    })?;
+        ),
+    })
+}
+
+/// A certificate chain and key in PEM held in memory, as an ACME client gets them.
+pub fn load_pem(chain: &[u8], key: &[u8]) -> anyhow::Result<Loaded> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<_, _>>()
+        .context("not a PEM certificate chain")?;
+    if chain.is_empty() {
+        bail!("no CERTIFICATE block in the chain");
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).context("no usable PEM private key")?;
+    from_der(chain, key).map_err(|e| match e {
+        Mismatch::Leaf(e) => e.context("the leaf certificate"),
+        Mismatch::Key(e) => anyhow::anyhow!("the key does not belong to the certificate ({e})"),
+    })
+}
+
+enum Mismatch {
+    Leaf(anyhow::Error),
+    Key(rustls::Error),
+}
+
+fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Loaded, Mismatch> {
+    let (names, not_after) = describe(&chain[0]).map_err(Mismatch::Leaf)?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(Mismatch::Key)?;
     Ok(Loaded { key: Arc::new(certified), names, not_after })
 }
 
@@ -182,7 +207,7 @@ pub fn server_config(resolver: Arc<Resolver>) -> anyhow::Result<Arc<ServerConfig
     config.ignore_client_order = true;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     // Tickets with a key rotated every 6 hours (the previous key still decrypts).
-    config.ticketer = rustls::crypto::ring::Ticketer::new().context("creating the session ticket key")?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("creating the session ticket key")?;
     Ok(Arc::new(config))
 }
 
@@ -252,6 +277,128 @@ mod tests {
         assert!(!matches("*.example.com", "example.com"));
         assert!(matches("example.com", "example.com"));
         assert!(!matches("example.com", "www.example.com"));
+    }
+
+    /// A CA, and leaves it signs written as PEM files.
+    struct Pki {
+        dir: PathBuf,
+        ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Pki {
+        fn new(tag: &str) -> Pki {
+            let dir = std::env::temp_dir().join(format!("xlb-tls-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+            Pki { dir, ca }
+        }
+
+        fn leaf(&self, file: &str, names: &[&str]) -> (CertFiles, Vec<u8>) {
+            let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.ca).unwrap();
+            let files = CertFiles { cert: self.dir.join(format!("{file}.crt")), key: self.dir.join(format!("{file}.key")) };
+            std::fs::write(&files.cert, cert.pem()).unwrap();
+            std::fs::write(&files.key, key.serialize_pem()).unwrap();
+            (files, cert.der().to_vec())
+        }
+
+        /// A handshake with `sni` offering `alpn`, in memory: the leaf the server sent.
+        fn handshake(&self, server: &Arc<ServerConfig>, sni: &str, alpn: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca.der().clone()).unwrap();
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![alpn.to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+            let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+            let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+            for _ in 0..10 {
+                let mut buf = Vec::new();
+                while client.wants_write() {
+                    client.write_tls(&mut buf).unwrap();
+                }
+                let mut rd = &buf[..];
+                while !rd.is_empty() {
+                    server.read_tls(&mut rd).unwrap();
+                }
+                server.process_new_packets()?;
+                let mut buf = Vec::new();
+                while server.wants_write() {
+                    server.write_tls(&mut buf).unwrap();
+                }
+                let mut rd = &buf[..];
+                while !rd.is_empty() {
+                    client.read_tls(&mut rd).unwrap();
+                }
+                client.process_new_packets()?;
+                if !client.is_handshaking() && !server.is_handshaking() {
+                    let leaf = client.peer_certificates().unwrap()[0].to_vec();
+                    return Ok(leaf);
+                }
+            }
+            panic!("handshake with {sni} did not finish");
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn sni_picks_the_certificate_and_acme_tls_alpn_gets_the_challenge() {
+        let pki = Pki::new("sni");
+        let (a, a_der) = pki.leaf("a", &["a.example"]);
+        let (b, b_der) = pki.leaf("b", &["*.b.example", "b.example"]);
+        let (c, c_der) = pki.leaf("challenge", &["c.example"]);
+        let challenges = Challenges::new();
+        challenges.set_tls_alpn01("c.example", load_pair(&c).unwrap().key);
+        let stats = Arc::new(Stats::default());
+        let resolver = Resolver::new(vec![load_pair(&a).unwrap(), load_pair(&b).unwrap()], challenges, stats.clone());
+        let config = server_config(resolver.clone()).unwrap();
+        assert_eq!(pki.handshake(&config, "a.example", ALPN_H2).unwrap(), a_der);
+        assert_eq!(pki.handshake(&config, "x.b.example", ALPN_HTTP11).unwrap(), b_der);
+        assert_eq!(pki.handshake(&config, "B.Example", ALPN_H2).unwrap(), b_der);
+        // No match: the first certificate (the client then rejects the name).
+        assert!(pki.handshake(&config, "other.example", ALPN_H2).is_err());
+        // TLS-ALPN-01 gets the challenge certificate, never the real one...
+        assert_eq!(pki.handshake(&config, "c.example", ACME_TLS_ALPN).unwrap(), c_der);
+        // ...and nothing for a name without a pending challenge.
+        assert!(pki.handshake(&config, "a.example", ACME_TLS_ALPN).is_err());
+        // A reload replaces what new handshakes get; the expiry follows.
+        let (a2, a2_der) = pki.leaf("a2", &["a.example"]);
+        let loaded = load_pair(&a2).unwrap();
+        let not_after = loaded.not_after;
+        resolver.set(vec![loaded]);
+        assert_eq!(pki.handshake(&config, "a.example", ALPN_H2).unwrap(), a2_der);
+        assert_eq!(stats.cert_not_after.load(Ordering::Relaxed), not_after);
+    }
+
+    #[test]
+    fn mismatched_or_missing_files_are_explained() {
+        let pki = Pki::new("bad");
+        let (a, _) = pki.leaf("a", &["a.example"]);
+        let (b, _) = pki.leaf("b", &["b.example"]);
+        let crossed = CertFiles { cert: a.cert.clone(), key: b.key.clone() };
+        let e = format!("{:#}", load_pair(&crossed).err().unwrap());
+        assert!(e.contains("do not go together") && e.contains("give the key the certificate was issued for"), "{e}");
+        let swapped = CertFiles { cert: a.key.clone(), key: a.cert.clone() };
+        let e = format!("{:#}", load_pair(&swapped).err().unwrap());
+        assert!(e.contains("no CERTIFICATE block"), "{e}");
+        let pem = |p: &PathBuf| std::fs::read(p).unwrap();
+        assert_eq!(load_pem(&pem(&a.cert), &pem(&a.key)).unwrap().names, ["a.example"]);
+        let e = format!("{:#}", load_pem(&pem(&a.cert), &pem(&b.key)).err().unwrap());
+        assert!(e.starts_with("the key does not belong to the certificate"), "{e}");
+        let missing = CertFiles { cert: pki.dir.join("nope.crt"), key: a.key.clone() };
+        let e = format!("{:#}", load_pair(&missing).err().unwrap());
+        assert!(e.starts_with(&format!("reading certificate file {}", missing.cert.display())), "{e}");
     }
 
     #[test]

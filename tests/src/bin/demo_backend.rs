@@ -4,9 +4,10 @@
 //! `GET /` → `served by <name>`; `/health`, `/health/ready`, `/health/live` → JSON status
 //! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
 //! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
-//! (method, target, headers, peer, body length), to check what a proxy added.
+//! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
+//! the connection without an answer, as a crashing handler would; `/upgrade` with `Upgrade:
+//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them.
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -112,6 +113,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `/abort` fails with.
+#[derive(Debug)]
+struct Aborted;
+
+impl std::fmt::Display for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("aborted on request")
+    }
+}
+
+impl std::error::Error for Aborted {}
+
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -131,20 +144,34 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             let _ = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Aborted> {
     state.served.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
     if state.log_requests && !path.starts_with("/health") {
         println!("request {} {}", req.method(), req.uri());
+    }
+    if path == "/upgrade" && req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            }
+        });
+        let mut response = respond(&state, StatusCode::SWITCHING_PROTOCOLS, "text/plain", String::new());
+        response.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
+        response.headers_mut().insert("upgrade", HeaderValue::from_static("echo"));
+        return Ok(response);
     }
     let method = req.method().to_string();
     let target = req.uri().to_string();
@@ -166,6 +193,8 @@ async fn handle(
         .map_or(0, |b| b.to_bytes().len());
     let response = match path.as_str() {
         "/" => served_by(&state),
+        // hyper closes the connection when the service fails.
+        "/abort" => return Err(Aborted),
         "/echo" => respond(
             &state,
             StatusCode::OK,
