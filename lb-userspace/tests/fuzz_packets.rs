@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use lb_common::{
     Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
-    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey},
+    flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey, HANDSHAKE_ANSWERED, HANDSHAKE_SYN_SENT},
     service::MAX_BACKENDS_PER_SERVICE,
 };
 use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
@@ -36,6 +36,11 @@ const ACK: u8 = 0x10;
 
 /// Service 0: a VIP on its own address; 1: a VIP on the backends' address (port rewrite only);
 /// 2: IPv6; 3: every backend down (SYNs dropped).
+///
+/// Passive health is off (`max_fails = 0`): what it does depends on time (a SYN seen again
+/// 200 ms after the first is a retransmission), which a model run beside the kernel cannot
+/// know to the microsecond. With it off, the programs still track each flow's handshake, which
+/// the model follows; passive health itself has its own packet and scenario tests.
 const CONFIG: &str = r#"
 [dataplane]
 interfaces = ["lo"]
@@ -43,18 +48,22 @@ interfaces = ["lo"]
 name = "vip"
 listen = "198.18.0.10:80"
 backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+max_fails = 0
 [[service]]
 name = "same-address"
 listen = "198.18.0.1:80"
 backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+max_fails = 0
 [[service]]
 name = "v6"
 listen = "[2001:2::10]:80"
 backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
+max_fails = 0
 [[service]]
 name = "down"
 listen = "198.18.0.11:80"
 backends = ["198.18.0.1:8004"]
+max_fails = 0
 "#;
 
 fn require_root() {
@@ -345,6 +354,8 @@ struct MFlow {
     backend_port: u16,
     slot: u32,
     closed: bool,
+    /// The backend's SYN-ACK went out through the TC program (`HANDSHAKE_ANSWERED`).
+    answered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -495,14 +506,15 @@ impl Model {
             self.count("no_flow");
             return XDP_PASS;
         }
-        // select::least_conns: fewest live (clamped to 0..2^24), then longest since chosen.
+        // select::least_conns: fewest live (clamped to 0..2^23), then longest since chosen
+        // (nothing is in slow start and no SYN is a retransmission: passive health is off).
         let mut best: Option<(u64, u32)> = None;
         for (i, b) in svc.backends.iter().enumerate() {
             if !b.up {
                 continue;
             }
             let slot = svc.first + i as u32;
-            let live = self.live.get(&slot).copied().unwrap_or(0).clamp(0, (1 << 24) - 1) as u64;
+            let live = self.live.get(&slot).copied().unwrap_or(0).clamp(0, (1 << 23) - 1) as u64;
             let score = (live << 40) | ((stamp(slot) >> 10) & ((1 << 40) - 1));
             if best.is_none_or(|(s, _)| score < s) {
                 best = Some((score, slot));
@@ -513,7 +525,7 @@ impl Model {
             return XDP_DROP;
         };
         let b = svc.backends[(slot - svc.first) as usize];
-        let flow = MFlow { backend_addr: b.addr, backend_port: b.port, slot, closed: false };
+        let flow = MFlow { backend_addr: b.addr, backend_port: b.port, slot, closed: false, answered: false };
         self.flows.insert(key, flow);
         self.replies.insert(Self::reply_key(&key, &flow), MNat { vip_addr: key.dst_addr, vip_port: key.dst_port, slot });
         *self.live.entry(slot).or_default() += 1;
@@ -631,10 +643,24 @@ impl Model {
             out[pkt.ip + 8..pkt.ip + 24].copy_from_slice(&nat.vip_addr.0);
         }
         self.count("reply_packets");
-        if pkt.flags & (FIN | RST) != 0 && self.flows.contains_key(&fwd) && self.on_flags(&fwd, pkt.flags) {
+        let done = Expect { verdict: TC_ACT_OK, out, csum_fields };
+        if pkt.flags & (SYN | FIN | RST) == 0 {
+            return done;
+        }
+        let Some(f) = self.flows.get_mut(&fwd) else { return done };
+        if pkt.flags & SYN != 0 {
+            // The backend's SYN-ACK (any segment with SYN): the handshake was answered. Nothing
+            // else is looked at, FIN and RST included.
+            f.answered = true;
+            return done;
+        }
+        // A backend's RST before its SYN-ACK is a refused connection, which passive health
+        // would count and hide from the client; it is off here, so it closes the flow as any
+        // RST does.
+        if self.on_flags(&fwd, pkt.flags) {
             self.count("closed_flows");
         }
-        Expect { verdict: TC_ACT_OK, out, csum_fields }
+        done
     }
 }
 
@@ -1082,8 +1108,14 @@ fn compare_state(dp: &Dataplane, config: &Config, model: &Model, seed: u64, at: 
     for (k, f) in &model.flows {
         let got = dp.flow(k).unwrap_or_else(|| panic!("{ctx}: flow {k:?} missing from FLOWS"));
         assert_eq!(
-            (got.backend_addr, got.backend_port, got.backend, got.closed),
-            (f.backend_addr, f.backend_port, f.slot, if f.closed { FLOW_CLOSED } else { FLOW_OPEN }),
+            (got.backend_addr, got.backend_port, got.backend, got.closed, got.handshake),
+            (
+                f.backend_addr,
+                f.backend_port,
+                f.slot,
+                if f.closed { FLOW_CLOSED } else { FLOW_OPEN },
+                if f.answered { HANDSHAKE_ANSWERED } else { HANDSHAKE_SYN_SENT }
+            ),
             "{ctx}: flow {k:?}"
         );
     }

@@ -1,7 +1,7 @@
 //! The admin API's connection handling (`xlb::admin::connection`, the hyper service the daemon
 //! runs) on an arbitrary byte stream from a client: it must never panic or hang, must answer
-//! only with well-formed HTTP responses, and may change a drain flag only for a `POST` to an
-//! existing backend of an existing service.
+//! only with well-formed HTTP responses, and may change a drain flag (or reload the config) only
+//! for a `POST` (to an existing backend of an existing service).
 #![no_main]
 
 use std::{
@@ -14,12 +14,13 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use xlb::{
     admin::{self, ControlError, StatusSource},
-    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, ServiceStatus, Status},
+    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, ReloadResult, ServiceStatus, Status},
 };
 
-/// One service with two backends; drains are recorded.
+/// One service with two backends; drains and reloads are recorded.
 struct Fixed {
     drains: Mutex<Vec<(String, SocketAddr, bool)>>,
+    reloads: Mutex<u32>,
 }
 
 fn status() -> Status {
@@ -28,16 +29,22 @@ fn status() -> Status {
         state: BackendState::Up,
         live_connections: 3,
         total_connections: 120,
+        failed_connections: 0,
         healthy: Some(true),
         last_probe_ms: Some(0.4),
         last_error: None,
+        checks_up: true,
+        probes: 10,
+        probes_passed_in_a_row: 10,
     };
     Status {
         services: vec![ServiceStatus {
             name: "web".into(),
             listen: "198.18.0.1:80".into(),
             mode: "l4".into(),
+            rise: 2,
             backends: vec![backend("198.18.0.1:8001"), backend("[2001:2::1]:8002")],
+            https: None,
         }],
         dataplane: DataplaneStatus {
             interfaces: Vec::new(),
@@ -78,6 +85,11 @@ impl StatusSource for Fixed {
             live_connections: 3,
         })
     }
+
+    fn reload(&self) -> Result<ReloadResult, ControlError> {
+        *self.reloads.lock().unwrap() += 1;
+        Ok(ReloadResult { config: "/etc/xlb/xlb.toml".into(), changes: Vec::new() })
+    }
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -86,7 +98,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let source = Arc::new(Fixed { drains: Mutex::default() });
+    let source = Arc::new(Fixed { drains: Mutex::default(), reloads: Mutex::default() });
     let out = runtime().block_on(async {
         let (client, server) = tokio::io::duplex(1 << 16);
         let (_stop, stop) = tokio::sync::watch::channel(false);
@@ -117,7 +129,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(text.starts_with("HTTP/1.1 ") || text.starts_with("HTTP/1.0 "), "not an HTTP response: {text:?}");
         let code: u16 = text[9..12].parse().unwrap_or_else(|_| panic!("no status code: {text:?}"));
         assert!(
-            [200, 400, 403, 404, 405, 408, 413, 414, 431, 500, 501, 505].contains(&code),
+            [200, 400, 403, 404, 405, 408, 413, 414, 422, 431, 500, 501, 505].contains(&code),
             "unexpected status {code}: {text:?}"
         );
         // Skip to the next response, if any (keep-alive): after the head and its body.
@@ -134,7 +146,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(end <= rest.len(), "response shorter than its Content-Length: {text:?}");
         rest = &rest[end..];
     }
-    // A drain happens only through POST: the recorded calls were made for real backends.
+    // A drain or a reload happens only through POST; drains only of real backends.
+    if *source.reloads.lock().unwrap() > 0 {
+        let input = String::from_utf8_lossy(data);
+        assert!(input.contains("POST"), "reloaded without a POST: {input:?}");
+    }
     for (service, backend, _) in source.drains.lock().unwrap().iter() {
         assert_eq!(service, "web");
         assert!(["198.18.0.1:8001", "[2001:2::1]:8002"].contains(&backend.to_string().as_str()));
