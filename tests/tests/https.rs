@@ -1299,8 +1299,8 @@ fn app_pids(dir: &Path) -> Vec<String> {
 }
 
 /// Operations test 4, HTTPS half: `xlb rollout site` restarts the three backends one at a time
-/// while clients stream requests over kept-alive HTTP/1.1 and HTTP/2 connections and new ones;
-/// not one request fails. The proxy's pooled connections to a restarted backend are the hard
+/// while clients stream requests (GETs, and POSTs with a body) over kept-alive HTTP/1.1 and
+/// HTTP/2 connections and new ones; not one request fails. The proxy's pooled connections to a restarted backend are the hard
 /// part: each restart closes them, and a request must never be lost on one.
 #[test]
 fn rollout_restarts_https_backends_without_a_failed_request() {
@@ -1338,7 +1338,16 @@ fn rollout_restarts_https_backends_without_a_failed_request() {
                         fresh.fetch_add(1, Ordering::Relaxed);
                     }
                     n += 1;
-                    match rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new())) {
+                    // Thread 1 sends every other request as a POST with a body: one that met a
+                    // closing backend connection could not be sent again, so it shows any
+                    // request lost on a stale pooled connection as a failure.
+                    let sent = if t == 1 && n % 2 == 0 {
+                        let headers = [("content-type", "text/plain")];
+                        rt.block_on(conn.as_mut().unwrap().send("POST", "/", &headers, Bytes::from_static(b"order")))
+                    } else {
+                        rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new()))
+                    };
+                    match sent {
                         Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
                         other => {
                             errors.lock().unwrap().push(format!("{other:?}"));
@@ -1364,7 +1373,7 @@ fn rollout_restarts_https_backends_without_a_failed_request() {
     let (ok, failed, fresh) = (ok.into_inner(), failed.into_inner(), fresh.into_inner());
     println!("xlb rollout site:\n{out}");
     println!(
-        "during the rollout ({:.1}s): {ok} GETs answered 200 over {fresh} connections (HTTP/1.1 and HTTP/2), {failed} failed; {} retries",
+        "during the rollout ({:.1}s): {ok} GETs and POSTs answered 200 over {fresh} connections (HTTP/1.1 and HTTP/2), {failed} failed; {} retries",
         took.as_secs_f64(),
         site.site_status()["https"]["retries"]
     );
