@@ -1232,3 +1232,166 @@ fn https_listener_handover_across_20_restarts() {
     let site = site.into_inner().unwrap();
     site.lb.finish();
 }
+
+/// Backends started by the restart script of `rollout_restarts_https_backends_without_a_failed_request`,
+/// killed when the test ends (they are not `Proc`s).
+struct Restarted(PathBuf);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for i in 1..=BACKENDS {
+            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// `restart.sh N`: restarts app-N on port 800N in the lb namespace, like `systemctl restart
+/// app@N`: SIGTERM to the pid in `app-N.pid`, wait until the port is free, start a new demo
+/// backend there and wait until it listens.
+fn write_restart_script(lb: &Lb) -> PathBuf {
+    let script = lb.dir.join("restart.sh");
+    let ip = lb.backends[0].ip();
+    let text = format!(
+        r#"#!/bin/sh
+set -eu
+i=$1
+dir={dir}
+pid=$(cat "$dir/app-$i.pid")
+kill -TERM "$pid"
+n=0
+while ss -Htln "sport = :800$i" | grep -q .; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
+    sleep 0.05
+done
+setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
+echo $! >"$dir/app-$i.pid"
+n=0
+until grep -qs "listening on" "$dir/app-$i.log"; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
+    sleep 0.05
+done
+echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
+"#,
+        dir = lb.dir.display(),
+        demo = demo_backend_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    let mut chmod = Command::new("chmod");
+    chmod.arg("755").arg(&script);
+    run_ok(chmod, "chmod");
+    for (i, app) in lb.apps.iter().enumerate() {
+        let pid = app.as_ref().expect("the backend runs").pid();
+        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
+    }
+    script
+}
+
+fn app_pids(dir: &Path) -> Vec<String> {
+    (1..=BACKENDS)
+        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
+        .collect()
+}
+
+/// Operations test 4, HTTPS half: `xlb rollout site` restarts the three backends one at a time
+/// while clients stream requests (GETs, and POSTs with a body) over kept-alive HTTP/1.1 and
+/// HTTP/2 connections and new ones; not one request fails. The proxy's pooled connections to a restarted backend are the hard
+/// part: each restart closes them, and a request must never be lost on one.
+#[test]
+fn rollout_restarts_https_backends_without_a_failed_request() {
+    let site = Site::start("https-rollout");
+    let _restarted = Restarted(site.lb.dir.clone());
+    let script = write_restart_script(&site.lb);
+    let old_pids = app_pids(&site.lb.dir);
+    let exec = format!("{} {{index}}", script.display());
+    let stop = AtomicBool::new(false);
+    let (ok, failed, fresh) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let errors = std::sync::Mutex::new(Vec::new());
+    let started = Instant::now();
+    let (status, out) = std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (site, stop, ok, failed, fresh, errors) = (&site, &stop, &ok, &failed, &fresh, &errors);
+            scope.spawn(move || {
+                let rt = runtime();
+                // Thread 0 speaks HTTP/2, the others HTTP/1.1; each keeps its connection alive
+                // and opens a new one every 10 requests.
+                let h2 = t == 0;
+                let mut conn = None;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() || n % 10 == 0 {
+                        let tcp = site.tcp(site.https());
+                        match rt.block_on(Conn::open(tcp, site.tls.clone(), h2)) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                errors.lock().unwrap().push(format!("connecting: {e}"));
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(20));
+                                continue;
+                            }
+                        }
+                        fresh.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                    // Thread 1 sends every other request as a POST with a body: one that met a
+                    // closing backend connection could not be sent again, so it shows any
+                    // request lost on a stale pooled connection as a failure.
+                    let sent = if t == 1 && n % 2 == 0 {
+                        let headers = [("content-type", "text/plain")];
+                        rt.block_on(conn.as_mut().unwrap().send("POST", "/", &headers, Bytes::from_static(b"order")))
+                    } else {
+                        rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new()))
+                    };
+                    match sent {
+                        Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.lock().unwrap().push(format!("{other:?}"));
+                            conn = None;
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        let _stop = StopOnDrop(&stop);
+        std::thread::sleep(Duration::from_millis(500));
+        let proc = site.lb.topo.spawn(
+            site.lb.xlb(&["rollout", "site", "--exec", &exec, "--drain-timeout", "10s", "--health-timeout", "20s"]),
+            "xlb rollout",
+        );
+        let result = proc.wait_with_output(Duration::from_secs(90));
+        // The restarted backends serve a while before the load stops.
+        std::thread::sleep(Duration::from_millis(500));
+        result
+    });
+    let took = started.elapsed();
+    let (ok, failed, fresh) = (ok.into_inner(), failed.into_inner(), fresh.into_inner());
+    println!("xlb rollout site:\n{out}");
+    println!(
+        "during the rollout ({:.1}s): {ok} GETs and POSTs answered 200 over {fresh} connections (HTTP/1.1 and HTTP/2), {failed} failed; {} retries",
+        took.as_secs_f64(),
+        site.site_status()["https"]["retries"]
+    );
+    assert!(status.success(), "xlb rollout failed ({status}):\n{out}");
+    assert!(out.contains("rollout of site complete: 3 backends restarted"), "{out}");
+    let new_pids = app_pids(&site.lb.dir);
+    for i in 0..BACKENDS {
+        assert_ne!(old_pids[i], new_pids[i], "app-{} was not restarted", i + 1);
+    }
+    assert_eq!(failed, 0, "requests failed during the rollout: {:?}", errors.into_inner().unwrap());
+    assert!(ok > 100, "too few requests to show anything: {ok}");
+    // A drained backend's restart is no failure: no request reached it while it went down (none
+    // was sent again elsewhere), and passive health took nothing out.
+    assert_eq!(site.site_status()["https"]["retries"].as_u64(), Some(0), "requests were retried during the rollout");
+    let daemon = site.lb.daemon().output();
+    assert!(!daemon.contains("backend failed (passive)"), "passive health took a backend out during the rollout:\n{daemon}");
+    // Every restarted backend is back in rotation for HTTPS.
+    let seen: BTreeSet<usize> = (0..12).map(|_| site.get()).collect();
+    assert_eq!(seen.len(), BACKENDS, "not every backend answers after the rollout: {seen:?}");
+    site.lb.finish();
+}
