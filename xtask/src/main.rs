@@ -87,15 +87,15 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         binary: Option<PathBuf>,
     },
-    /// Benchmark xlb's L4 path against a direct baseline, nginx and HAProxy in private network
-    /// namespaces (root; installs nginx, haproxy and wrk when missing). Writes
-    /// bench/results/<date>.{md,csv,svg} (`<date>-quick.*` with --quick). About 16 minutes;
-    /// `--quick` under 3.
+    /// Benchmark xlb's L4 path against a direct baseline, nginx and HAProxy, and its HTTPS path
+    /// against nginx terminating TLS, in private network namespaces (root; installs nginx,
+    /// haproxy and wrk when missing). Writes bench/results/<date>.{md,csv,svg}
+    /// (`<date>-quick.*` with --quick). About 17 minutes; `--quick` under 3.
     Bench {
-        /// 3 rounds of 3 s instead of 9 of 10 s: a smoke run, not a measurement.
+        /// 2 rounds of 3 s instead of 6 of 10 s: a smoke run, not a measurement.
         #[arg(long)]
         quick: bool,
-        /// Rounds (default 9, or 3 with --quick).
+        /// Rounds (default 6, or 2 with --quick).
         #[arg(long, value_name = "N")]
         rounds: Option<usize>,
         /// Seconds per run (default 10, or 3 with --quick).
