@@ -6,7 +6,8 @@
 //! /api/services/{name}/backends/{address}/drain` and `/undrain` (used by `xlb drain` and
 //! `xlb undrain`) change a backend's drain flag and answer once the data path has it. `POST
 //! /api/reload` (used by `xlb reload`) reads the config file again and applies it, or answers
-//! why not.
+//! why not. `POST /api/acme/renew?service=NAME` (used by `xlb renew`) has the service's ACME
+//! manager order a new certificate now.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -37,7 +38,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::status::{BackendState, DrainResult, ReloadResult, Status, render_stub_status};
+use crate::status::{BackendState, DrainResult, ReloadResult, RenewResult, Status, render_stub_status};
 
 /// Where the daemon's live state comes from, and what changes it; called once per request,
 /// off the async runtime (it may read and write BPF maps).
@@ -56,6 +57,10 @@ pub trait StatusSource: Send + Sync + 'static {
     /// Reads the daemon's config file again and applies it; on any error the running config
     /// stays.
     fn reload(&self) -> Result<ReloadResult, ControlError>;
+
+    /// Has the ACME manager of `service` order a new certificate now, whatever the current
+    /// one's expiry; returns once asked, the order runs in the background.
+    fn renew(&self, service: &str) -> Result<RenewResult, ControlError>;
 }
 
 /// Why a drain or undrain request was refused.
@@ -95,7 +100,9 @@ POST /api/services/{name}/backends/{address}/drain    no new connections to the 
 POST /api/services/{name}/backends/{address}/undrain  new connections again\n\
      ({address} is ip:port as configured; percent-encode [ ] of IPv6 addresses)\n\
 POST /api/reload  read the config file again and apply it (422 and the reason when it is\n\
-                  invalid; the running config then stays)\n";
+                  invalid; the running config then stays)\n\
+POST /api/acme/renew?service={name}  order a new ACME certificate for the service now;\n\
+                  the order runs in the background (see acme.attempts in /api/status)\n";
 
 /// Serves until `shutdown` becomes true (or its sender is dropped), then lets requests in
 /// progress finish for up to 5 s.
@@ -179,6 +186,9 @@ async fn route(
     }
     if path == "/api/reload" {
         return reload_route(request, source).await;
+    }
+    if path == "/api/acme/renew" {
+        return renew_route(request, source).await;
     }
     if !matches!(path, "/" | "/api/status" | "/metrics" | "/status") {
         return error(
@@ -342,6 +352,36 @@ async fn reload_route(request: &Request<Incoming>, source: Arc<dyn StatusSource>
     }
 }
 
+/// `POST /api/acme/renew?service=NAME`.
+async fn renew_route(request: &Request<Incoming>, source: Arc<dyn StatusSource>) -> Response<Full<Bytes>> {
+    if let Some(refused) = refuse_control(request) {
+        return refused;
+    }
+    let service = request
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("service="))
+        .and_then(percent_decode);
+    let Some(service) = service.filter(|s| !s.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name the service whose certificate to renew: POST /api/acme/renew?service=NAME".into(),
+        );
+    };
+    match tokio::task::spawn_blocking(move || source.renew(&service)).await {
+        Ok(Ok(result)) => match serde_json::to_vec(&result) {
+            Ok(json) => respond(StatusCode::OK, JSON, json),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Ok(Err(e @ ControlError::UnknownService { .. })) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(ControlError::Failed(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("renewal request failed: {e}")),
+    }
+}
+
 /// Decodes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
     let mut bytes = Vec::with_capacity(text.len());
@@ -459,7 +499,17 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
     let retries = Family::<ServiceLabels, Counter>::default();
     let not_after = Family::<ServiceLabels, Gauge>::default();
     let expires_in = Family::<ServiceLabels, Gauge>::default();
+    let acme_failures = Family::<ServiceLabels, Gauge>::default();
+    let acme_renewed = Family::<ServiceLabels, Gauge>::default();
     for service in &status.services {
+        if let Some(a) = &service.acme {
+            let labels = ServiceLabels { service: service.name.clone() };
+            acme_failures.get_or_create(&labels).set(i64::from(a.failures));
+            let renewed = a.last_renewal.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok());
+            if let Some(at) = renewed.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+                acme_renewed.get_or_create(&labels).set(saturating_i64(at.as_secs()));
+            }
+        }
         if let Some(h) = &service.https {
             let s = || service.name.clone();
             for (kind, n) in [("full", h.handshakes_full), ("resumed", h.handshakes_resumed), ("failed", h.handshakes_failed)] {
@@ -561,6 +611,17 @@ fn encode_metrics(status: &Status) -> Result<String, std::fmt::Error> {
         Unit::Seconds,
         expires_in,
     );
+    registry.register(
+        "xlb_acme_renewal_failures",
+        "Failed ACME attempts in a row for the service's certificate (0 once one succeeds)",
+        acme_failures,
+    );
+    registry.register_with_unit(
+        "xlb_acme_last_renewal",
+        "When this daemon last obtained the service's certificate from its ACME CA (Unix time)",
+        Unit::Seconds,
+        acme_renewed,
+    );
     let dataplane = &status.dataplane;
     let interfaces = dataplane
         .interfaces
@@ -640,6 +701,14 @@ pub async fn set_drained(
 /// an error carrying the daemon's reason.
 pub async fn reload(addr: SocketAddr) -> anyhow::Result<ReloadResult> {
     let body = call(addr, Method::POST, "/api/reload").await?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
+    })
+}
+
+/// Asks a running daemon to renew the ACME certificate of `service` now; used by `xlb renew`.
+pub async fn renew(addr: SocketAddr, service: &str) -> anyhow::Result<RenewResult> {
+    let body = call(addr, Method::POST, &format!("/api/acme/renew?service={}", percent_encode(service))).await?;
     serde_json::from_slice(&body).with_context(|| {
         format!("the xlb admin API at {addr} sent an answer this xlb cannot read; are `xlb` and the daemon the same version?")
     })
@@ -758,6 +827,19 @@ mod tests {
                 Err(e) => Err(ControlError::Rejected(format!("/etc/xlb/xlb.toml:3: {e}"))),
             }
         }
+
+        /// As the daemon: a known service with ACME, a known one without, or an unknown one.
+        fn renew(&self, service: &str) -> Result<RenewResult, ControlError> {
+            let status = self.status()?;
+            let svc = status.services.iter().find(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
+                name: service.into(),
+                known: status.services.iter().map(|s| s.name.clone()).collect(),
+            })?;
+            let acme = svc.acme.clone().ok_or_else(|| {
+                ControlError::Rejected(format!("service {service:?} does not get its certificate from ACME"))
+            })?;
+            Ok(RenewResult { service: service.into(), acme })
+        }
     }
 
     fn sample() -> Status {
@@ -787,6 +869,7 @@ mod tests {
                     backend("203.0.113.10:8003", BackendState::Draining, 1, 9, None),
                 ],
                 https: None,
+                acme: None,
             }],
             dataplane: DataplaneStatus {
                 interfaces: vec![InterfaceStatus {
@@ -828,6 +911,16 @@ mod tests {
                 retries: 3,
                 cert_not_after: Some(1_800_000_000),
                 cert_expires_in_seconds: Some(86_400),
+            }),
+            acme: Some(crate::status::AcmeServiceStatus {
+                domains: vec!["example.com".into()],
+                challenge: "http-01".into(),
+                not_after: Some("2027-01-15T08:00:00Z".into()),
+                last_renewal: Some("2026-10-17T08:00:00Z".into()),
+                next_attempt: Some("2026-12-16T08:00:00Z".into()),
+                last_error: None,
+                failures: 0,
+                attempts: 1,
             }),
         });
         status
@@ -904,6 +997,8 @@ mod tests {
             r#"xlb_http_retries_total{service="site"} 3"#.into(),
             r#"xlb_certificate_not_after_seconds{service="site"} 1800000000"#.into(),
             r#"xlb_certificate_expiry_seconds{service="site"} 86400"#.into(),
+            r#"xlb_acme_renewal_failures{service="site"} 0"#.into(),
+            r#"xlb_acme_last_renewal_seconds{service="site"} 1792224000"#.into(),
         ] {
             assert!(
                 body.lines().any(|l| l == line),
@@ -1167,6 +1262,25 @@ mod tests {
         let ids: std::collections::BTreeSet<u64> =
             panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
         assert_eq!(ids.len(), panels.len(), "panel ids must be unique");
+    }
+
+    #[tokio::test]
+    async fn renew_route() {
+        let server = start(Fixed(Ok(sample_with_https()))).await;
+        let done = renew(server.addr, "site").await.unwrap();
+        assert_eq!((done.service.as_str(), done.acme.attempts), ("site", 1));
+        let e = renew(server.addr, "web").await.unwrap_err().to_string();
+        assert!(e.ends_with("answered 422 Unprocessable Entity: service \"web\" does not get its certificate from ACME"), "{e}");
+        let e = renew(server.addr, "nope").await.unwrap_err().to_string();
+        assert!(e.contains("404 Not Found: no service \"nope\"; the services are: web, site"), "{e}");
+        let response = get(server.addr, Method::POST, "/api/acme/renew").await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert!(text(&response).contains("POST /api/acme/renew?service=NAME"), "{}", text(&response));
+        let response = get(server.addr, Method::GET, "/api/acme/renew?service=site").await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let index = get(server.addr, Method::GET, "/").await.unwrap();
+        assert!(text(&index).contains("POST /api/acme/renew?service={name}"), "{}", text(&index));
+        server.shutdown().await;
     }
 
     #[test]

@@ -15,6 +15,7 @@ use lb_common::{
     flow::DEFAULT_MAX_FLOWS,
     service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES},
 };
+pub use crate::acme::ChallengeKind;
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
@@ -34,6 +35,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// `[alerts]`: where to send alerts about backends and certificates; `None` sends none.
     pub alerts: Option<AlertsConfig>,
+    /// `[acme]`: where the ACME accounts and certificates are kept.
+    pub acme: AcmeSection,
     /// Where values checked by `check_system` sit in the file, so its errors can name the line.
     lines: Lines,
 }
@@ -48,8 +51,8 @@ struct Lines {
 /// moves with every comment edited) does not count.
 impl PartialEq for Config {
     fn eq(&self, other: &Self) -> bool {
-        (&self.path, &self.dataplane, &self.admin, &self.services, &self.alerts)
-            == (&other.path, &other.dataplane, &other.admin, &other.services, &other.alerts)
+        (&self.path, &self.dataplane, &self.admin, &self.services, &self.alerts, &self.acme)
+            == (&other.path, &other.dataplane, &other.admin, &other.services, &other.alerts, &other.acme)
     }
 }
 
@@ -158,7 +161,31 @@ pub struct Acme {
     pub domains: Vec<String>,
     /// An extra trusted root (PEM) for a private ACME server such as Pebble.
     pub ca: Option<PathBuf>,
+    /// HTTP-01 (through a `redirect` service on port 80) or TLS-ALPN-01 (on this listener).
+    pub challenge: ChallengeKind,
+    /// Renew when the certificate has less than this left.
+    pub renew_before: Duration,
 }
+
+/// The top-level `[acme]` table, shared by every service whose certificate comes from ACME.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcmeSection {
+    /// Accounts (`account.json`) and each service's certificate and key (`<service>/`).
+    pub state_dir: PathBuf,
+}
+
+impl Default for AcmeSection {
+    fn default() -> AcmeSection {
+        AcmeSection { state_dir: PathBuf::from(DEFAULT_ACME_STATE_DIR) }
+    }
+}
+
+/// systemd's `StateDirectory=xlb` creates /var/lib/xlb for the unit.
+pub const DEFAULT_ACME_STATE_DIR: &str = "/var/lib/xlb/acme";
+/// Bounds of `renew_before`: an hour is the least that leaves room for retries; past a year
+/// every certificate a public CA issues would be renewed at two thirds of its life anyway.
+const RENEW_BEFORE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(3600)..=Duration::from_secs(365 * 24 * 3600);
 
 /// Response headers an `https` service adds (`None`: not added). Set by `[service.http]`; an
 /// empty string there turns a header off.
@@ -294,6 +321,13 @@ struct RawConfig {
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     alerts: Option<Spanned<RawAlerts>>,
+    acme: Option<Spanned<RawAcmeSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcmeSection {
+    state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -351,6 +385,8 @@ struct RawAcme {
     contact: Option<Spanned<StringOrList>>,
     domains: Spanned<Vec<Spanned<String>>>,
     ca: Option<Spanned<String>>,
+    challenge: Option<Spanned<String>>,
+    renew_before: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -489,12 +525,14 @@ impl Config {
         let admin = parse_admin(&src, raw.admin)?;
         let (services, backend_lines) = parse_services(&src, raw.services)?;
         let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
+        let acme = raw.acme.map(|a| parse_acme_section(&src, a)).transpose()?.unwrap_or_default();
         Ok(Config {
             path: path.to_owned(),
             dataplane,
             admin,
             services,
             alerts,
+            acme,
             lines: Lines {
                 interfaces: interface_lines,
                 backends: backend_lines,
@@ -720,6 +758,24 @@ fn parse_dataplane(
     ))
 }
 
+fn parse_acme_section(src: &Source, raw: Spanned<RawAcmeSection>) -> Result<AcmeSection, ConfigError> {
+    let Some(dir) = &raw.get_ref().state_dir else {
+        return Ok(AcmeSection::default());
+    };
+    let path = Path::new(dir.get_ref());
+    if !path.is_absolute() || path.as_os_str().len() <= 1 {
+        return Err(src.at(
+            dir,
+            format!(
+                "acme.state_dir \"{}\": not an absolute path of a directory; write the full path, e.g. \
+                 \"{DEFAULT_ACME_STATE_DIR}\"",
+                dir.get_ref()
+            ),
+        ));
+    }
+    Ok(AcmeSection { state_dir: path.to_owned() })
+}
+
 fn parse_admin(src: &Source, raw: RawAdmin) -> Result<Admin, ConfigError> {
     let Some(listen) = raw.listen else {
         return Ok(Admin {
@@ -760,6 +816,7 @@ fn parse_services(
     let mut lines = Vec::with_capacity(raw.len());
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut vips: HashMap<SocketAddr, String> = HashMap::new();
+    let mut service_lines = Vec::with_capacity(raw.len());
     for (i, raw) in raw.into_iter().enumerate() {
         let raw = raw.into_inner();
         let name = raw.name.get_ref();
@@ -782,6 +839,7 @@ fn parse_services(
         }
         let what = format!("service \"{name}\"");
         let listen_line = src.line(raw.listen.span().start);
+        service_lines.push(src.line(raw.name.span().start));
         let (service, backend_lines) = parse_service(src, raw, &what)?;
         if let Some(other) = vips.insert(service.listen, service.name.clone()) {
             return Err(src.error(
@@ -795,6 +853,25 @@ fn parse_services(
         }
         services.push(service);
         lines.push(backend_lines);
+    }
+    // HTTP-01 is answered on port 80 by a redirect service; without one every order would fail
+    // at the CA, weeks later at renewal time for a stored certificate.
+    let redirects = services.iter().any(|s| s.mode == ServiceMode::Redirect);
+    for (svc, &line) in services.iter().zip(&service_lines) {
+        if let Some(Https { tls: Tls::Acme(a), .. }) = &svc.https
+            && a.challenge == ChallengeKind::Http01
+            && !redirects
+        {
+            return Err(src.error(
+                Some(line),
+                format!(
+                    "service \"{}\" gets its certificate by ACME HTTP-01, which the CA checks on port 80, \
+                     but no service has mode = \"redirect\"; add one listening on port 80 (it answers the \
+                     challenges), or set challenge = \"tls-alpn-01\" in its tls.acme",
+                    svc.name
+                ),
+            ));
+        }
     }
     Ok((services, lines))
 }
@@ -1172,7 +1249,37 @@ fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, Con
             domains.push(name);
         }
         let ca = a.ca.as_ref().map(|c| path(c, "acme.ca")).transpose()?;
-        return Ok(Tls::Acme(Acme { directory: dir.clone(), contact, domains, ca }));
+        let challenge = match a.challenge.as_ref().map(|c| (c, c.get_ref().as_str())) {
+            None | Some((_, "http-01")) => ChallengeKind::Http01,
+            Some((_, "tls-alpn-01")) => ChallengeKind::TlsAlpn01,
+            Some((c, other)) => {
+                return Err(src.at(
+                    c,
+                    format!(
+                        "{what} tls.acme.challenge \"{other}\": use \"http-01\" (answered by a redirect \
+                         service on port 80) or \"tls-alpn-01\" (answered by this service on port 443)"
+                    ),
+                ));
+            }
+        };
+        let renew_before = match &a.renew_before {
+            None => crate::acme::DEFAULT_RENEW_BEFORE,
+            Some(v) => {
+                let d = duration(src, v, &format!("{what} tls.acme.renew_before"))?;
+                if !RENEW_BEFORE_RANGE.contains(&d) {
+                    return Err(src.at(
+                        v,
+                        format!(
+                            "{what} tls.acme.renew_before \"{}\": out of range; use 1h..=365d (e.g. \"30d\", \
+                             renewing a 90-day certificate after 60 days)",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+                d
+            }
+        };
+        return Ok(Tls::Acme(Acme { directory: dir.clone(), contact, domains, ca, challenge, renew_before }));
     }
     let mut pairs = Vec::new();
     if let Some(certs) = &t.certs {
@@ -2004,8 +2111,22 @@ mode = "redirect"
                 contact: vec!["mailto:ops@example.com".into()],
                 domains: vec!["example.com".into()],
                 ca: Some("/etc/xlb/pebble.pem".into()),
+                challenge: ChallengeKind::Http01,
+                renew_before: Duration::from_secs(30 * 24 * 3600),
             })
         );
+        assert_eq!(config.acme.state_dir, Path::new(DEFAULT_ACME_STATE_DIR));
+        let alpn = format!(
+            "{}[acme]\nstate_dir = \"/srv/xlb-acme\"\n",
+            HTTPS.replace(
+                "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+                "acme = { directory = \"https://acme.test/dir\", domains = [\"example.com\"], challenge = \"tls-alpn-01\", renew_before = \"10d\" }",
+            )
+        );
+        let config = parse(&alpn).unwrap();
+        let Tls::Acme(a) = &config.services[0].https.as_ref().unwrap().tls else { panic!() };
+        assert_eq!((a.challenge, a.renew_before), (ChallengeKind::TlsAlpn01, Duration::from_secs(10 * 24 * 3600)));
+        assert_eq!(config.acme.state_dir, Path::new("/srv/xlb-acme"));
         let several = HTTPS.replace(
             "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
             "certs = [{ cert = \"/a.crt\", key = \"/a.key\" }, { cert = \"/b.crt\", key = \"/b.key\" }]",
@@ -2037,6 +2158,27 @@ mode = "redirect"
             "acme = { directory = \"https://acme.test/dir\", domains = [\"*.example.com\"] }",
         ));
         assert!(e.contains("is not a DNS name"), "{e}");
+        let acme = |extra: &str| {
+            HTTPS.replace(
+                "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+                &format!("acme = {{ directory = \"https://acme.test/dir\", domains = [\"example.com\"]{extra} }}"),
+            )
+        };
+        let e = err(&acme(", challenge = \"dns-01\""));
+        assert!(e.contains("tls.acme.challenge \"dns-01\": use \"http-01\""), "{e}");
+        let e = err(&acme(", renew_before = \"5m\""));
+        assert!(e.contains("tls.acme.renew_before \"5m\": out of range; use 1h..=365d"), "{e}");
+        let e = err(&acme(", renew_before = \"soon\""));
+        assert!(e.contains("tls.acme.renew_before \"soon\": not a duration"), "{e}");
+        let e = err(&acme(", renew = \"30d\""));
+        assert!(e.contains("unknown field `renew`"), "{e}");
+        let alone = acme("").replace("mode = \"redirect\"", "mode = \"l4\"\nbackends = [\"203.0.113.10:8001\"]");
+        let e = err(&alone);
+        assert!(e.contains("service \"site\" gets its certificate by ACME HTTP-01"), "{e}");
+        assert!(e.contains("add one listening on port 80"), "{e}");
+        parse(&alone.replace("domains = [\"example.com\"]", "domains = [\"example.com\"], challenge = \"tls-alpn-01\"")).unwrap();
+        let e = err(&format!("{}[acme]\nstate_dir = \"acme\"\n", acme("")));
+        assert!(e.contains("acme.state_dir \"acme\": not an absolute path"), "{e}");
         let e = err(&format!("{HTTPS}backends = [\"203.0.113.10:8001\"]\n"));
         assert!(e.contains("\"redirect\" service answers every request itself"), "{e}");
     }

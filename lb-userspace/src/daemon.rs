@@ -32,6 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, ControlError, StatusSource},
+    acme,
     alert::{Alerts, Event},
     challenges::Challenges,
     config::{Config, ServiceMode, Tls},
@@ -40,7 +41,10 @@ use crate::{
     layout::{Layout, Retiring},
     notify,
     sockdiag::{self, SocketTable},
-    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ReloadResult, ServiceStatus, Status},
+    status::{
+        AcmeServiceStatus, BackendState, BackendStatus, DataplaneStatus, DrainResult, InterfaceStatus, ReloadResult, RenewResult,
+        ServiceStatus, Status,
+    },
 };
 
 /// Live counts are reconciled with the kernel's socket table this often (the promise is
@@ -195,6 +199,22 @@ impl https::Backplane for Backplane {
 /// write per burst of requests rather than two per request.
 const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(2);
 
+/// The certificate manager of an `https` service with `[service.tls] acme`.
+struct AcmeManaged {
+    handle: acme::ManagerHandle,
+    domains: Vec<String>,
+    challenge: acme::ChallengeKind,
+}
+
+impl AcmeManaged {
+    fn status(&self) -> AcmeServiceStatus {
+        AcmeServiceStatus::new(self.domains.clone(), self.challenge, &self.handle.status())
+    }
+}
+
+/// How often the ACME managers' outcomes are looked at for alerts.
+const ACME_ALERT_POLL: Duration = Duration::from_secs(1);
+
 /// The running config and where its backends sit in the maps; a reload replaces it whole.
 struct Current {
     config: Config,
@@ -228,6 +248,9 @@ struct Shared {
     https_stats: Vec<Option<Arc<https::Stats>>>,
     /// Certificate reloads of the `https` services (SIGHUP and `xlb reload` fire it).
     certificates: Arc<Notify>,
+    /// Per service: its ACME certificate manager, if it has one. Fixed for the daemon's life
+    /// like `https_stats`; dropping one stops it.
+    acme: Vec<Option<AcmeManaged>>,
     /// The health probers of the current config and the tasks reading their reports.
     probers: Mutex<Vec<JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
@@ -266,12 +289,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // holds for them, so that a restart refuses no connection).
     let challenges = Challenges::new();
     let mut https_stats: Vec<Option<Arc<https::Stats>>> = Vec::new();
+    let mut acme_managers: Vec<Option<AcmeManaged>> = Vec::new();
     let mut https_listeners = Vec::new();
     let mut watchers = Vec::new();
-    // The certificate stores of ACME-managed services, by service index, for the certificate
-    // manager; it answers challenges through `challenges`.
-    let mut acme_resolvers: Vec<(usize, Arc<https::tls::Resolver>)> = Vec::new();
     for (s, svc) in config.services.iter().enumerate() {
+        acme_managers.push(None);
         if svc.mode == ServiceMode::L4 {
             https_stats.push(None);
             continue;
@@ -299,11 +321,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 watchers.push((svc.name.clone(), files.clone(), resolver.clone()));
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
-            Some(Tls::Acme(_)) => {
-                // Until the certificate manager has issued one (and installs it with
-                // `Resolver::set`), only TLS-ALPN-01 validations get a handshake.
+            Some(Tls::Acme(a)) => {
+                // Until the certificate manager has issued one, only TLS-ALPN-01 validations
+                // get a handshake.
                 let resolver = https::tls::Resolver::new(Vec::new(), challenges.clone(), stats.clone());
-                acme_resolvers.push((s, resolver.clone()));
+                let mut settings = acme::AcmeSettings::new(&svc.name, &a.directory, a.domains.clone(), &config.acme.state_dir);
+                settings.contact = a.contact.clone();
+                settings.ca = a.ca.clone();
+                settings.renew_before = a.renew_before;
+                settings.challenge = a.challenge;
+                // Each new certificate is swapped in for the next handshakes; connections
+                // already open keep the one they started with. The certificate expiry in the
+                // status and metrics follows, as for files.
+                let (target, name) = (resolver.clone(), svc.name.clone());
+                let on_cert: acme::OnCert = Arc::new(move |key, _chain| match https::tls::describe(&key.cert[0]) {
+                    Ok((names, not_after)) => target.set(vec![https::tls::Loaded { key, names, not_after }]),
+                    Err(e) => error!(service = %name, "acme: cannot serve the new certificate: {e:#}"),
+                });
+                // A stored certificate is served from here on; ordering one (when there is none,
+                // or it is due) starts in the background and needs the listeners, which accept
+                // from below on (the CA's connections wait in their backlog until then).
+                let handle = acme::Manager::spawn(settings, challenges.clone(), on_cert).with_context(|| {
+                    format!("service \"{}\": starting its ACME certificate manager ([service.tls] acme)", svc.name)
+                })?;
+                acme_managers[s] = Some(AcmeManaged { handle, domains: a.domains.clone(), challenge: a.challenge });
                 Some(tokio_rustls::TlsAcceptor::from(https::tls::server_config(resolver)?))
             }
             None => None,
@@ -389,6 +430,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         backplane,
         https_stats,
         certificates: certificates.clone(),
+        acme: acme_managers,
         probers: Mutex::new(Vec::new()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: shutdown_rx.clone(),
@@ -421,9 +463,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Passive health of the HTTPS path: `max_fails` failed requests within `fail_timeout` take
     // a backend out until its probes pass `rise` times.
     let sh = shared.clone();
+    let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {
         let mut recent: HashMap<(usize, usize), VecDeque<Instant>> = HashMap::new();
-        while let Some((s, b)) = failures_rx.recv().await {
+        loop {
+            // The sender lives as long as the daemon: stop on shutdown, not on a closed channel.
+            let (s, b) = tokio::select! {
+                f = failures_rx.recv() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
             let mut control = sh.control.lock().unwrap();
             let current = sh.current();
             let svc = &current.config.services[s];
@@ -455,7 +506,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     sh.backplane.set_state(s, b, state);
                     warn!(service = %svc.name, backend = %addr, max_fails = svc.max_fails, fail_timeout = ?svc.fail_timeout,
                         "backend failed (passive): requests to it failed; back after its probes pass");
-                    alert_down(&sh, &svc.name, addr, Some("requests to it failed (passive health)".into()));
+                    alert_down(&sh, &svc.name, addr, Some("its requests failed; passive health".into()));
                     alert_service(&sh, &current, &control, s);
                 }
                 Err(e) => error!(service = %svc.name, backend = %addr, "writing backend state: {e:#}"),
@@ -503,14 +554,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         info!(service = %svc.name, listen = %svc.listen, mode = svc.mode.as_str(), "listening");
     }
-    for (s, _) in &acme_resolvers {
-        warn!(
-            service = %shared.current().config.services[*s].name,
-            "tls.acme: no certificate manager runs in this version of xlb, so the service has no certificate; use cert and key files"
-        );
-    }
     for (name, files, resolver) in watchers {
         tasks.spawn(https::tls::watch_files(name, files, resolver, certificates.clone(), shutdown_rx.clone()));
+    }
+    if shared.acme.iter().any(Option::is_some) {
+        tasks.spawn(acme_alerts(shared.clone(), shutdown_rx.clone()));
     }
 
     let sh = shared.clone();
@@ -657,6 +705,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "stopped; the data path stays attached and keeps forwarding (`xlb detach` removes it)"
     );
     Ok(())
+}
+
+/// Alerts on the ACME managers' outcomes: each failed attempt reports the certificate failing
+/// (the alerts task sends only the first of a run), each success its recovery (sent only after
+/// a failure).
+async fn acme_alerts(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut seen: Vec<u64> = vec![0; sh.acme.len()];
+    let mut ticks = Ticks::new(ACME_ALERT_POLL);
+    while ticks.next(&mut stop).await {
+        for (m, seen) in sh.acme.iter().zip(&mut seen) {
+            let Some(m) = m else { continue };
+            let status = m.handle.status();
+            if status.attempts == *seen {
+                continue;
+            }
+            *seen = status.attempts;
+            let domain = m.domains.join(", ");
+            match status.last_error {
+                Some(error) if status.failures > 0 => sh.alerts.notify(Event::CertificateRenewalFailed { domain, error }),
+                _ => sh.alerts.notify(Event::CertificateRenewed { domain }),
+            }
+        }
+    }
 }
 
 /// Sends systemd's watchdog keep-alive every `period` (half of `WatchdogSec=`) for as long as
@@ -888,6 +959,9 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     }
     if new.admin != old.config.admin {
         return Err(restart("admin.listen"));
+    }
+    if new.acme != old.config.acme {
+        return Err(restart("[acme]"));
     }
     // The proxy and its listeners are set up once: an `https` or `redirect` service that is
     // added, removed, moved in the file or changed takes a restart (the listening sockets are
@@ -1190,6 +1264,7 @@ impl StatusSource for Source {
                 rise: svc.health.rise,
                 backends,
                 https: sh.https_stats.get(s).and_then(|st| st.as_ref()).map(|st| st.snapshot()),
+                acme: sh.acme.get(s).and_then(Option::as_ref).map(AcmeManaged::status),
             });
         }
         Ok(Status {
@@ -1265,6 +1340,29 @@ impl StatusSource for Source {
             healthy,
             live_connections: live,
         })
+    }
+
+    fn renew(&self, service: &str) -> Result<RenewResult, ControlError> {
+        let sh = &*self.0;
+        let current = sh.current();
+        let services = &current.config.services;
+        let s = services.iter().position(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
+            name: service.into(),
+            known: services.iter().map(|s| s.name.clone()).collect(),
+        })?;
+        let Some(m) = sh.acme.get(s).and_then(Option::as_ref) else {
+            let with: Vec<&str> =
+                services.iter().zip(&sh.acme).filter(|(_, m)| m.is_some()).map(|(s, _)| s.name.as_str()).collect();
+            return Err(ControlError::Rejected(format!(
+                "service {service:?} does not get its certificate from ACME (no `acme` in its [service.tls]); {}",
+                if with.is_empty() { "no service does".to_owned() } else { format!("these do: {}", with.join(", ")) }
+            )));
+        };
+        // Read first: the renewal is done once `attempts` moves past this.
+        let before = m.status();
+        m.handle.renew_now();
+        info!(service, "acme: renewal asked for through the admin API");
+        Ok(RenewResult { service: service.into(), acme: before })
     }
 
     fn reload(&self) -> Result<ReloadResult, ControlError> {

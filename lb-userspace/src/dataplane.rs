@@ -726,24 +726,63 @@ impl Dataplane {
     /// to the new connection and are left alone, else its next packets would find no flow and
     /// be answered with a reset. Returns whether the flow was removed.
     ///
-    /// The check and the removal are separate system calls, so a reuse landing between them
-    /// (microseconds, against the milliseconds a reconcile takes to walk the flows) still
-    /// loses its entries.
+    /// The forward entry is taken out with one `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, so what is
+    /// removed is known exactly: when a new connection took the 4-tuple after our check, its
+    /// entry goes straight back in (`BPF_NOEXIST`: unless the data path has recreated it
+    /// meanwhile). Its packets can only miss it for the microseconds between the two calls.
     pub fn remove_flow(&mut self, rev: &FlowKey, nat: &ReplyNat, seen: Option<&Flow>) -> bool {
         let fwd = rev.forward_of_reply(nat);
-        let now = self.flows.get(&fwd, 0).ok();
-        let same = match (seen, now) {
-            (_, None) => true,
-            (Some(seen), Some(now)) => seen.created_ns == now.created_ns && seen.backend == now.backend,
-            (None, Some(_)) => false,
-        };
-        if !same {
-            return false;
+        let same = |now: &Flow| seen.is_some_and(|seen| seen.created_ns == now.created_ns && seen.backend == now.backend);
+        match self.flows.get(&fwd, 0).ok() {
+            Some(now) if !same(&now) => return false,
+            _ => {}
+        }
+        match take_entry::<FlowKey, Flow>(self.flows.map(), &fwd) {
+            Ok(Some(taken)) if !same(&taken) => {
+                // A new connection took the 4-tuple between the check and the removal.
+                let _ = self.flows.insert(fwd, taken, 1 /* BPF_NOEXIST */);
+                return false;
+            }
+            _ => {}
         }
         let _ = self.replies.remove(rev);
-        let _ = self.flows.remove(&fwd);
         let _ = self.closed.remove(&fwd);
         true
+    }
+}
+
+/// Removes `key` from a hash map and returns what it held, in one system call
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`); `None` when it was not there. aya 0.14 has no API for it.
+fn take_entry<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // The `map_elem` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = V::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &raw mut value as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points at a key and a value buffer of the map's sizes (checked at load by
+    // `check_pinned_layout` / the object's BTF), both alive for the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &raw mut attr, size_of::<ElemAttr>()) };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(err),
     }
 }
 

@@ -79,6 +79,25 @@ impl Layout {
             blocks.push(block);
         }
         let occupied_blocks: HashSet<u32> = now.slots.keys().map(|slot| slot / per).collect();
+        // An `https` or `redirect` service has no VIP in the data path's table: it finds its
+        // block again by its backends, the block (held by no VIP) whose slots hold exactly its
+        // addresses. Else a restart would move it, and forget its drains and counts.
+        for (svc, block) in services.iter().zip(&mut blocks) {
+            if block.is_some() || svc.mode == config::ServiceMode::L4 || svc.backends.is_empty() {
+                continue;
+            }
+            let wanted: HashSet<&SocketAddr> = svc.backends.iter().collect();
+            let mut candidates: Vec<u32> = occupied_blocks.iter().copied().filter(|b| !taken.contains(b)).collect();
+            candidates.sort_unstable();
+            let found = candidates.into_iter().find(|b| {
+                let held: HashSet<&SocketAddr> = now.slots.range(b * per..(b + 1) * per).map(|(_, a)| a).collect();
+                held == wanted && !now.vips.values().any(|v| v == b)
+            });
+            if let Some(b) = found {
+                taken.insert(b);
+                *block = Some(b);
+            }
+        }
         for (svc, block) in services.iter().zip(&mut blocks) {
             if block.is_none() {
                 let free = (0..MAX_SERVICES).find(|b| !taken.contains(b) && !occupied_blocks.contains(b)).ok_or_else(|| {
@@ -180,7 +199,10 @@ mod tests {
     fn occupancy(layout: &Layout, services: &[config::Service]) -> Occupancy {
         let mut now = Occupancy::default();
         for (s, svc) in services.iter().enumerate() {
-            now.vips.insert(svc.listen, layout.blocks[s]);
+            // As the maps hold it: only L4 services have a VIP entry.
+            if svc.mode == config::ServiceMode::L4 {
+                now.vips.insert(svc.listen, layout.blocks[s]);
+            }
             for (b, addr) in svc.backends.iter().enumerate() {
                 now.slots.insert(layout.slot(s, b), *addr);
             }
@@ -238,5 +260,18 @@ mod tests {
         swapped[3] = D;
         let e = Layout::plan(&[service("web", "10.0.0.1:80", &swapped)], &occupancy(&first, &old)).unwrap_err();
         assert!(e.contains("service \"web\": no free slot for new backend 10.0.0.1:8004: removed backends 10.0.0.1:9003"), "{e}");
+    }
+
+    #[test]
+    fn an_https_service_finds_its_block_by_its_backends() {
+        let mut site = service("site", "10.0.0.1:443", &[A, B, C]);
+        site.mode = config::ServiceMode::Https;
+        let old = vec![service("web", "10.0.0.1:80", &[A, B, C]), site];
+        let first = Layout::positional(&old);
+        // A restart: the https service has no VIP in the maps, yet keeps block 1 and its slots.
+        let plan = Layout::plan(&old, &occupancy(&first, &old)).unwrap();
+        assert_eq!(plan.blocks, [0, 1]);
+        assert_eq!(plan.slots, [vec![0, 1, 2], vec![16, 17, 18]]);
+        assert!(plan.retiring.is_empty(), "{:?}", plan.retiring);
     }
 }

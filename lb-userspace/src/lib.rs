@@ -1,4 +1,5 @@
 //! The xlb daemon and CLI. One module per job; only `dataplane` loads programs and touches maps.
+pub mod acme;
 pub mod admin;
 pub mod alert;
 pub mod challenges;

@@ -66,6 +66,22 @@ enum Command {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Have the running daemon order a new ACME certificate for an https service now, whatever
+    /// the current one's expiry, and wait for the outcome. The new certificate is served to new
+    /// connections; open ones keep theirs. A failure keeps the current certificate (exit
+    /// status 1, with the CA's error).
+    Renew {
+        /// Service name, as in the config.
+        service: String,
+        /// Return once the daemon has the request, without waiting for the certificate.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "11m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Restart a service's backends one at a time without failing requests: drain one, wait
     /// for its connections to end, run --exec, wait for its health checks to pass, undrain it,
     /// next. Any failure stops: what it drained is undrained, --rollback runs, exit status 1.
@@ -105,6 +121,51 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+/// `xlb renew`: asks for the renewal, then follows the service's `acme.attempts` in the status
+/// until the attempt under way ends.
+async fn renew(addr: SocketAddr, service: &str, no_wait: bool, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let asked = admin::renew(addr, service).await?;
+    if no_wait {
+        println!("{service}: renewal asked for; `xlb status` shows its outcome");
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let status = admin::fetch_status(addr).await?;
+        let acme = status
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.acme.clone())
+            .with_context(|| format!("service {service} is no longer in the daemon's status (restarted with another config?)"))?;
+        if acme.attempts < asked.acme.attempts {
+            anyhow::bail!("{service}: the daemon restarted while renewing; see `xlb status` for the certificate it serves");
+        }
+        if acme.attempts > asked.acme.attempts {
+            if let Some(e) = acme.last_error.filter(|_| acme.failures > 0) {
+                anyhow::bail!(
+                    "{service}: renewal failed: {e}; the current certificate stays (valid until {}); next attempt at {}",
+                    acme.not_after.as_deref().unwrap_or("-, none yet"),
+                    acme.next_attempt.as_deref().unwrap_or("-")
+                );
+            }
+            println!(
+                "{service}: renewed: new certificate for {} valid until {}; served to new connections",
+                acme.domains.join(","),
+                acme.not_after.as_deref().unwrap_or("?")
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{service}: no outcome within {}; the order goes on in the daemon, `xlb status` shows how it ends",
+                humantime::format_duration(timeout)
+            );
+        }
+    }
 }
 
 /// Which running daemon to ask.
@@ -214,6 +275,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Renew { service, no_wait, timeout, daemon: Daemon { config, admin } } => {
+            let addr = admin_addr(admin, config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(renew(addr, &service, no_wait, timeout))
         }
         Command::Rollout {
             service,

@@ -56,6 +56,55 @@ pub struct ServiceStatus {
     /// TLS and HTTP counters of an `https` or `redirect` service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https: Option<crate::https::HttpsStatus>,
+    /// The certificate manager of an `https` service whose certificate comes from ACME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeServiceStatus>,
+}
+
+/// An ACME-managed certificate in `/api/status`; times are RFC 3339 (UTC, seconds).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AcmeServiceStatus {
+    pub domains: Vec<String>,
+    /// `http-01` or `tls-alpn-01`.
+    pub challenge: String,
+    /// End of the certificate being served; `None` until one is issued.
+    pub not_after: Option<String>,
+    /// When this daemon last obtained a certificate for the service.
+    pub last_renewal: Option<String>,
+    /// When the manager orders next (at once after `xlb renew`).
+    pub next_attempt: Option<String>,
+    /// The last attempt's error, until an attempt succeeds.
+    pub last_error: Option<String>,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Attempts finished since the daemon started (`xlb renew` waits for it to move on).
+    pub attempts: u64,
+}
+
+impl AcmeServiceStatus {
+    pub fn new(domains: Vec<String>, challenge: crate::acme::ChallengeKind, s: &crate::acme::AcmeStatus) -> AcmeServiceStatus {
+        let time = |t: Option<std::time::SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        AcmeServiceStatus {
+            domains,
+            challenge: challenge.as_str().into(),
+            not_after: time(s.not_after),
+            last_renewal: time(s.last_renewal),
+            next_attempt: time(s.next_attempt),
+            last_error: s.last_error.clone(),
+            failures: s.failures,
+            attempts: s.attempts,
+        }
+    }
+}
+
+/// The answer to `POST /api/acme/renew?service=NAME`: the renewal was asked for; it runs in the
+/// background.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RenewResult {
+    pub service: String,
+    /// The manager's status when the renewal was asked for: the renewal is done once
+    /// `attempts` has moved past the one here.
+    pub acme: AcmeServiceStatus,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -198,6 +247,23 @@ pub fn render_table(status: &Status) -> String {
                 r.c1xx, r.c2xx, r.c3xx, r.c4xx, r.c5xx, h.retries
             );
         }
+        if let Some(a) = &service.acme {
+            out += &format!(
+                "  acme ({}) {}: certificate until {}  renewed {}  next attempt {}\n",
+                a.challenge,
+                a.domains.join(","),
+                a.not_after.as_deref().unwrap_or("(none yet)"),
+                a.last_renewal.as_deref().unwrap_or("-"),
+                a.next_attempt.as_deref().unwrap_or("-"),
+            );
+            if let Some(e) = &a.last_error {
+                out += &format!(
+                    "  acme FAILING ({} attempts in a row): {}\n",
+                    a.failures,
+                    e.replace(char::is_control, " ")
+                );
+            }
+        }
         out.push('\n');
     }
     let dp = &status.dataplane;
@@ -301,6 +367,7 @@ mod tests {
                         backend("[2001:db8::10]:8003", BackendState::Draining),
                     ],
                     https: None,
+                    acme: None,
                 },
                 ServiceStatus {
                     name: "empty".into(),
@@ -309,6 +376,7 @@ mod tests {
                     rise: 2,
                     backends: vec![],
                     https: None,
+                    acme: None,
                 },
             ],
             dataplane: DataplaneStatus {
@@ -367,6 +435,7 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
                     ..backend("203.0.113.10:8001", BackendState::Failed)
                 }],
                 https: None,
+                acme: None,
             }],
             dataplane: DataplaneStatus::default(),
         };
@@ -379,5 +448,43 @@ dataplane  interfaces eth0 (native), eth1 (generic)  flows 3/1048576
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["services"][0]["backends"][0]["state"], "failed");
         assert_eq!(json["services"][0]["backends"][0]["failed_connections"], 1);
+    }
+
+    #[test]
+    fn table_shows_the_acme_manager_and_its_failure() {
+        let mut acme = AcmeServiceStatus {
+            domains: vec!["example.com".into(), "www.example.com".into()],
+            challenge: "http-01".into(),
+            not_after: Some("2027-03-01T12:00:00Z".into()),
+            last_renewal: Some("2026-12-01T12:00:01Z".into()),
+            next_attempt: Some("2027-01-30T12:00:00Z".into()),
+            last_error: None,
+            failures: 0,
+            attempts: 1,
+        };
+        let status = |acme: &AcmeServiceStatus| Status {
+            services: vec![ServiceStatus {
+                name: "site".into(),
+                listen: "203.0.113.10:443".into(),
+                mode: "https".into(),
+                rise: 2,
+                backends: vec![],
+                https: None,
+                acme: Some(acme.clone()),
+            }],
+            dataplane: DataplaneStatus::default(),
+        };
+        let line = "  acme (http-01) example.com,www.example.com: certificate until 2027-03-01T12:00:00Z  \
+                    renewed 2026-12-01T12:00:01Z  next attempt 2027-01-30T12:00:00Z\n";
+        let table = render_table(&status(&acme));
+        assert!(table.contains(line), "{table}");
+        assert!(!table.contains("FAILING"), "{table}");
+        acme.last_error = Some("placing the order:\nconnection refused".into());
+        acme.failures = 3;
+        let table = render_table(&status(&acme));
+        assert!(table.contains("  acme FAILING (3 attempts in a row): placing the order: connection refused\n"), "{table}");
+        // Round trip through the JSON `xlb status` reads.
+        let json = serde_json::to_string(&status(&acme)).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status(&acme));
     }
 }

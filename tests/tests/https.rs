@@ -727,6 +727,7 @@ fn backend_killed_mid_stream() {
                 }
             });
         }
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(700));
         let app = site.lb.apps[1].as_ref().unwrap();
         app.kill9();
@@ -795,11 +796,12 @@ fn failing_requests_take_backends_out() {
     let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
     assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
-    let marks = || site.lb.daemon().output().matches("requests to it failed (passive health)").count();
-    site.lb.daemon().wait_for_output("passive health", Duration::from_secs(2));
+    const MARK: &str = "backend failed (passive): requests to it failed";
+    let marks = || site.lb.daemon().output().matches(MARK).count();
+    site.lb.daemon().wait_for_output(MARK, Duration::from_secs(2));
     assert_eq!(marks(), 1, "{}", site.lb.daemon().output());
     let victim = (0..BACKENDS).find(|&i| after[i] > before[i]).unwrap();
-    assert_eq!(site.site_status()["backends"][victim]["state"], "down");
+    assert_eq!(site.site_status()["backends"][victim]["state"], "failed");
     // Its probes pass, so it comes back after `rise` probes.
     let all_up = |what: &str| {
         site.lb.poll(Duration::from_secs(5), what, |lb| {
@@ -831,6 +833,15 @@ fn aborts(app: &xlb_tests::Proc, method: &str) -> usize {
     app.output().matches(&format!("request {method} /abort")).count()
 }
 
+/// Tells the client threads of a scope to stop when dropped, also by a failed assertion.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How many POSTs a demo backend has logged.
 fn posts(app: &xlb_tests::Proc) -> usize {
     app.output().matches("request POST ").count()
@@ -857,6 +868,8 @@ fn slow_clients_are_timed_out() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        // A failed check below must still stop the probe client, or the scope waits forever.
+        let _stop = StopOnDrop(&stop);
         let https = site.https();
         // Says nothing after connecting.
         let silent = site.tcp(https);
@@ -1083,5 +1096,302 @@ fn testssl_finds_nothing_medium_or_worse() {
     println!("testssl.sh: {} findings, {} of severity MEDIUM or higher besides the test CA", findings.len(), serious.len());
     assert!(serious.is_empty(), "testssl.sh findings:\n{serious:#?}");
     assert!(!findings.is_empty(), "testssl.sh reported nothing at all; exit {status}:\n{out}");
+    site.lb.finish();
+}
+
+/// The daemon on listening sockets held by its parent, as systemd holds them for xlb.socket
+/// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`): the admin API, the HTTPS and the redirect
+/// listener.
+fn socket_activated(lb: &Lb, sockets: &[std::net::TcpListener; 3]) -> Command {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let mut cmd = lb.topo.lb("sh");
+    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(xlb_tests::xlb_bin())
+        .args(["run", "--config"])
+        .arg(&lb.config)
+        .env("LISTEN_FDS", "3")
+        .env("LISTEN_FDNAMES", "admin:https:http");
+    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 3];
+            for (h, &fd) in high.iter_mut().zip(&fds) {
+                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 100);
+                if *h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if nix::libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Operations test 3: the daemon restarted 20 times (SIGTERM, then a new one) on the sockets
+/// systemd holds for it, under a stream of HTTPS requests on new connections: not one is
+/// refused, reset or failed. A stopping daemon stops accepting and finishes what it has; the
+/// connections that arrive meanwhile wait in the socket's queue for the next daemon.
+#[test]
+fn https_listener_handover_across_20_restarts() {
+    const RESTARTS: usize = 20;
+    const CLIENTS: usize = 4;
+    let mut lb = Lb::prepare("handover", Family::V4);
+    let ip: IpAddr = lb.topo.lb_v4.into();
+    lb.vip = SocketAddr::new(ip, L4_PORT);
+    let pki = Pki::new(&lb.dir);
+    pki.install("first");
+    write_config_with(&lb, &pki, "");
+    for i in 0..BACKENDS {
+        let app = spawn_app(&lb, i);
+        lb.apps.push(Some(app));
+    }
+    let sockets = lb.topo.in_lb(|| {
+        [ADMIN, SocketAddr::new(ip, HTTPS_PORT), SocketAddr::new(ip, HTTP_PORT)]
+            .map(|a| std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")))
+    });
+    lb.start_daemon_with(socket_activated(&lb, &sockets));
+    lb.wait_healthy();
+    let site = Site { tls: client_config(&pki.ca_path()), pki, ip, lb, rt: runtime() };
+    assert!(site.lb.daemon().output().contains("listening on the socket passed by systemd"));
+    let site = std::sync::Mutex::new(site);
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let errors = std::sync::Mutex::new(Vec::new());
+    let (tls, https) = {
+        let s = site.lock().unwrap();
+        (s.tls.clone(), s.https())
+    };
+    let topo_ns = site.lock().unwrap().lb.topo.client_ns.clone();
+    let mut restart_ms = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            let (stop, ok, failed, errors, tls, topo_ns) = (&stop, &ok, &failed, &errors, tls.clone(), topo_ns.clone());
+            scope.spawn(move || {
+                let rt = runtime();
+                // This thread's connections come from the client namespace (setns moves only
+                // the calling thread).
+                let ns = std::fs::File::open(format!("/run/netns/{topo_ns}")).expect("the client namespace");
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the client namespace");
+                while !stop.load(Ordering::Relaxed) {
+                    let result = TcpStream::connect_timeout(&https, IO_TIMEOUT)
+                        .map_err(|e| format!("connect: {e}"))
+                        .and_then(|tcp| {
+                            tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                            rt.block_on(async {
+                                let mut conn = Conn::open(tcp, tls.clone(), false).await?;
+                                conn.send("GET", "/", &[], Bytes::new()).await
+                            })
+                        });
+                    match result {
+                        Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.lock().unwrap().push(format!("{other:?}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..RESTARTS {
+            let mut s = site.lock().unwrap();
+            let old = s.lb.daemon.take().expect("a daemon runs");
+            let started = Instant::now();
+            let status = old.terminate();
+            assert!(status.success(), "xlb run exited with {status}:\n{}", old.output());
+            if std::env::var_os("XLB_DEBUG_HANDOVER").is_some() {
+                let out = old.output();
+                let tail: Vec<&str> = out.lines().rev().take(8).collect();
+                eprintln!("stopped in {} ms: {:?}", started.elapsed().as_millis(), tail);
+            }
+            let cmd = socket_activated(&s.lb, &sockets);
+            s.lb.start_daemon_with(cmd);
+            restart_ms.push(started.elapsed().as_millis());
+            drop(s);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    restart_ms.sort_unstable();
+    println!(
+        "{RESTARTS} restarts (SIGTERM to `xlb ready` of the next: median {} ms, max {} ms) under {CLIENTS} clients: {ok} requests answered 200, {failed} failed",
+        restart_ms[restart_ms.len() / 2],
+        restart_ms[restart_ms.len() - 1]
+    );
+    assert_eq!(failed, 0, "requests failed across restarts: {:?}", errors.into_inner().unwrap());
+    assert!(ok > 200, "too few requests to show anything: {ok}");
+    let site = site.into_inner().unwrap();
+    site.lb.finish();
+}
+
+/// Backends started by the restart script of `rollout_restarts_https_backends_without_a_failed_request`,
+/// killed when the test ends (they are not `Proc`s).
+struct Restarted(PathBuf);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for i in 1..=BACKENDS {
+            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// `restart.sh N`: restarts app-N on port 800N in the lb namespace, like `systemctl restart
+/// app@N`: SIGTERM to the pid in `app-N.pid`, wait until the port is free, start a new demo
+/// backend there and wait until it listens.
+fn write_restart_script(lb: &Lb) -> PathBuf {
+    let script = lb.dir.join("restart.sh");
+    let ip = lb.backends[0].ip();
+    let text = format!(
+        r#"#!/bin/sh
+set -eu
+i=$1
+dir={dir}
+pid=$(cat "$dir/app-$i.pid")
+kill -TERM "$pid"
+n=0
+while ss -Htln "sport = :800$i" | grep -q .; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
+    sleep 0.05
+done
+setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
+echo $! >"$dir/app-$i.pid"
+n=0
+until grep -qs "listening on" "$dir/app-$i.log"; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
+    sleep 0.05
+done
+echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
+"#,
+        dir = lb.dir.display(),
+        demo = demo_backend_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    let mut chmod = Command::new("chmod");
+    chmod.arg("755").arg(&script);
+    run_ok(chmod, "chmod");
+    for (i, app) in lb.apps.iter().enumerate() {
+        let pid = app.as_ref().expect("the backend runs").pid();
+        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
+    }
+    script
+}
+
+fn app_pids(dir: &Path) -> Vec<String> {
+    (1..=BACKENDS)
+        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
+        .collect()
+}
+
+/// Operations test 4, HTTPS half: `xlb rollout site` restarts the three backends one at a time
+/// while clients stream requests (GETs, and POSTs with a body) over kept-alive HTTP/1.1 and
+/// HTTP/2 connections and new ones; not one request fails. The proxy's pooled connections to a restarted backend are the hard
+/// part: each restart closes them, and a request must never be lost on one.
+#[test]
+fn rollout_restarts_https_backends_without_a_failed_request() {
+    let site = Site::start("https-rollout");
+    let _restarted = Restarted(site.lb.dir.clone());
+    let script = write_restart_script(&site.lb);
+    let old_pids = app_pids(&site.lb.dir);
+    let exec = format!("{} {{index}}", script.display());
+    let stop = AtomicBool::new(false);
+    let (ok, failed, fresh) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let errors = std::sync::Mutex::new(Vec::new());
+    let started = Instant::now();
+    let (status, out) = std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (site, stop, ok, failed, fresh, errors) = (&site, &stop, &ok, &failed, &fresh, &errors);
+            scope.spawn(move || {
+                let rt = runtime();
+                // Thread 0 speaks HTTP/2, the others HTTP/1.1; each keeps its connection alive
+                // and opens a new one every 10 requests.
+                let h2 = t == 0;
+                let mut conn = None;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() || n % 10 == 0 {
+                        let tcp = site.tcp(site.https());
+                        match rt.block_on(Conn::open(tcp, site.tls.clone(), h2)) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                errors.lock().unwrap().push(format!("connecting: {e}"));
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(20));
+                                continue;
+                            }
+                        }
+                        fresh.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                    // Thread 1 sends every other request as a POST with a body: one that met a
+                    // closing backend connection could not be sent again, so it shows any
+                    // request lost on a stale pooled connection as a failure.
+                    let sent = if t == 1 && n % 2 == 0 {
+                        let headers = [("content-type", "text/plain")];
+                        rt.block_on(conn.as_mut().unwrap().send("POST", "/", &headers, Bytes::from_static(b"order")))
+                    } else {
+                        rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new()))
+                    };
+                    match sent {
+                        Ok(a) if a.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.lock().unwrap().push(format!("{other:?}"));
+                            conn = None;
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+        let _stop = StopOnDrop(&stop);
+        std::thread::sleep(Duration::from_millis(500));
+        let proc = site.lb.topo.spawn(
+            site.lb.xlb(&["rollout", "site", "--exec", &exec, "--drain-timeout", "10s", "--health-timeout", "20s"]),
+            "xlb rollout",
+        );
+        let result = proc.wait_with_output(Duration::from_secs(90));
+        // The restarted backends serve a while before the load stops.
+        std::thread::sleep(Duration::from_millis(500));
+        result
+    });
+    let took = started.elapsed();
+    let (ok, failed, fresh) = (ok.into_inner(), failed.into_inner(), fresh.into_inner());
+    println!("xlb rollout site:\n{out}");
+    println!(
+        "during the rollout ({:.1}s): {ok} GETs and POSTs answered 200 over {fresh} connections (HTTP/1.1 and HTTP/2), {failed} failed; {} retries",
+        took.as_secs_f64(),
+        site.site_status()["https"]["retries"]
+    );
+    assert!(status.success(), "xlb rollout failed ({status}):\n{out}");
+    assert!(out.contains("rollout of site complete: 3 backends restarted"), "{out}");
+    let new_pids = app_pids(&site.lb.dir);
+    for i in 0..BACKENDS {
+        assert_ne!(old_pids[i], new_pids[i], "app-{} was not restarted", i + 1);
+    }
+    assert_eq!(failed, 0, "requests failed during the rollout: {:?}", errors.into_inner().unwrap());
+    assert!(ok > 100, "too few requests to show anything: {ok}");
+    // A drained backend's restart is no failure: no request reached it while it went down (none
+    // was sent again elsewhere), and passive health took nothing out.
+    assert_eq!(site.site_status()["https"]["retries"].as_u64(), Some(0), "requests were retried during the rollout");
+    let daemon = site.lb.daemon().output();
+    assert!(!daemon.contains("backend failed (passive)"), "passive health took a backend out during the rollout:\n{daemon}");
+    // Every restarted backend is back in rotation for HTTPS.
+    let seen: BTreeSet<usize> = (0..12).map(|_| site.get()).collect();
+    assert_eq!(seen.len(), BACKENDS, "not every backend answers after the rollout: {seen:?}");
     site.lb.finish();
 }

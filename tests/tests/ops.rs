@@ -519,6 +519,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf",
+        "StateDirectory=xlb",
         "MemoryDenyWriteExecute=yes",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     ] {

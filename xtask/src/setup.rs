@@ -26,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("systemd", "systemd-analyze"),
     // A real SMTP server for the e-mail alert test.
     ("python3-aiosmtpd", "aiosmtpd"),
+    // Let's Encrypt's test CA (and its DNS server) for the ACME scenario test.
+    ("pebble", "pebble"),
+    ("pebble", "pebble-challtestsrv"),
 ];
 
 /// The fuzz targets (lb-userspace/fuzz) run with this; 0.13.2 builds with our stable toolchain.

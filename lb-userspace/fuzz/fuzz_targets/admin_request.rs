@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use xlb::{
     admin::{self, ControlError, StatusSource},
-    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, ReloadResult, ServiceStatus, Status},
+    status::{BackendState, BackendStatus, DataplaneStatus, DrainResult, ReloadResult, RenewResult, ServiceStatus, Status},
 };
 
 /// One service with two backends; drains and reloads are recorded.
@@ -45,6 +45,7 @@ fn status() -> Status {
             rise: 2,
             backends: vec![backend("198.18.0.1:8001"), backend("[2001:2::1]:8002")],
             https: None,
+            acme: None,
         }],
         dataplane: DataplaneStatus {
             interfaces: Vec::new(),
@@ -89,6 +90,14 @@ impl StatusSource for Fixed {
     fn reload(&self) -> Result<ReloadResult, ControlError> {
         *self.reloads.lock().unwrap() += 1;
         Ok(ReloadResult { config: "/etc/xlb/xlb.toml".into(), changes: Vec::new() })
+    }
+
+    fn renew(&self, service: &str) -> Result<RenewResult, ControlError> {
+        // No service here gets its certificate from ACME.
+        match service {
+            "web" => Err(ControlError::Rejected(format!("service {service:?} does not get its certificate from ACME"))),
+            _ => Err(ControlError::UnknownService { name: service.into(), known: vec!["web".into()] }),
+        }
     }
 }
 

@@ -141,17 +141,67 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// How long a connection we close keeps being read (and what arrives discarded), as nginx's
+/// `lingering_close`: a client still sending when we answer and close (a 431 for headers
+/// that are too large, a 413 for a body) would otherwise get a reset from the kernel, which
+/// can destroy the answer before the client reads it.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// A second handle on a client socket, taken before the connection is handed over, so that
+/// closing the connection's own handle does not close the socket: `linger` closes it.
+pub fn linger_handle(tcp: &tokio::net::TcpStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd as _;
+    tcp.as_fd().try_clone_to_owned().ok()
+}
+
+/// Ends the sending side (a FIN after whatever was written) and discards what the client
+/// still sends, until it closes too or `LINGER` has passed.
+pub async fn linger(fd: std::os::fd::OwnedFd) {
+    let std = std::net::TcpStream::from(fd);
+    let _ = std.shutdown(std::net::Shutdown::Write);
+    if std.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(tcp) = tokio::net::TcpStream::from_std(std) else { return };
+    let mut buf = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        loop {
+            if tcp.readable().await.is_err() {
+                return;
+            }
+            match tcp.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
 /// When a connection last moved a byte, and how many of its requests are in flight: what the
 /// idle timeout is decided from.
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     pub requests: AtomicI64,
+    /// Whether a request has started on the connection yet.
+    pub served: std::sync::atomic::AtomicBool,
+    /// The connection became a tunnel (`101 Switching Protocols`): it is no longer ours to
+    /// close or linger on.
+    pub upgraded: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), requests: AtomicI64::new(0) })
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicI64::new(0),
+            served: Default::default(),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn touch(&self) {

@@ -77,6 +77,10 @@ pub struct Proxy {
     next: AtomicUsize,
 }
 
+/// How long a stopping daemon waits for the first request of a connection it has just
+/// accepted before closing it (see `Proxy::connection`).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 impl Proxy {
     pub fn new(
         service: usize,
@@ -96,14 +100,28 @@ impl Proxy {
         })
     }
 
-    /// Accepts connections on `listener` until `stop` fires.
+    /// Accepts connections on `listener` until `stop` fires; then waits (at most the backend
+    /// response timeout) for the open connections to finish their requests. Connections not
+    /// yet accepted stay in the socket's queue: with socket activation the socket outlives the
+    /// daemon, and the next one serves them, so a restart refuses and resets nothing.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
-        let limit = Arc::new(Semaphore::new(self.options.limits.max_connections));
+        let max = self.options.limits.max_connections;
+        let limit = Arc::new(Semaphore::new(max));
+        let drained = |limit: Arc<Semaphore>, name: String, wait: Duration| async move {
+            // Every connection holds a permit until it ends.
+            let all = u32::try_from(max).unwrap_or(u32::MAX);
+            if tokio::time::timeout(wait, limit.acquire_many(all)).await.is_err() {
+                warn!(service = %name, open = max - limit.available_permits(), "stopping with connections still open after {wait:?}");
+            }
+        };
         loop {
             // At the limit, further connections wait in the kernel's backlog.
             let permit = tokio::select! {
                 p = limit.clone().acquire_owned() => p.expect("never closed"),
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    drop(listener);
+                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                }
             };
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -115,19 +133,30 @@ impl Proxy {
                         continue;
                     }
                 },
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    drop((listener, permit));
+                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                }
             };
             let proxy = self.clone();
             let acceptor = acceptor.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                proxy.connection(tcp, peer, acceptor, stop).await;
+                let linger = super::linger_handle(&tcp);
+                let closed = proxy.connection(tcp, peer, acceptor, stop).await;
+                // Served: a lingering close neither counts against `max_connections` nor holds
+                // up a stopping daemon.
+                drop(permit);
+                if let (Some(fd), true) = (linger, closed) {
+                    super::linger(fd).await;
+                }
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
+    /// Serves one client connection; false when it ended by becoming a tunnel (an upgrade),
+    /// which lives on in its own task.
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> bool {
         let _ = tcp.set_nodelay(true);
         let t = &self.options.timeouts;
         let tls = match tokio::time::timeout(t.handshake, acceptor.accept(tcp)).await {
@@ -135,12 +164,12 @@ impl Proxy {
             Ok(Err(e)) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake failed: {e}");
-                return;
+                return true;
             }
             Err(_) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.name, %peer, "TLS handshake timed out");
-                return;
+                return true;
             }
         };
         let (_, session) = tls.get_ref();
@@ -150,7 +179,7 @@ impl Proxy {
         };
         if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
             // A TLS-ALPN-01 validation: the handshake was the whole point.
-            return;
+            return true;
         }
         let activity = Activity::new();
         let io = TokioIo::new(Tracked::new(tls, activity.clone()));
@@ -168,8 +197,9 @@ impl Proxy {
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.h2_max_streams)
             .max_header_list_size(l.max_header_bytes as u32)
-            // Rapid reset (CVE-2023-44487): bounded by hyper's defaults for pending and
-            // locally reset streams; both answered with GOAWAY.
+            // Rapid reset (CVE-2023-44487): streams reset before they are served, and streams
+            // we had to reset, are bounded per connection; past either bound the connection
+            // ends with GOAWAY. hyper's defaults, written out so that they cannot change unseen.
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
         let proxy = self.clone();
@@ -186,24 +216,47 @@ impl Proxy {
                 if let Err(e) = r {
                     debug!(service = %self.name, %peer, "connection ended: {e}");
                 }
-                return;
+                return !activity.upgraded.load(Ordering::Relaxed);
             }
             () = activity.idle(t.idle) => {}
-            _ = stop.changed() => {}
+            _ = stop.changed() => {
+                // Stopping. A connection that has not sent its first request yet is about to:
+                // closing it now would fail that request, so it gets a moment first.
+                let first = async {
+                    while !activity.served.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(service = %self.name, %peer, "connection ended: {e}");
+                        }
+                        return !activity.upgraded.load(Ordering::Relaxed);
+                    }
+                    () = first => {}
+                    () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+                }
+            }
         }
         conn.as_mut().graceful_shutdown();
         // Requests in flight get to finish, within bounds.
         let _ = tokio::time::timeout(t.backend_response, conn).await;
+        !activity.upgraded.load(Ordering::Relaxed)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
         activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.served.store(true, Ordering::Relaxed);
         let done = RequestDone(activity);
         let mut response = match self.forward(req, peer).await {
             Ok(r) => r,
             Err((status, message)) => local(status, message),
         };
         self.stats.count_response(response.status().as_u16());
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            done.0.upgraded.store(true, Ordering::Relaxed);
+        }
         let h = &self.options.http;
         let headers = response.headers_mut();
         for (name, value) in [

@@ -40,27 +40,36 @@ pub async fn serve(name: String, listener: TcpListener, challenges: Arc<Challeng
         let (challenges, stats) = (challenges.clone(), stats.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let activity = Activity::new();
-            let io = TokioIo::new(Tracked::new(tcp, activity.clone()));
-            let service = service_fn(move |req| {
-                let response = answer(&req, &challenges);
-                stats.count_response(response.status().as_u16());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = activity.idle(IDLE_TIMEOUT) => {}
+            let linger = super::linger_handle(&tcp);
+            connection(tcp, &challenges, &stats).await;
+            if let Some(fd) = linger {
+                super::linger(fd).await;
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
         });
     }
+}
+
+async fn connection(tcp: tokio::net::TcpStream, challenges: &Arc<Challenges>, stats: &Arc<Stats>) {
+    let (challenges, stats) = (challenges.clone(), stats.clone());
+    let activity = Activity::new();
+    let io = TokioIo::new(Tracked::new(tcp, activity.clone()));
+    let service = service_fn(move |req| {
+        let response = answer(&req, &challenges);
+        stats.count_response(response.status().as_u16());
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = activity.idle(IDLE_TIMEOUT) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
 }
 
 /// The answer to one request.

@@ -43,6 +43,95 @@ pub struct Run {
     pub syn_retrans: u64,
     /// CPU time of the xlb daemon, as a fraction of one CPU (its own, CPU 0).
     pub xlb_busy: f64,
+    /// CPU time of nginx (master and workers of every nginx), as a fraction of one CPU.
+    pub nginx_busy: f64,
+    /// Wall time the CPU figures cover (from /proc/stat), seconds.
+    pub elapsed: f64,
+    /// xlb's XDP and TC programs: average ns per packet in this run, from the kernel's BPF
+    /// run-time statistics (`bpftool prog show`: run_time_ns / run_cnt).
+    pub xdp_ns: Option<f64>,
+    pub tc_ns: Option<f64>,
+}
+
+/// `run_time_ns` and `run_cnt` of one program.
+#[derive(Clone, Copy, Default)]
+pub struct RunTime {
+    ns: u64,
+    count: u64,
+}
+
+impl RunTime {
+    fn ns_per_run(&self, before: &RunTime) -> Option<f64> {
+        let count = self.count.checked_sub(before.count).filter(|&c| c > 0)?;
+        Some(self.ns.saturating_sub(before.ns) as f64 / count as f64)
+    }
+}
+
+/// The run-time statistics of xlb's pinned programs.
+pub struct ProgramStats {
+    xdp: RunTime,
+    tc: RunTime,
+}
+
+impl ProgramStats {
+    pub fn read(topology: &Topology) -> ProgramStats {
+        let one = |pin: &str| -> RunTime {
+            let path = topology.pin_path.join(pin);
+            let Ok(out) = Command::new("bpftool")
+                .args(["-j", "prog", "show", "pinned"])
+                .arg(&path)
+                .output()
+            else {
+                return RunTime::default();
+            };
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            RunTime {
+                ns: v["run_time_ns"].as_u64().unwrap_or(0),
+                count: v["run_cnt"].as_u64().unwrap_or(0),
+            }
+        };
+        ProgramStats {
+            xdp: one("prog_xdp"),
+            tc: one("prog_tc_egress"),
+        }
+    }
+}
+
+/// Turns on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) while alive,
+/// restoring the previous setting after. They cost two clock reads per program run, the same
+/// for every xlb run; the no-op program of the other arms pays them too.
+pub struct BpfStats(Option<String>);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> BpfStats {
+        let previous = std::fs::read_to_string(BPF_STATS).ok();
+        if std::fs::write(BPF_STATS, "1").is_err() {
+            eprintln!("bench: could not enable {BPF_STATS}: no per-program run times");
+        }
+        BpfStats(previous)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, previous.trim());
+        }
+    }
+}
+
+impl Run {
+    /// µs of the serving process's CPU time per request or handshake: the xlb daemon for xlb's
+    /// arms, nginx for nginx's.
+    pub fn server_us_per_op(&self) -> f64 {
+        let busy = match self.arm {
+            "C" | "E" => self.xlb_busy,
+            _ => self.nginx_busy,
+        };
+        busy * self.elapsed * 1e6 / (self.requests.max(1) as f64)
+    }
 }
 
 impl Run {
@@ -98,10 +187,20 @@ pub fn wrk(
     if mode == Mode::NewConn {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://{}/", target(topology, arm)));
+    let scheme = if mode == Mode::TlsKeepAlive { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://{}/", target(topology, arm)));
+    // xlb's programs' own run time in this traffic (kernel.bpf_stats_enabled, set by `run`).
+    let programs = arm.tax == super::Tax::Xlb && mode != Mode::TlsKeepAlive;
+    let before = programs.then(|| ProgramStats::read(topology));
     let (out, cpu) = measured(topology, cmd, "wrk", seconds, stop)?;
     let parsed = parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
-    Ok(cpu.run(arm, mode, parsed))
+    let mut run = cpu.run(arm, mode, parsed);
+    if let Some(before) = before {
+        let after = ProgramStats::read(topology);
+        run.xdp_ns = after.xdp.ns_per_run(&before.xdp);
+        run.tc_ns = after.tc.ns_per_run(&before.tc);
+    }
+    Ok(run)
 }
 
 /// The open-loop client (`xlb-rate-client`) at `rate` req/s over 32 keep-alive connections.
@@ -128,6 +227,43 @@ pub fn fixed_rate(
     let parsed = parse_rate_client(&out)
         .with_context(|| format!("unexpected xlb-rate-client output:\n{out}"))?;
     Ok(cpu.run(arm, Mode::FixedRate, parsed))
+}
+
+/// The TLS handshake client (`tls::CLIENT`) in `mode` (`FullHandshake` or `ResumedHandshake`):
+/// one handshake counts as one request.
+pub fn handshakes(
+    topology: &Topology,
+    client: &std::path::Path,
+    arm: &Arm,
+    mode: Mode,
+    seconds: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<Run> {
+    let which = match mode {
+        Mode::FullHandshake => "full",
+        Mode::ResumedHandshake => "resumed",
+        _ => bail!("{} is not a handshake mode", mode.name()),
+    };
+    let cmd = super::tls::handshake_command(topology, client, arm.port, which, seconds);
+    let (out, cpu) = measured(topology, cmd, "tls client", seconds, stop)?;
+    let h = super::tls::parse_handshakes(&out)
+        .with_context(|| format!("unexpected TLS client output:\n{out}"))?;
+    if mode == Mode::ResumedHandshake && h.resumed * 10 < h.done * 9 {
+        bail!(
+            "arm {}: only {} of {} handshakes resumed a session: the server does not resume",
+            arm.id,
+            h.resumed,
+            h.done
+        );
+    }
+    let parsed = Parsed {
+        requests: h.done,
+        seconds: seconds as f64,
+        rps: h.done as f64 / seconds as f64,
+        errors: h.errors,
+        ..Parsed::default()
+    };
+    Ok(cpu.run(arm, mode, parsed))
 }
 
 /// What a load generator reported.
@@ -178,6 +314,7 @@ fn measured(
     let mut delta = before.delta(&after);
     delta.others = used(&procs_before, &procs_after, Owner::Other);
     delta.xlb = used(&procs_before, &procs_after, Owner::Xlb);
+    delta.nginx = used(&procs_before, &procs_after, Owner::Nginx);
     delta.syn_retrans = syn_after.saturating_sub(syn_before);
     Ok((out, delta))
 }
@@ -253,6 +390,9 @@ impl Namespaces {
                 }
                 let owner = match netns(pid) {
                     Some(ino) if self.0.contains(&ino) && name.ends_with("(xlb") => Owner::Xlb,
+                    Some(ino) if self.0.contains(&ino) && name.ends_with("(nginx") => {
+                        Owner::Nginx
+                    }
                     Some(ino) if self.0.contains(&ino) => Owner::Bench,
                     _ => Owner::Other,
                 };
@@ -266,6 +406,8 @@ impl Namespaces {
 enum Owner {
     /// The xlb daemon.
     Xlb,
+    /// nginx, master and workers.
+    Nginx,
     /// Anything else of the bench's (backends, proxies, load generators).
     Bench,
     /// Not ours: noise.
@@ -411,6 +553,7 @@ impl CpuStat {
                 .collect(),
             others: 0,
             xlb: 0,
+            nginx: 0,
             syn_retrans: 0,
         }
     }
@@ -423,6 +566,8 @@ struct CpuDelta {
     others: u64,
     /// Jiffies of the xlb daemon.
     xlb: u64,
+    /// Jiffies of nginx.
+    nginx: u64,
     syn_retrans: u64,
 }
 
@@ -454,11 +599,16 @@ impl CpuDelta {
             other_busy: self.others as f64 / (self.all.total as f64).max(1.0),
             syn_retrans: self.syn_retrans,
             xlb_busy: self.xlb as f64 / (self.all.total as f64).max(1.0) * self.cpus.len() as f64,
+            nginx_busy: self.nginx as f64 / (self.all.total as f64).max(1.0)
+                * self.cpus.len() as f64,
+            elapsed: self.all.total as f64 / clock_ticks() / self.cpus.len().max(1) as f64,
+            xdp_ns: None,
+            tc_ns: None,
         }
     }
 }
 
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }

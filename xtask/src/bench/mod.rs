@@ -15,6 +15,7 @@
 mod measure;
 mod peers;
 mod report;
+mod tls;
 
 use std::{
     net::SocketAddr,
@@ -88,6 +89,26 @@ pub const ARMS: &[Arm] = &[
     },
 ];
 
+/// The HTTPS arms, measured in rounds of their own after the L4 ones (see `tls`).
+pub const TLS_ARMS: &[Arm] = &[
+    Arm {
+        id: "D",
+        what: "nginx TLS 1.3 (ECDSA P-256), 1 worker, least_conn, keepalive 32 to backends",
+        port: 8443,
+        tax: Tax::Noop,
+    },
+    Arm {
+        id: "E",
+        what: "xlb HTTPS (rustls, same certificate), the daemon on one core",
+        port: 443,
+        tax: Tax::Xlb,
+    },
+];
+
+pub fn tls_arm(id: &str) -> &'static Arm {
+    TLS_ARMS.iter().find(|a| a.id == id).expect("a known HTTPS arm")
+}
+
 /// Ratios reported, numerator / denominator, each computed per round.
 pub const RATIOS: &[(&str, &str)] = &[
     ("C", "A1"),
@@ -106,6 +127,12 @@ pub enum Mode {
     NewConn,
     /// The open-loop client at a fixed rate: latency.
     FixedRate,
+    /// `wrk` over TLS: keep-alive HTTPS requests per second.
+    TlsKeepAlive,
+    /// New TLS connections without resumption: server CPU per full handshake.
+    FullHandshake,
+    /// New TLS connections resuming the previous one's session (TLS 1.3 ticket).
+    ResumedHandshake,
 }
 
 impl Mode {
@@ -114,6 +141,9 @@ impl Mode {
             Mode::KeepAlive => "keep-alive",
             Mode::NewConn => "new-conn",
             Mode::FixedRate => "fixed-rate",
+            Mode::TlsKeepAlive => "https-keep-alive",
+            Mode::FullHandshake => "full-handshake",
+            Mode::ResumedHandshake => "resumed-handshake",
         }
     }
 }
@@ -146,6 +176,8 @@ pub struct Context {
     pub background_before: f64,
     pub background_after: f64,
     pub cost: Result<Vec<(String, String)>, String>,
+    /// Per HTTPS arm: the server's memory and idle CPU.
+    pub memory: Vec<tls::Memory>,
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -210,12 +242,15 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
     // Drop order (reverse of declaration) is the cleanup order, on success, error and panic
     // alike: XDP programs and the daemon (`xlb detach`), proxies, backends, namespaces, files.
+    let _bpf_stats = measure::BpfStats::enable();
     let files = peers::TempFiles::new()?;
     let topology = Topology::new("bench");
     peers::tune(&topology)?;
+    let cert = tls::make_cert(&files, &topology)?;
+    let tls_client = tls::write_client(&files)?;
     let _backends = peers::start_backends(&topology, &bins.backend);
-    let _proxies = peers::start_proxies(&topology, &files)?;
-    let config = files.write_xlb_config(&topology)?;
+    let _proxies = peers::start_proxies(&topology, &files, &cert)?;
+    let config = files.write_xlb_config(&topology, &cert)?;
     let mut xdp = peers::Xdp::new(&topology, &bins.xlb, &config);
 
     // One short unrecorded run per arm: caches, allocators and the proxies' pools warm up, and
@@ -226,6 +261,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         let warm = measure::wrk(&topology, arm, Mode::KeepAlive, 1, &stop)?;
         println!(
             "bench: warm-up {:<3} {:>9} req/s",
+            arm.id,
+            report::thousands(warm.rps)
+        );
+    }
+    for arm in TLS_ARMS {
+        xdp.set(arm.tax)?;
+        tls::check_answers(&topology, arm)?;
+        let warm = measure::wrk(&topology, arm, Mode::TlsKeepAlive, 1, &stop)?;
+        println!(
+            "bench: warm-up {:<3} {:>9} req/s (HTTPS)",
             arm.id,
             report::thousands(warm.rps)
         );
@@ -266,6 +311,38 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             samples.push(Run { round, ..run });
         }
     }
+
+    // The HTTPS arms, in rounds of their own: each arm runs its three modes in a row (their
+    // order rotating by round) so that the daemon or nginx is swapped once per arm and round.
+    println!("bench: HTTPS arms (D nginx, E xlb)");
+    for round in 0..rounds {
+        for arm in tls_rotated(round) {
+            xdp.set(arm.tax)?;
+            for i in 0..TLS_MODES.len() {
+                let mode = TLS_MODES[(i + round) % TLS_MODES.len()];
+                let run = match mode {
+                    Mode::TlsKeepAlive => measure::wrk(&topology, arm, mode, seconds, &stop)?,
+                    _ => measure::handshakes(&topology, &tls_client, arm, mode, seconds, &stop)?,
+                };
+                progress.show(round, rounds, arm, &run, "https ");
+                samples.push(Run { round, ..run });
+            }
+        }
+    }
+    let mut memory = Vec::new();
+    for arm in TLS_ARMS {
+        xdp.set(arm.tax)?;
+        let m = tls::memory(&topology, &tls_client, arm)?;
+        println!(
+            "bench: {} RSS idle {} KiB, holding {} TLS connections {} KiB; idle CPU {:.2} %",
+            arm.id,
+            m.idle_kib,
+            tls::HELD,
+            m.held_kib,
+            m.idle_busy * 100.0
+        );
+        memory.push(m);
+    }
     xdp.set_none()?;
     let background_after = measure::background_load();
 
@@ -284,6 +361,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         background_before,
         background_after,
         cost,
+        memory,
     };
     let written = report::write(&context, &samples)?;
     println!(
@@ -341,6 +419,18 @@ fn rotated(round: usize) -> impl Iterator<Item = &'static Arm> {
     (0..ARMS.len()).map(move |i| &ARMS[(i + round) % ARMS.len()])
 }
 
+/// The HTTPS arms in round `round`'s order.
+fn tls_rotated(round: usize) -> impl Iterator<Item = &'static Arm> {
+    (0..TLS_ARMS.len()).map(move |i| &TLS_ARMS[(i + round) % TLS_ARMS.len()])
+}
+
+/// What each HTTPS arm measures, every round.
+const TLS_MODES: [Mode; 3] = [
+    Mode::TlsKeepAlive,
+    Mode::FullHandshake,
+    Mode::ResumedHandshake,
+];
+
 /// Progress lines with the time left, extrapolated from the pace so far.
 struct Progress {
     planned: Duration,
@@ -376,15 +466,19 @@ impl Progress {
 const PER_RUN_OVERHEAD: Duration = Duration::from_millis(400);
 /// Starting `xlb run` and stopping it (SIGTERM, `xlb detach`), once per round.
 const XLB_SWAP: Duration = Duration::from_secs(2);
+/// Each HTTPS arm's memory and idle CPU (`tls::memory`).
+const MEMORY: Duration = Duration::from_secs(2 * 12);
 /// One second of wrk per arm, plus overheads.
-const WARM_UP: Duration = Duration::from_millis(1400 * ARMS.len() as u64);
+const WARM_UP: Duration =
+    Duration::from_millis(1400 * (ARMS.len() + TLS_ARMS.len()) as u64 + 4000);
 
 /// Time from the warm-up to the report, from the plan.
 fn estimate(rounds: usize, latency_rounds: usize, seconds: u64) -> Duration {
     let run = Duration::from_secs(seconds) + PER_RUN_OVERHEAD;
     let arms = ARMS.len() as u32;
-    let runs = (rounds as u32) * arms * 2 + (latency_rounds as u32) * arms;
-    WARM_UP + run * runs + XLB_SWAP * (rounds + latency_rounds + 1) as u32
+    let tls_runs = (rounds * TLS_ARMS.len() * TLS_MODES.len()) as u32;
+    let runs = (rounds as u32) * arms * 2 + (latency_rounds as u32) * arms + tls_runs;
+    WARM_UP + run * runs + XLB_SWAP * (2 * rounds + latency_rounds + 2) as u32 + MEMORY
 }
 
 fn minutes(d: Duration) -> String {

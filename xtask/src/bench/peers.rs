@@ -116,7 +116,11 @@ impl TempFiles {
         Ok(path)
     }
 
-    pub fn write_xlb_config(&self, topology: &Topology) -> anyhow::Result<PathBuf> {
+    pub fn write_xlb_config(
+        &self,
+        topology: &Topology,
+        cert: &super::tls::Cert,
+    ) -> anyhow::Result<PathBuf> {
         let text = format!(
             r#"# Written by `cargo xtask bench`; removed when it ends.
 [dataplane]
@@ -137,7 +141,25 @@ backends = [{backends}]
 check = "tcp"
 interval = "1s"
 timeout = "500ms"
+
+[[service]]
+name = "bench-https"
+listen = "{https}"
+mode = "https"
+backends = [{backends}]
+
+[service.tls]
+cert = "{cert}"
+key = "{key}"
+
+[service.health]
+check = "tcp"
+interval = "1s"
+timeout = "500ms"
 "#,
+            https = target(topology, super::tls_arm("E")),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
             interface = topology.lb_if,
             pin_path = topology.pin_path.display(),
             vip = target(topology, arm("C")),
@@ -222,7 +244,11 @@ pub fn start_backends(topology: &Topology, backend: &Path) -> Vec<Proc> {
 
 /// nginx (arm B) and HAProxy (arm B2), each with its own config, pid file and logs in `files`,
 /// in the foreground so that they are our children.
-pub fn start_proxies(topology: &Topology, files: &TempFiles) -> anyhow::Result<Vec<Proc>> {
+pub fn start_proxies(
+    topology: &Topology,
+    files: &TempFiles,
+    cert: &super::tls::Cert,
+) -> anyhow::Result<Vec<Proc>> {
     let dir = files.dir.display().to_string();
     let servers = backends(topology, |a| format!("        server {a};")).join("\n");
     let nginx = files.write(
@@ -292,6 +318,15 @@ backend apps
             listen = target(topology, arm("B2")),
         ),
     )?;
+    let nginx_tls = files.write(
+        "nginx-tls.conf",
+        &super::tls::nginx_config(
+            files,
+            cert,
+            &target(topology, super::tls_arm("D")).to_string(),
+            &backends(topology, |a| format!("        server {a};")).join("\n"),
+        ),
+    )?;
     let nginx_bin = find_in_path("nginx").context("nginx not installed")?;
     let haproxy_bin = find_in_path("haproxy").context("haproxy not installed")?;
     let procs = vec![
@@ -308,6 +343,19 @@ backend apps
             ],
             "nginx",
         ),
+        spawn_sut(
+            topology,
+            &nginx_bin,
+            &[
+                "-p",
+                &dir,
+                "-e",
+                &format!("{dir}/nginx-tls-error.log"),
+                "-c",
+                &path(&nginx_tls),
+            ],
+            "nginx (TLS)",
+        ),
         // -db: foreground, no daemon.
         spawn_sut(
             topology,
@@ -316,7 +364,7 @@ backend apps
             "haproxy",
         ),
     ];
-    for (p, arm) in procs.iter().zip([arm("B"), arm("B2")]) {
+    for (p, arm) in procs.iter().zip([arm("B"), super::tls_arm("D"), arm("B2")]) {
         let addr = target(topology, arm);
         wait_until(
             Duration::from_secs(10),

@@ -266,6 +266,19 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
 
     let _ = writeln!(
         w,
+        "\n## xlb's programs in this traffic (kernel BPF run-time statistics, medians)\n\n\
+         `bpftool prog show` run_time_ns / run_cnt over each of C's runs: what a packet costs in \
+         the real data path, every packet of the run counted (SYNs, data, ACKs, FINs).\n\n\
+         | run | XDP ns/packet | TC egress ns/packet |\n|---|---:|---:|"
+    );
+    for mode in [Mode::KeepAlive, Mode::NewConn] {
+        let xdp = median(&field(runs, "C", mode, |r| r.xdp_ns.unwrap_or(f64::NAN)));
+        let tc = median(&field(runs, "C", mode, |r| r.tc_ns.unwrap_or(f64::NAN)));
+        let _ = writeln!(w, "| {} | {xdp:.0} | {tc:.0} |", mode.name());
+    }
+
+    let _ = writeln!(
+        w,
         "\n## Latency at a fixed {} req/s (50 % of the slowest arm's keep-alive maximum)\n\n\
          Open loop over {} keep-alive connections, each latency measured from the request's \
          scheduled send time (coordinated omission corrected); medians over {} round(s).\n\n\
@@ -293,6 +306,8 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
             med(|r| r.cpu_us_per_req),
         );
     }
+
+    https_section(w, ctx, runs);
 
     let _ = writeln!(
         w,
@@ -384,15 +399,149 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
     s
 }
 
+/// Server CPU time per handshake (µs), less what the server uses when idle.
+fn net_us_per_op(ctx: &Context, r: &Run) -> f64 {
+    let idle = ctx
+        .memory
+        .iter()
+        .find(|m| m.arm == r.arm)
+        .map_or(0.0, |m| m.idle_busy);
+    (r.server_us_per_op() - idle * r.elapsed * 1e6 / (r.requests.max(1) as f64)).max(0.0)
+}
+
+/// Per-round ratios of `f` between two arms.
+fn ratio_by(runs: &[Run], num: &str, den: &str, mode: Mode, f: impl Fn(&Run) -> f64) -> Vec<f64> {
+    let rounds = runs.iter().map(|r| r.round).max().map_or(0, |m| m + 1);
+    (0..rounds)
+        .filter_map(|round| {
+            let get = |arm: &str| {
+                runs.iter()
+                    .find(|r| r.round == round && r.arm == arm && r.mode == mode)
+                    .map(&f)
+            };
+            Some(get(num)? / get(den)?)
+        })
+        .collect()
+}
+
+fn https_section(w: &mut String, ctx: &Context, runs: &[Run]) {
+    use super::TLS_ARMS;
+    if !runs.iter().any(|r| r.mode == Mode::TlsKeepAlive) {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## HTTPS (same ECDSA P-256 certificate, TLS 1.3, same backends)\n\n\
+         | Arm | Path | Port |\n|---|---|---|"
+    );
+    for arm in TLS_ARMS {
+        let _ = writeln!(w, "| {} | {} | {} |", arm.id, arm.what, arm.port);
+    }
+    let _ = writeln!(
+        w,
+        "\n| Arm | keep-alive HTTPS req/s | spread | server µs/req | full handshakes/s | server µs per full handshake | resumed handshakes/s | server µs per resumed handshake |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for arm in TLS_ARMS {
+        let ka = Summary::of(&values(runs, arm.id, Mode::TlsKeepAlive));
+        let med = |mode, f: &dyn Fn(&Run) -> f64| median(&field(runs, arm.id, mode, f));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} | {} | {:.0} | {} | {:.0} |",
+            arm.id,
+            thousands(ka.median),
+            ka.spread_cell(),
+            med(Mode::TlsKeepAlive, &|r| r.server_us_per_op()),
+            thousands(med(Mode::FullHandshake, &|r| r.rps)),
+            med(Mode::FullHandshake, &|r| net_us_per_op(ctx, r)),
+            thousands(med(Mode::ResumedHandshake, &|r| r.rps)),
+            med(Mode::ResumedHandshake, &|r| net_us_per_op(ctx, r)),
+        );
+    }
+    let rows: [(&str, Mode, Vec<f64>, &str, f64, bool); 3] = [
+        (
+            "E/D keep-alive HTTPS req/s",
+            Mode::TlsKeepAlive,
+            ratio_by(runs, "E", "D", Mode::TlsKeepAlive, |r| r.rps),
+            "≥",
+            1.2,
+            true,
+        ),
+        (
+            "E/D server CPU per full handshake",
+            Mode::FullHandshake,
+            ratio_by(runs, "E", "D", Mode::FullHandshake, |r| net_us_per_op(ctx, r)),
+            "≤",
+            0.6,
+            false,
+        ),
+        (
+            "E/D server CPU per resumed handshake",
+            Mode::ResumedHandshake,
+            ratio_by(runs, "E", "D", Mode::ResumedHandshake, |r| net_us_per_op(ctx, r)),
+            "",
+            f64::NAN,
+            false,
+        ),
+    ];
+    let _ = writeln!(
+        w,
+        "\n| Ratio (per round, then median) | median | IQR | target | result |\n|---|---:|---|---|---|"
+    );
+    for (what, _, ratios, op, target, higher) in rows {
+        let sm = Summary::of(&ratios);
+        let (target_cell, result) = if target.is_nan() {
+            ("—".to_owned(), "—")
+        } else {
+            let ok = if higher { sm.median >= target } else { sm.median <= target };
+            (format!("{op} {target}"), if ok { "**pass**" } else { "**miss**" })
+        };
+        let _ = writeln!(
+            w,
+            "| {what} | {:.3} | {:.3}–{:.3} | {target_cell} | {result} |",
+            sm.median, sm.q1, sm.q3
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n| Server | RSS idle | RSS holding {} idle TLS connections | per connection | CPU when idle |\n|---|---:|---:|---:|---:|",
+        super::tls::HELD
+    );
+    for m in &ctx.memory {
+        let _ = writeln!(
+            w,
+            "| {} | {} KiB | {} KiB | {:.1} KiB | {:.2} % |",
+            m.arm,
+            thousands(m.idle_kib as f64),
+            thousands(m.held_kib as f64),
+            (m.held_kib as f64 - m.idle_kib as f64) / f64::from(super::tls::HELD),
+            m.idle_busy * 100.0
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nServer CPU is the serving process's own CPU time (nginx's master and worker, or the \
+         xlb daemon; /proc/<pid>/stat) during the run, less its idle rate above, divided by the \
+         requests or handshakes done. Handshakes come from one Python `ssl` client on CPU 1 \
+         (TLS 1.3, no request; when resuming it reads the session ticket and offers it on the \
+         next connection), which is slower than either server: the handshake rates are the \
+         client's, the CPU per handshake is the server's. Keep-alive HTTPS: `wrk -t1 -c{}` \
+         over TLS 1.3, HTTP/1.1."
+        ,
+        super::CONNECTIONS
+    );
+}
+
 fn csv_text(runs: &[Run]) -> String {
     let mut s = String::from(
         "round,arm,mode,requests,seconds,req_per_s,errors,p50_us,p99_us,p999_us,\
-         cpu_us_per_req,cpu0_busy,cpu1_busy,other_busy,syn_retrans,xlb_daemon_busy\n",
+         cpu_us_per_req,cpu0_busy,cpu1_busy,other_busy,syn_retrans,xlb_daemon_busy,nginx_busy,\
+         cpu_seconds\n",
     );
     for r in runs {
         let _ = writeln!(
             s,
-            "{},{},{},{},{:.3},{:.1},{},{:.1},{:.1},{},{:.2},{:.3},{:.3},{:.3},{},{:.3}",
+            "{},{},{},{},{:.3},{:.1},{},{:.1},{:.1},{},{:.2},{:.3},{:.3},{:.3},{},{:.3},{:.3},{:.3}",
             r.round + 1,
             r.arm,
             r.mode.name(),
@@ -408,7 +557,9 @@ fn csv_text(runs: &[Run]) -> String {
             r.cpu1_busy,
             r.other_busy,
             r.syn_retrans,
-            r.xlb_busy
+            r.xlb_busy,
+            r.nginx_busy,
+            r.elapsed
         );
     }
     s
