@@ -10,83 +10,12 @@
 //! `cargo test -p xlb-tests --test rollout -- --test-threads=1 --nocapture`.
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
 
 use support::*;
-use xlb_tests::demo_backend_bin;
 
 /// Bounds a whole `xlb rollout` run.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Backends started by the restart script, killed when the test ends (they are not `Proc`s).
-struct Restarted(PathBuf);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        for i in 1..=BACKENDS {
-            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
-            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
-            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-fn write_restart_script(lb: &Lb) -> PathBuf {
-    let script = lb.dir.join("restart.sh");
-    let ip = lb.backends[0].ip();
-    let text = format!(
-        r#"#!/bin/sh
-# restart.sh N: restart app-N on port 800N, like `systemctl restart app@N`.
-set -eu
-i=$1
-dir={dir}
-pid=$(cat "$dir/app-$i.pid")
-kill -TERM "$pid"
-n=0
-while ss -Htln "sport = :800$i" | grep -q .; do
-    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
-    sleep 0.05
-done
-setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
-echo $! >"$dir/app-$i.pid"
-n=0
-until grep -qs "listening on" "$dir/app-$i.log"; do
-    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
-    sleep 0.05
-done
-echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
-"#,
-        dir = lb.dir.display(),
-        demo = demo_backend_bin().display(),
-    );
-    std::fs::write(&script, text).unwrap();
-    run_ok(
-        {
-            let mut c = std::process::Command::new("chmod");
-            c.arg("755").arg(&script);
-            c
-        },
-        "chmod",
-    );
-    for (i, app) in lb.apps.iter().enumerate() {
-        let pid = app.as_ref().expect("the backend runs").pid();
-        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
-    }
-    script
-}
-
-fn pids(dir: &Path) -> Vec<String> {
-    (1..=BACKENDS)
-        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
-        .collect()
-}
 
 fn rollout(lb: &Lb, args: &[&str]) -> (std::process::ExitStatus, String) {
     let mut all = vec!["rollout", "web"];
@@ -101,7 +30,7 @@ fn rollout_restarts_every_backend_without_a_failed_request() {
     let _restarted = Restarted(lb.dir.clone());
     let script = write_restart_script(&lb);
     let dir = lb.dir.display().to_string();
-    let old_pids = pids(&lb.dir);
+    let old_pids = app_pids(&lb.dir);
     let exec = format!("{} {{index}}", script.display());
     let before = format!("touch {dir}/before-ran");
     let after = format!("touch {dir}/after-ran");
@@ -122,7 +51,7 @@ fn rollout_restarts_every_backend_without_a_failed_request() {
         }
     }
     assert!(lb.dir.join("before-ran").exists() && lb.dir.join("after-ran").exists(), "--before/--after did not run");
-    let new_pids = pids(&lb.dir);
+    let new_pids = app_pids(&lb.dir);
     for i in 0..BACKENDS {
         assert_ne!(old_pids[i], new_pids[i], "app-{} was not restarted", i + 1);
     }

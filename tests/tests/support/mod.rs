@@ -783,3 +783,68 @@ pub fn checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// Backends started by the restart script, killed when the test ends (they are not `Proc`s).
+pub struct Restarted(pub PathBuf);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        for i in 1..=BACKENDS {
+            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// `restart.sh N` in `lb.dir`: restarts app-N on port 800N in the lb namespace, like
+/// `systemctl restart app@N`: SIGTERM to the pid in `app-N.pid`, wait until the port is free,
+/// start a new demo backend there and wait until it listens. Writes the current pids first.
+pub fn write_restart_script(lb: &Lb) -> PathBuf {
+    let script = lb.dir.join("restart.sh");
+    let ip = lb.backends[0].ip();
+    let text = format!(
+        r#"#!/bin/sh
+# restart.sh N: restart app-N on port 800N, like `systemctl restart app@N`.
+set -eu
+i=$1
+dir={dir}
+pid=$(cat "$dir/app-$i.pid")
+kill -TERM "$pid"
+n=0
+while ss -Htln "sport = :800$i" | grep -q .; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
+    sleep 0.05
+done
+setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
+echo $! >"$dir/app-$i.pid"
+n=0
+until grep -qs "listening on" "$dir/app-$i.log"; do
+    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
+    sleep 0.05
+done
+echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
+"#,
+        dir = lb.dir.display(),
+        demo = demo_backend_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    let mut chmod = Command::new("chmod");
+    chmod.arg("755").arg(&script);
+    run_ok(chmod, "chmod");
+    for (i, app) in lb.apps.iter().enumerate() {
+        let pid = app.as_ref().expect("the backend runs").pid();
+        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
+    }
+    script
+}
+
+pub fn app_pids(dir: &std::path::Path) -> Vec<String> {
+    (1..=BACKENDS)
+        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
+        .collect()
+}
