@@ -411,23 +411,7 @@ impl Dataplane {
     /// The backend states currently in the maps for `services` (as laid out by
     /// `apply_services`), or `None` for a backend whose slot holds something else.
     pub fn current_states(&self, services: &[config::Service]) -> Vec<Vec<Option<BackendState>>> {
-        services
-            .iter()
-            .enumerate()
-            .map(|(s, svc)| {
-                svc.backends
-                    .iter()
-                    .enumerate()
-                    .map(|(b, addr)| {
-                        let cur = self.backends.get(&slot(s, b), 0).ok()?;
-                        let (a, port, family) = map_addr(*addr);
-                        (cur.addr == a && cur.port == port && cur.family == family)
-                            .then(|| state_of(cur.state))
-                            .flatten()
-                    })
-                    .collect()
-            })
-            .collect()
+        self.layout_states(services, &Layout::positional(services))
     }
 
     /// Writes services and backends in the positional layout of a first start (backend `b` of

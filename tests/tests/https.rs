@@ -1099,42 +1099,6 @@ fn testssl_finds_nothing_medium_or_worse() {
     site.lb.finish();
 }
 
-/// The daemon on listening sockets held by its parent, as systemd holds them for xlb.socket
-/// (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`): the admin API, the HTTPS and the redirect
-/// listener.
-fn socket_activated(lb: &Lb, sockets: &[std::net::TcpListener; 3]) -> Command {
-    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
-    let mut cmd = lb.topo.lb("sh");
-    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(xlb_tests::xlb_bin())
-        .args(["run", "--config"])
-        .arg(&lb.config)
-        .env("LISTEN_FDS", "3")
-        .env("LISTEN_FDNAMES", "admin:https:http");
-    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut high = [0; 3];
-            for (h, &fd) in high.iter_mut().zip(&fds) {
-                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 100);
-                if *h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if nix::libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
 /// Operations test 3: the daemon restarted 20 times (SIGTERM, then a new one) on the sockets
 /// systemd holds for it, under a stream of HTTPS requests on new connections: not one is
 /// refused, reset or failed. A stopping daemon stops accepting and finishes what it has; the
@@ -1157,7 +1121,7 @@ fn https_listener_handover_across_20_restarts() {
         [ADMIN, SocketAddr::new(ip, HTTPS_PORT), SocketAddr::new(ip, HTTP_PORT)]
             .map(|a| std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")))
     });
-    lb.start_daemon_with(socket_activated(&lb, &sockets));
+    lb.start_daemon_with(socket_activated(&lb, &sockets, "admin:https:http"));
     lb.wait_healthy();
     let site = Site { tls: client_config(&pki.ca_path()), pki, ip, lb, rt: runtime() };
     assert!(site.lb.daemon().output().contains("listening on the socket passed by systemd"));
@@ -1212,7 +1176,7 @@ fn https_listener_handover_across_20_restarts() {
                 let tail: Vec<&str> = out.lines().rev().take(8).collect();
                 eprintln!("stopped in {} ms: {:?}", started.elapsed().as_millis(), tail);
             }
-            let cmd = socket_activated(&s.lb, &sockets);
+            let cmd = socket_activated(&s.lb, &sockets, "admin:https:http");
             s.lb.start_daemon_with(cmd);
             restart_ms.push(started.elapsed().as_millis());
             drop(s);

@@ -1153,41 +1153,15 @@ fn daemon_serves_on_sockets_passed_by_systemd() {
             std::net::TcpListener::bind("127.0.0.1:9200").expect("binding 127.0.0.1:9200"),
         )
     });
-    let fds = [admin.as_raw_fd(), extra.as_raw_fd()];
-    let mut cmd = lb.topo.lb("sh");
-    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(xlb_bin())
-        .args(["run", "--config"])
-        .arg(&lb.config)
-        .env("LISTEN_FDS", "2")
-        .env("LISTEN_FDNAMES", "admin:extra");
-    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut high = [0; 2];
-            for (h, &fd) in high.iter_mut().zip(&fds) {
-                *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
-                if *h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let sockets = [admin, extra];
+    let cmd = socket_activated(&lb, &sockets, "admin:extra");
     // Connected before the daemon runs: it waits in the passed socket's queue.
     let mut early = lb
         .topo
         .in_lb(|| TcpStream::connect(ADMIN))
         .expect("connecting to the passed admin socket");
     lb.start_daemon_with(cmd);
-    drop((admin, extra));
+    drop(sockets);
     let log = lb.daemon().output();
     assert!(log.contains("admin API on the socket passed by systemd"), "{log}");
     // Logged just after `xlb ready`.

@@ -848,3 +848,41 @@ pub fn app_pids(dir: &std::path::Path) -> Vec<String> {
         .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
         .collect()
 }
+
+/// `xlb run` on listening sockets passed the way systemd passes them (`LISTEN_FDS`,
+/// `LISTEN_PID`, `LISTEN_FDNAMES` = `names`), as fds 3, 4, … in the order of `sockets`. The
+/// sockets stay open in the test, as systemd holds them for xlb.socket.
+pub fn socket_activated(lb: &Lb, sockets: &[std::net::TcpListener], names: &str) -> Command {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let mut cmd = lb.topo.lb("sh");
+    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(xlb_bin())
+        .args(["run", "--config"])
+        .arg(&lb.config)
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names);
+    assert!(fds.len() <= 8, "at most 8 passed sockets");
+    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec; the fds are
+    // first moved above 100, so that placing them at 3, 4, … overwrites none still to come.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 8];
+            for (h, &fd) in high.iter_mut().zip(&fds) {
+                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 100);
+                if *h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &h) in high.iter().take(fds.len()).enumerate() {
+                if nix::libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
