@@ -57,7 +57,7 @@ impl Layout {
             slots: services
                 .iter()
                 .enumerate()
-                .map(|(s, svc)| (0..svc.backends.len()).map(|b| s as u32 * MAX_BACKENDS_PER_SERVICE + b as u32).collect())
+                .map(|(s, svc)| (0..svc.backends.len()).map(|b| Self::positional_slot(s, b)).collect())
                 .collect(),
             retiring: Vec::new(),
         }
@@ -156,6 +156,11 @@ impl Layout {
             .map(|(&slot, &addr)| Retiring { slot, addr, vip: block_vip.get(&(slot / per)).copied() })
             .collect();
         Ok(Layout { blocks, slots, retiring })
+    }
+
+    /// Where a first start puts backend `backend` of service `service` (`positional`).
+    pub const fn positional_slot(service: usize, backend: usize) -> u32 {
+        service as u32 * MAX_BACKENDS_PER_SERVICE + backend as u32
     }
 
     pub fn slot(&self, service: usize, backend: usize) -> u32 {

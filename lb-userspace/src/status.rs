@@ -1,16 +1,7 @@
 //! The status model served by `GET /api/status`, rendered by `xlb status` and `GET /metrics`.
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    Up,
-    Down,
-    Draining,
-    /// Taken out by the data path's passive health checks (`max_fails` failed connections
-    /// within `fail_timeout`); back up once the health probes pass `rise` times.
-    Failed,
-}
+pub use crate::backends::BackendState;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {

@@ -11,7 +11,9 @@ use lb_common::{
 };
 use xlb::{
     config::Config,
-    dataplane::{self, Dataplane},
+    backends::Maps as _,
+    dataplane::Dataplane,
+    layout::Layout,
     status::BackendState,
 };
 
@@ -305,8 +307,8 @@ fn https_requests_in_flight_count_as_connections() {
     let mut dp = setup(&[]);
     set_live(&mut dp, 0, &[1, 1, 1]);
     // The HTTPS proxy has 2 requests in flight to app-1 and 1 to app-3: app-2 is least loaded.
-    dp.set_proxied(dataplane::slot(0, 0), 2).unwrap();
-    dp.set_proxied(dataplane::slot(0, 2), 1).unwrap();
+    dp.set_proxied(Layout::positional_slot(0, 0), 2).unwrap();
+    dp.set_proxied(Layout::positional_slot(0, 2), 1).unwrap();
     let (_, out) = xdp(&dp, &v4(CLIENT, 40001, VIP, 80, SYN));
     assert_eq!(out, v4(CLIENT, 40001, VIP, 80, SYN).with_dst(HOST.into(), 8002).bytes());
     // Now app-2 has 2 live and app-3 1 live + 1 proxied: app-3 (chosen longer ago than app-2).
@@ -314,7 +316,7 @@ fn https_requests_in_flight_count_as_connections() {
     assert_eq!(out, v4(CLIENT, 40002, VIP, 80, SYN).with_dst(HOST.into(), 8003).bytes());
     assert_eq!(live(&dp, 0, 2), 2, "proxied requests are not added to the map's live count");
     // A negative value (never written by the daemon) is treated as zero, not as a bonus.
-    dp.set_proxied(dataplane::slot(0, 0), -100).unwrap();
+    dp.set_proxied(Layout::positional_slot(0, 0), -100).unwrap();
     let (_, out) = xdp(&dp, &v4(CLIENT, 40003, VIP, 80, SYN));
     assert_eq!(out, v4(CLIENT, 40003, VIP, 80, SYN).with_dst(HOST.into(), 8001).bytes());
 }
@@ -690,7 +692,7 @@ fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
         assert_ne!(dport(&xdp(&dp, &syn).1), 8001, "a failed backend was chosen");
     }
     // Others' failures do not touch it; the daemon brings it back.
-    dp.restart_passive(dataplane::slot(0, 0), monotonic_ns()).unwrap();
+    dp.restart_passive(Layout::positional_slot(0, 0), monotonic_ns()).unwrap();
     dp.set_state(0, 0, BackendState::Up).unwrap();
     let p = dp.passive(0, 0).unwrap();
     assert_eq!((p.fails, p.window_start_ns, p.up_since_ns, p.refused), (0, 0, 0, 2), "window cleared, totals kept");
@@ -845,9 +847,9 @@ fn slow_start_ramps_a_recovered_backends_share_linearly() {
     }
     // The daemon starts the ramp when a backend comes back up (only with slow_start set).
     let before = monotonic_ns();
-    dp.restart_passive(dataplane::slot(2, 0), before).unwrap();
+    dp.restart_passive(Layout::positional_slot(2, 0), before).unwrap();
     assert_eq!(dp.passive(2, 0).unwrap().up_since_ns, before);
-    dp.restart_passive(dataplane::slot(0, 0), before).unwrap();
+    dp.restart_passive(Layout::positional_slot(0, 0), before).unwrap();
     assert_eq!(dp.passive(0, 0).unwrap().up_since_ns, 0, "no ramp without slow_start");
 }
 
