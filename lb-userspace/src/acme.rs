@@ -43,14 +43,13 @@ use instant_acme::{
 };
 use rustls::{
     RootCertStore,
-    crypto::{CryptoProvider, ring},
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
     sign::CertifiedKey,
 };
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::challenges::Challenges;
+use crate::{certs, challenges::Challenges};
 
 /// Renew this long before a certificate ends (Let's Encrypt's 90-day certificates are then
 /// renewed after 60 days, as certbot does), or after two thirds of a shorter lifetime.
@@ -880,7 +879,7 @@ pub fn tls_alpn01_key(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, 
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     // Not `CertifiedKey::from_der`: its key check parses the certificate with webpki, which
     // refuses the critical extension this certificate exists to carry.
-    let signing_key = provider()
+    let signing_key = certs::provider()
         .key_provider
         .load_private_key(key_der)
         .map_err(|e| format!("TLS-ALPN-01 key for {domain}: {e}"))?;
@@ -888,10 +887,6 @@ pub fn tls_alpn01_key(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, 
         vec![cert.der().clone()],
         signing_key,
     )))
-}
-
-fn provider() -> CryptoProvider {
-    ring::default_provider()
 }
 
 /// The HTTPS client towards the ACME server, trusting the roots in `ca` or else the Mozilla
@@ -931,7 +926,7 @@ fn http_client(ca: Option<&Path>) -> anyhow::Result<AcmeHttp> {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
     };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(certs::provider()))
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -954,52 +949,28 @@ fn http_client(ca: Option<&Path>) -> anyhow::Result<AcmeHttp> {
 
 /// Reads a chain and key pair as stored, checking that they belong together.
 fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Issued, String> {
-    let chain = fs::read(cert_path).map_err(|e| format!("reading {}: {e}", cert_path.display()))?;
-    let key = fs::read(key_path).map_err(|e| format!("reading {}: {e}", key_path.display()))?;
-    parse_pair(&chain, &key)
-        .map_err(|e| format!("{} with {}: {e}", cert_path.display(), key_path.display()))
+    let (loaded, chain_pem) =
+        certs::read_files(cert_path, key_path).map_err(|e| format!("{e:#}"))?;
+    issued(loaded, chain_pem)
 }
 
+/// A chain and key as the CA and rcgen give them.
 fn parse_pair(chain_pem: &[u8], key_pem: &[u8]) -> Result<Issued, String> {
-    let chain = CertificateDer::pem_slice_iter(chain_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate chain is not PEM: {e}"))?;
-    let Some(end_entity) = chain.first() else {
-        return Err("no certificate in the chain".to_owned());
-    };
-    let validity = validity(end_entity)?;
-    let names = dns_names(end_entity)?;
-    let key_der = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("private key is not PEM: {e}"))?;
-    let key = CertifiedKey::from_der(chain, key_der, &provider())
-        .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
-    Ok(Issued {
-        key: Arc::new(key),
-        chain_pem: chain_pem.to_vec(),
-        validity,
-        names,
-    })
+    let loaded = certs::load_pem(chain_pem, key_pem).map_err(|e| format!("{e:#}"))?;
+    issued(loaded, chain_pem.to_vec())
 }
 
-/// The DNS names in a certificate's subjectAltName.
-fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?;
-    Ok(san
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
+/// Adds what scheduling needs to a loaded pair: its notBefore as well as its notAfter.
+fn issued(loaded: certs::Loaded, chain_pem: Vec<u8>) -> Result<Issued, String> {
+    let leaf = certs::describe(&loaded.key.cert[0])
+        .map_err(|e| format!("the leaf certificate: {e:#}"))?;
+    let time = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    Ok(Issued {
+        key: loaded.key,
+        chain_pem,
+        validity: (time(leaf.not_before), time(leaf.not_after)),
+        names: loaded.names,
+    })
 }
 
 /// Whether a certificate for `names` is one for `domains` (order and case aside).
@@ -1010,22 +981,6 @@ fn same_names(names: &[String], domains: &[String]) -> bool {
             .collect::<std::collections::BTreeSet<_>>()
     };
     set(names) == set(domains)
-}
-
-/// (notBefore, notAfter) of a certificate.
-pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
-    let time = |t: x509_parser::time::ASN1Time| {
-        let secs = t.timestamp();
-        if secs >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-        } else {
-            SystemTime::UNIX_EPOCH
-        }
-    };
-    let v = parsed.validity();
-    Ok((time(v.not_before), time(v.not_after)))
 }
 
 /// Serializes the read-modify-write of the account file among managers in this process.

@@ -478,7 +478,7 @@ impl Webhook {
                     roots.add(cert.context("alerts.webhook.ca_file")?).context("alerts.webhook.ca_file")?;
                 }
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(crate::certs::provider());
             let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)

@@ -3,6 +3,7 @@ pub mod acme;
 pub mod admin;
 pub mod alert;
 pub mod backends;
+pub mod certs;
 pub mod challenges;
 pub mod config;
 pub mod daemon;

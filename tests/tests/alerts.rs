@@ -277,7 +277,7 @@ fn alerts_use_tls_and_a_private_ca() {
         use rustls::pki_types::pem::PemObject as _;
         rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("smtp.key")).unwrap()
     };
-    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()

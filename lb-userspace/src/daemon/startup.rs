@@ -12,6 +12,7 @@ use super::Shared;
 use crate::{
     acme,
     backends::BackendState,
+    certs,
     challenges::Challenges,
     config::{Config, ServiceMode, Tls},
     dataplane::{self, Dataplane},
@@ -100,7 +101,7 @@ pub(super) fn https_services(config: &Config) -> anyhow::Result<(HttpsServices, 
             Some(Tls::Files(files)) => {
                 let certs = files
                     .iter()
-                    .map(https::tls::load_pair)
+                    .map(|f| certs::load_files(&f.cert, &f.key))
                     .collect::<anyhow::Result<Vec<_>>>()
                     .with_context(|| format!("service \"{}\": loading its certificates ([service.tls])", svc.name))?;
                 let resolver = https::tls::Resolver::new(certs, challenges.clone(), stats.clone());
@@ -120,8 +121,8 @@ pub(super) fn https_services(config: &Config) -> anyhow::Result<(HttpsServices, 
                 // already open keep the one they started with. The certificate expiry in the
                 // status and metrics follows, as for files.
                 let (target, name) = (resolver.clone(), svc.name.clone());
-                let on_cert: acme::OnCert = Arc::new(move |key, _chain| match https::tls::describe(&key.cert[0]) {
-                    Ok((names, not_after)) => target.set(vec![https::tls::Loaded { key, names, not_after }]),
+                let on_cert: acme::OnCert = Arc::new(move |key, _chain| match certs::describe(&key.cert[0]) {
+                    Ok(leaf) => target.set(vec![certs::Loaded { key, names: leaf.names, not_after: leaf.not_after }]),
                     Err(e) => error!(service = %name, "acme: cannot serve the new certificate: {e:#}"),
                 });
                 // A stored certificate is served from here on; ordering one (when there is none,

@@ -11,11 +11,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
@@ -23,7 +22,9 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use super::Stats;
+pub use crate::certs::Loaded;
 use crate::{
+    certs,
     challenges::{ACME_TLS_ALPN, Challenges},
     config::CertFiles,
 };
@@ -36,11 +37,12 @@ pub const RELOAD_POLL: Duration = Duration::from_secs(1);
 /// Sessions the server-side cache keeps (for clients that resume by session id, TLS 1.2).
 const SESSION_CACHE: usize = 16 * 1024;
 
-/// aws-lc-rs's default suites are exactly the TLS 1.3 suites and the TLS 1.2 ECDHE suites with AES-GCM or
-/// ChaCha20-Poly1305: every one forward-secret and AEAD. Kept explicit so that a future default
-/// cannot widen it unnoticed.
+/// The process's one provider (see [`certs::provider`]) with the suites a server offers.
+/// aws-lc-rs's default suites are exactly the TLS 1.3 suites and the TLS 1.2 ECDHE suites with
+/// AES-GCM or ChaCha20-Poly1305: every one forward-secret and AEAD. Kept explicit so that a
+/// future default cannot widen it unnoticed.
 pub fn provider() -> CryptoProvider {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut provider = certs::provider();
     provider.cipher_suites.retain(|s| match s {
         rustls::SupportedCipherSuite::Tls13(_) => true,
         rustls::SupportedCipherSuite::Tls12(s) => {
@@ -51,88 +53,9 @@ pub fn provider() -> CryptoProvider {
     provider
 }
 
-/// One certificate as loaded: the key the handshake uses and what it is for.
-pub struct Loaded {
-    pub key: Arc<CertifiedKey>,
-    /// Lower-case DNS names from subjectAltName (with `*.` wildcards as written).
-    pub names: Vec<String>,
-    /// Unix seconds.
-    pub not_after: i64,
-}
-
-/// Reads a PEM chain and key and checks that they belong together.
+/// Reads one `[service.tls]` certificate and key pair (see [`certs::load_files`]).
 pub fn load_pair(files: &CertFiles) -> anyhow::Result<Loaded> {
-    let CertFiles { cert, key } = files;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading certificate file {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{}: not a PEM certificate chain", cert.display()))?;
-    if chain.is_empty() {
-        bail!("{}: no CERTIFICATE block; give the PEM chain, leaf certificate first", cert.display());
-    }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => anyhow::anyhow!(
-            "{}: no PRIVATE KEY block (PKCS#8, RSA or EC) found; give the PEM private key of the certificate",
-            key.display()
-        ),
-        e => anyhow::anyhow!("reading private key file {}: {e}", key.display()),
-    })?;
-    from_der(chain, der).map_err(|e| match e {
-        Mismatch::Leaf(e) => e.context(format!("{}: the leaf certificate", cert.display())),
-        Mismatch::Key(e) => anyhow::anyhow!(
-            "{} and {} do not go together ({e}); give the key the certificate was issued for",
-            cert.display(),
-            key.display()
-        ),
-    })
-}
-
-/// A certificate chain and key in PEM held in memory, as an ACME client gets them.
-pub fn load_pem(chain: &[u8], key: &[u8]) -> anyhow::Result<Loaded> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
-        .collect::<Result<_, _>>()
-        .context("not a PEM certificate chain")?;
-    if chain.is_empty() {
-        bail!("no CERTIFICATE block in the chain");
-    }
-    let key = PrivateKeyDer::from_pem_slice(key).context("no usable PEM private key")?;
-    from_der(chain, key).map_err(|e| match e {
-        Mismatch::Leaf(e) => e.context("the leaf certificate"),
-        Mismatch::Key(e) => anyhow::anyhow!("the key does not belong to the certificate ({e})"),
-    })
-}
-
-enum Mismatch {
-    Leaf(anyhow::Error),
-    Key(rustls::Error),
-}
-
-fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Loaded, Mismatch> {
-    let (names, not_after) = describe(&chain[0]).map_err(Mismatch::Leaf)?;
-    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(Mismatch::Key)?;
-    Ok(Loaded { key: Arc::new(certified), names, not_after })
-}
-
-/// The DNS names (subjectAltName, else the subject CN) and notAfter of a certificate.
-pub fn describe(cert: &CertificateDer<'_>) -> anyhow::Result<(Vec<String>, i64)> {
-    use x509_parser::prelude::*;
-    let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|e| anyhow::anyhow!("not a valid X.509 certificate: {e}"))?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(n) = name {
-                names.push(n.to_ascii_lowercase());
-            }
-        }
-    }
-    if names.is_empty() {
-        for cn in x509.subject().iter_common_name() {
-            if let Ok(cn) = cn.as_str() {
-                names.push(cn.to_ascii_lowercase());
-            }
-        }
-    }
-    Ok((names, x509.validity().not_after.timestamp()))
+    certs::load_files(&files.cert, &files.key)
 }
 
 fn matches(pattern: &str, name: &str) -> bool {
@@ -392,10 +315,6 @@ mod tests {
         let swapped = CertFiles { cert: a.key.clone(), key: a.cert.clone() };
         let e = format!("{:#}", load_pair(&swapped).err().unwrap());
         assert!(e.contains("no CERTIFICATE block"), "{e}");
-        let pem = |p: &PathBuf| std::fs::read(p).unwrap();
-        assert_eq!(load_pem(&pem(&a.cert), &pem(&a.key)).unwrap().names, ["a.example"]);
-        let e = format!("{:#}", load_pem(&pem(&a.cert), &pem(&b.key)).err().unwrap());
-        assert!(e.starts_with("the key does not belong to the certificate"), "{e}");
         let missing = CertFiles { cert: pki.dir.join("nope.crt"), key: a.key.clone() };
         let e = format!("{:#}", load_pair(&missing).err().unwrap());
         assert!(e.starts_with(&format!("reading certificate file {}", missing.cert.display())), "{e}");
