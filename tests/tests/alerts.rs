@@ -5,7 +5,6 @@
 //!
 //! Run as root after `cargo build` (needs `aiosmtpd`, Debian's python3-aiosmtpd):
 //! `cargo test -p xlb-tests --test alerts -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     net::SocketAddr,
@@ -18,8 +17,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use support::*;
-use xlb_tests::{Proc, wait_until};
+use xlb_tests::*;
 
 const SMTP_PORT: u16 = 2525;
 /// Long enough for `fall` probes, the alert and its delivery on a loaded machine.

@@ -2,7 +2,6 @@
 //! address (port 443) with certificates from a CA made at test time, requests proxied to the
 //! three demo backends, a redirect listener on port 80, and an L4 service on port 8080 over the
 //! same backends so that both paths can be seen balancing one load.
-mod support;
 
 use std::{
     collections::BTreeSet,
@@ -23,8 +22,7 @@ use hyper::{Request, Version};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
-use support::*;
-use xlb_tests::{demo_backend_bin, http_get};
+use xlb_tests::*;
 
 const SITE: &str = "site.test";
 const HTTPS_PORT: u16 = 443;

@@ -9,14 +9,13 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test l4 -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
-use support::*;
+use xlb_tests::*;
 
 fn assert_even(served: &[usize; BACKENDS], n: usize) {
     let fair = n / BACKENDS;

@@ -4,7 +4,6 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test ops -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     fs::File,
@@ -20,8 +19,7 @@ use std::{
 };
 
 use nix::libc;
-use support::*;
-use xlb_tests::{Signal, demo_backend_bin, http_get, wait_until, xlb_bin};
+use xlb_tests::*;
 
 /// Long enough for `fall` (or `rise`) probes plus the scheduling of a loaded machine.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(5);

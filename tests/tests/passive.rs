@@ -2,15 +2,13 @@
 //! taken out by the XDP/TC programs themselves, within milliseconds, long before a health probe
 //! could notice; compared with the probes alone. Needs root; run with `--test-threads=1`.
 
-mod support;
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use support::*;
-use xlb_tests::http_get;
+use xlb_tests::*;
 
 /// New connections per second in the stream, and how long it runs.
 const RATE: u32 = 200;

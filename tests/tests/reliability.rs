@@ -9,7 +9,6 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test reliability -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     io::Write as _,
@@ -23,8 +22,7 @@ use std::{
 
 use serde_json::Value;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use support::*;
-use xlb_tests::{Signal, Topology, demo_backend_bin, http_get};
+use xlb_tests::*;
 
 fn full() -> bool {
     std::env::var("XLB_RELIABILITY").is_ok_and(|v| v == "full")

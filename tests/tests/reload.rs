@@ -5,13 +5,11 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test reload -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::time::Duration;
 
 use serde_json::Value;
-use support::*;
-use xlb_tests::{Signal, wait_until};
+use xlb_tests::*;
 
 /// The backends of service "web" in a status document: (address, state, live).
 fn listed(status: &Value) -> Vec<(String, String, u64)> {

@@ -3,7 +3,6 @@
 //! loads fresh programs and swaps them into the pinned links with `BPF_LINK_UPDATE`). Needs
 //! root; run with `--test-threads=1`.
 
-mod support;
 
 use std::{
     io::Write as _,
@@ -19,8 +18,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::*;
-use xlb_tests::http_get;
+use xlb_tests::*;
 
 /// Keep-alive connections held open through the VIP, each sending requests back to back.
 const HELD: usize = 6;

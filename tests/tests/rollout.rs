@@ -8,11 +8,10 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test rollout -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::time::Duration;
 
-use support::*;
+use xlb_tests::*;
 
 /// Bounds a whole `xlb rollout` run.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
