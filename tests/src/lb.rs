@@ -12,6 +12,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{
     Proc, Topology, demo_backend_bin, http_get, xlb_bin,
+    config::{Health, Service, XlbConfig},
     cmd::{link_show, run_ok, xdp_attached},
     load::{Held, app_index},
     syn::syn_packet,
@@ -49,6 +50,11 @@ pub enum Family {
 
 /// The VIP address of `Family::V4OwnVip`.
 pub const OWN_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 10);
+
+/// The harness's health probes: `GET /health` every `interval`, `RISE` and `FALL`.
+pub fn probes(interval: Duration, timeout: Duration) -> Health {
+    Health::http("/health").interval(interval).timeout(timeout).rise(RISE).fall(FALL)
+}
 
 /// One backend as `/api/status` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,69 +156,45 @@ impl Lb {
         );
     }
 
-    pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
-        self.write_config_with(interfaces, xdp_mode, HEALTH_INTERVAL, HEALTH_TIMEOUT, "");
+    /// The harness's config: the data path on the lb end of the veth (`xdp_mode = "auto"`), the
+    /// admin API on `ADMIN`, and service `web` (`Lb::web`).
+    pub fn config(&self) -> XlbConfig {
+        XlbConfig::new([&self.topo.lb_if], &self.topo.pin_path)
+            .xdp_mode("auto")
+            .admin(ADMIN)
+            .service(self.web())
     }
 
-    /// The config with other health probe timing, and `service_keys` (TOML lines such as
-    /// `max_fails = 0`) added to the service.
-    pub fn write_config_with(
-        &self,
-        interfaces: &[&str],
-        xdp_mode: &str,
-        interval: Duration,
-        timeout: Duration,
-        service_keys: &str,
-    ) {
-        let list = |items: Vec<String>| {
-            items
-                .iter()
-                .map(|i| format!("\"{i}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let text = format!(
-            r#"[dataplane]
-interfaces = [{interfaces}]
-xdp_mode = "{xdp_mode}"
-pin_path = "{pin_path}"
+    /// Service `web`: L4 on the VIP over every backend, probed by `probes(HEALTH_INTERVAL,
+    /// HEALTH_TIMEOUT)`.
+    pub fn web(&self) -> Service {
+        Service::l4("web", self.vip)
+            .backends(&self.backends)
+            .health(probes(HEALTH_INTERVAL, HEALTH_TIMEOUT))
+    }
 
-[admin]
-listen = "{ADMIN}"
+    /// Writes `config` as the daemon's config file.
+    pub fn write(&self, config: &XlbConfig) {
+        config.write(&self.config);
+    }
 
-[[service]]
-name = "web"
-listen = "{vip}"
-mode = "l4"
-backends = [{backends}]
-{service_keys}
-
-[service.health]
-check = "http"
-path = "/health"
-interval = "{interval}ms"
-timeout = "{timeout}ms"
-rise = {RISE}
-fall = {FALL}
-"#,
-            interfaces = list(interfaces.iter().map(ToString::to_string).collect()),
-            pin_path = self.topo.pin_path.display(),
-            vip = self.vip,
-            backends = list(self.backends.iter().map(ToString::to_string).collect()),
-            interval = interval.as_millis(),
-            timeout = timeout.as_millis(),
-        );
-        std::fs::write(&self.config, text)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
+    /// The harness's config on other interfaces or in another XDP mode.
+    pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
+        self.write(&self.config().interfaces(interfaces).xdp_mode(xdp_mode));
     }
 
     /// Starts `app-<i+1>` on its port and waits until it listens.
     pub fn spawn_app(&self, i: usize) -> Proc {
+        self.spawn_app_with(i, &[])
+    }
+
+    /// `spawn_app` with more arguments for the demo backend (e.g. `--log-requests`).
+    pub fn spawn_app_with(&self, i: usize, extra: &[&str]) -> Proc {
         let addr = self.backends[i].to_string();
         let name = format!("app-{}", i + 1);
-        let app = self
-            .topo
-            .spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &name]);
+        let mut args = vec!["--listen", &addr, "--name", &name];
+        args.extend(extra);
+        let app = self.topo.spawn_lb(demo_backend_bin(), &args);
         app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
         app
     }
@@ -562,16 +544,16 @@ impl Drop for Lb {
                     let _ = child.kill();
                     match child.wait() {
                         Ok(status) if status.success() => {}
-                        other => eprintln!("l4: xlb detach: {other:?}"),
+                        other => eprintln!("xlb-tests: xlb detach: {other:?}"),
                     }
                 }
-                Err(e) => eprintln!("l4: running xlb detach: {e}"),
+                Err(e) => eprintln!("xlb-tests: running xlb detach: {e}"),
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            eprintln!("l4: removing {}: {e}", self.dir.display());
+            eprintln!("xlb-tests: removing {}: {e}", self.dir.display());
         }
         // Then the backends (Proc drops) and the topology (namespaces, leftover pins).
     }

@@ -7,6 +7,7 @@
 //!
 //! A test file takes it all with `use xlb_tests::*;`.
 mod cmd;
+pub mod config;
 mod http;
 mod lb;
 mod load;

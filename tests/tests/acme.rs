@@ -43,7 +43,11 @@ use xlb::{
     acme::{AcmeSettings, AcmeStatus, ChallengeKind, Manager, ManagerHandle},
     challenges::{ACME_TLS_ALPN, Challenges, HTTP01_PREFIX},
 };
-use xlb_tests::{Proc, Topology, demo_backend_bin, http_get, wait_until, xlb_bin};
+use xlb_tests::{
+    Proc, Topology,
+    config::{Alerts, Health, Service, Tls, TlsAcme, Webhook, XlbConfig},
+    demo_backend_bin, http_get, wait_until, xlb_bin,
+};
 
 const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CA_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -545,8 +549,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// `extra` is appended to the config (e.g. an `[alerts]` table).
-    fn start(world: &World, challenge: &str, extra: &str) -> Daemon {
+    /// `alerts`, if any, go into the config's `[alerts]`.
+    fn start(world: &World, challenge: &str, alerts: Option<Alerts>) -> Daemon {
         let apps: Vec<Proc> = (1..=BACKENDS)
             .map(|i| {
                 let addr = format!("{LB}:{}", 8000 + i);
@@ -557,45 +561,25 @@ impl Daemon {
                 app
             })
             .collect();
-        let backends: Vec<String> = (1..=BACKENDS).map(|i| format!("\"{LB}:{}\"", 8000 + i)).collect();
         let config = world.dir.join("xlb.toml");
-        let text = format!(
-            r#"[dataplane]
-interfaces = ["{lb_if}"]
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[acme]
-state_dir = "{state}"
-
-[[service]]
-name = "site"
-listen = "{LB}:443"
-mode = "https"
-backends = [{backends}]
-[service.tls]
-acme = {{ directory = "https://{CA_HOST}:{ACME_PORT}/dir", contact = "mailto:ops@xlb.test", domains = ["{DOMAIN}"], ca = "{ca}", challenge = "{challenge}" }}
-[service.health]
-check = "http"
-path = "/health"
-interval = "200ms"
-timeout = "100ms"
-
-[[service]]
-name = "site-http"
-listen = "{LB}:80"
-mode = "redirect"
-{extra}
-"#,
-            lb_if = world.topology.lb_if,
-            pin_path = world.topology.pin_path.display(),
-            state = world.dir.join("xlb-state").display(),
-            backends = backends.join(", "),
-            ca = world.pebble_ca.display(),
-        );
-        fs::write(&config, text).unwrap();
+        let mut xlb_toml = XlbConfig::new([&world.topology.lb_if], &world.topology.pin_path)
+            .admin(ADMIN)
+            .acme_state_dir(world.dir.join("xlb-state"))
+            .service(
+                Service::https("site", format!("{LB}:443"))
+                    .backends((1..=BACKENDS).map(|i| format!("{LB}:{}", 8000 + i)))
+                    .tls(Tls::acme(TlsAcme::new(
+                        format!("https://{CA_HOST}:{ACME_PORT}/dir"),
+                        "mailto:ops@xlb.test",
+                        &[DOMAIN],
+                        &world.pebble_ca,
+                        challenge,
+                    )))
+                    .health(Health::http("/health").interval(Duration::from_millis(200)).timeout(Duration::from_millis(100))),
+            )
+            .service(Service::redirect("site-http", format!("{LB}:80")));
+        xlb_toml.alerts = alerts;
+        xlb_toml.write(&config);
         let mut daemon = Daemon { config, proc: None, _apps: apps };
         daemon.run(world);
         daemon
@@ -765,8 +749,11 @@ fn rfc3339_unix(text: &serde_json::Value) -> i64 {
 fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     let world = World::new("acme-xlb");
     let hook = Hook::start(&world);
-    let alerts = format!("\n[alerts]\n[alerts.webhook]\nurl = \"http://{}/hook\"\ntimeout = \"2s\"\n", hook.addr);
-    let mut daemon = Daemon::start(&world, "http-01", &alerts);
+    let alerts = Alerts {
+        webhook: Some(Webhook::new(format!("http://{}/hook", hook.addr)).timeout(Duration::from_secs(2))),
+        ..Alerts::default()
+    };
+    let mut daemon = Daemon::start(&world, "http-01", Some(alerts));
 
     // Issued by HTTP-01 through the redirect listener (Pebble fetched the answer from it).
     let site = daemon.wait_attempts(&world, 1);
@@ -1218,7 +1205,7 @@ fn a_stored_certificate_near_its_end_is_served_then_renewed() {
 #[test]
 fn daemon_issues_by_tls_alpn01_on_its_https_listener() {
     let world = World::new("acme-xlb-alpn");
-    let daemon = Daemon::start(&world, "tls-alpn-01", "");
+    let daemon = Daemon::start(&world, "tls-alpn-01", None);
     let site = daemon.wait_attempts(&world, 1);
     assert_eq!(site["acme"]["failures"], 0, "{site:#}\n{}", daemon.proc().output());
     assert_eq!(site["acme"]["challenge"], "tls-alpn-01");

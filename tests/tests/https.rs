@@ -22,7 +22,10 @@ use hyper::{Request, Version};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
-use xlb_tests::*;
+use xlb_tests::{
+    config::{Dur, Limits, Service, Timeouts, Tls, XlbConfig},
+    *,
+};
 
 const SITE: &str = "site.test";
 const HTTPS_PORT: u16 = 443;
@@ -247,75 +250,37 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// A demo backend that logs every request, which the tests count.
 fn spawn_app(lb: &Lb, i: usize) -> xlb_tests::Proc {
-    let addr = lb.backends[i].to_string();
-    let name = format!("app-{}", i + 1);
-    let app = lb.topo.spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &name, "--log-requests"]);
-    app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
-    app
+    lb.spawn_app_with(i, &["--log-requests"])
 }
 
 /// The config, with `http` as the HTTPS service's `[service.http]` table body.
 fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
-    let backends = lb.backends.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
-    let health = format!(
-        "[service.health]\ncheck = \"http\"\npath = \"/health\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n",
-        HEALTH_INTERVAL.as_millis(),
-        HEALTH_TIMEOUT.as_millis()
-    );
+    let health = probes(HEALTH_INTERVAL, HEALTH_TIMEOUT);
     let ip = lb.vip.ip();
-    let text = format!(
-        r#"[dataplane]
-interfaces = ["{iface}"]
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[[service]]
-name = "web"
-listen = "{vip}"
-mode = "l4"
-backends = [{backends}]
-{health}
-[[service]]
-name = "site"
-listen = "{ip}:{HTTPS_PORT}"
-mode = "https"
-backends = [{backends}]
-max_fails = 1
-fail_timeout = "10s"
-[service.tls]
-cert = "{cert}"
-key = "{key}"
-[service.timeouts]
-handshake = "{handshake}ms"
-request_header = "{header}ms"
-idle = "{idle}ms"
-backend_connect = "1s"
-backend_response = "10s"
-[service.limits]
-max_header_bytes = 16384
-max_headers = 50
-max_body_bytes = {MAX_BODY}
-[service.http]
-{http}
-{health}
-[[service]]
-name = "site-http"
-listen = "{ip}:{HTTP_PORT}"
-mode = "redirect"
-"#,
-        iface = lb.topo.lb_if,
-        pin_path = lb.topo.pin_path.display(),
-        vip = lb.vip,
-        cert = pki.dir.join("site.crt").display(),
-        key = pki.dir.join("site.key").display(),
-        handshake = HANDSHAKE_TIMEOUT.as_millis(),
-        header = HEADER_TIMEOUT.as_millis(),
-        idle = IDLE_TIMEOUT.as_millis(),
-    );
-    std::fs::write(&lb.config, text).unwrap_or_else(|e| panic!("writing {}: {e}", lb.config.display()));
+    let config = XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
+        .admin(ADMIN)
+        .service(Service::l4("web", lb.vip).backends(&lb.backends).health(health.clone()))
+        .service(
+            Service::https("site", SocketAddr::new(ip, HTTPS_PORT))
+                .backends(&lb.backends)
+                .max_fails(1)
+                .fail_timeout(Duration::from_secs(10))
+                .tls(Tls::files(pki.dir.join("site.crt"), pki.dir.join("site.key")))
+                .timeouts(Timeouts {
+                    handshake: Some(Dur(HANDSHAKE_TIMEOUT)),
+                    request_header: Some(Dur(HEADER_TIMEOUT)),
+                    idle: Some(Dur(IDLE_TIMEOUT)),
+                    backend_connect: Some(Dur(Duration::from_secs(1))),
+                    backend_response: Some(Dur(Duration::from_secs(10))),
+                })
+                .limits(Limits { max_header_bytes: Some(16384), max_headers: Some(50), max_body_bytes: Some(MAX_BODY as u64) })
+                .http(http)
+                .health(health),
+        )
+        .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)));
+    lb.write(&config);
 }
 
 /// A response, read to the end.

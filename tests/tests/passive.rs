@@ -108,7 +108,8 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
     // within 100 ms is the data path.
     let lb = Lb::prepare("passive", Family::V4);
     let interval = Duration::from_secs(2);
-    lb.write_config_with(&["xlb0"], "auto", interval, Duration::from_secs(1), "max_fails = 1\nfail_timeout = \"10s\"");
+    let web = lb.web().health(probes(interval, Duration::from_secs(1))).max_fails(1).fail_timeout(Duration::from_secs(10));
+    lb.write(&lb.config().edit_service("web", |_| web));
     let mut lb = lb.start_all();
     assert_eq!(failed_connections(&lb), [0, 0, 0]);
 
@@ -197,7 +198,7 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
 fn probes_alone_take_longer() {
     // The same kill with passive health off (max_fails = 0) and probes every 200 ms, fall 2.
     let lb = Lb::prepare("probeonly", Family::V4);
-    lb.write_config_with(&["xlb0"], "auto", HEALTH_INTERVAL, HEALTH_TIMEOUT, "max_fails = 0");
+    lb.write(&lb.config().edit_service("web", |web| web.max_fails(0)));
     let mut lb = lb.start_all();
     let (attempts, killed_at) = stream_and_kill(&mut lb);
     let refused: Vec<&Attempt> = attempts.iter().filter(|a| a.due >= killed_at && a.outcome.is_err()).collect();
@@ -224,7 +225,8 @@ fn backend_ignoring_new_connections_is_taken_out_and_its_syns_go_elsewhere() {
     // no answer at all; probes every 2 s would need 2 timeouts to notice.
     let lb = Lb::prepare("silent", Family::V4);
     let interval = Duration::from_secs(2);
-    lb.write_config_with(&["xlb0"], "auto", interval, Duration::from_secs(1), "max_fails = 1");
+    let web = lb.web().health(probes(interval, Duration::from_secs(1))).max_fails(1);
+    lb.write(&lb.config().edit_service("web", |_| web));
     let mut lb = lb.start_all();
     let app1 = lb.apps[0].take().expect("app-1 runs");
     app1.kill9();

@@ -55,11 +55,9 @@ fn fds(pid: u32) -> usize {
         .unwrap()
 }
 
-/// Adds `max_flows = N` to the `[dataplane]` section of the harness's config.
+/// The harness's config with `max_flows = N` in `[dataplane]`.
 fn set_max_flows(lb: &Lb, n: u32) {
-    let text = std::fs::read_to_string(&lb.config).unwrap();
-    let text = text.replacen("[dataplane]\n", &format!("[dataplane]\nmax_flows = {n}\n"), 1);
-    std::fs::write(&lb.config, text).unwrap();
+    lb.write(&lb.config().max_flows(n));
 }
 
 /// `GET /api/status` through the topology alone (usable while the `Lb` is mutably borrowed).
