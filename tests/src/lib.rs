@@ -12,6 +12,7 @@ mod http;
 mod lb;
 mod load;
 mod proc;
+pub mod root;
 mod syn;
 mod systemd;
 mod topology;

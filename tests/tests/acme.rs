@@ -747,6 +747,7 @@ fn rfc3339_unix(text: &serde_json::Value) -> i64 {
 /// stays open and working; status, `xlb status` and the metrics follow.
 #[test]
 fn daemon_issues_serves_and_renews_through_its_own_listeners() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-xlb");
     let hook = Hook::start(&world);
     let alerts = Alerts {
@@ -914,6 +915,7 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
 
 #[test]
 fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-http01");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1053,6 +1055,7 @@ fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
 
 #[test]
 fn tls_alpn01_issue() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-alpn");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1078,6 +1081,7 @@ fn tls_alpn01_issue() {
 
 #[test]
 fn failures_keep_the_certificate_are_reported_and_retried() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-fail");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1151,6 +1155,7 @@ fn failures_keep_the_certificate_are_reported_and_retried() {
 
 #[test]
 fn a_stored_certificate_near_its_end_is_served_then_renewed() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-due");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1204,6 +1209,7 @@ fn a_stored_certificate_near_its_end_is_served_then_renewed() {
 /// issued one.
 #[test]
 fn daemon_issues_by_tls_alpn01_on_its_https_listener() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-xlb-alpn");
     let daemon = Daemon::start(&world, "tls-alpn-01", None);
     let site = daemon.wait_attempts(&world, 1);

@@ -136,6 +136,7 @@ fn await_alert(hook: &Receiver, smtp: &Proc, event: &str, what: &str, subject: &
 
 #[test]
 fn alerts_reach_smtp_and_webhook_once_per_event() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::prepare("alerts", Family::V4);
     let ip = lb.backends[0].ip();
     let hook = Receiver::start(&lb, ip, None);
@@ -243,6 +244,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 /// went over TLS.
 #[test]
 fn alerts_use_tls_and_a_private_ca() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::prepare("alerts-tls", Family::V4);
     let ip = lb.backends[0].ip();
     let dir = lb.dir.clone();

@@ -389,6 +389,7 @@ impl Conn {
 /// header the proxy adds, and the backend sees the client's address.
 #[test]
 fn proxies_http1_and_http2_with_headers() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https1");
     for h2 in [false, true] {
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
@@ -486,6 +487,7 @@ fn proxies_http1_and_http2_with_headers() {
 /// as a request in flight to its backend while it is open.
 #[test]
 fn upgrades_pass_through() {
+    xlb_tests::root_or_skip!();
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let site = Site::start("https-upgrade");
     let tcp = site.tcp(site.https());
@@ -539,6 +541,7 @@ fn upgrades_pass_through() {
 /// challenge); TLS 1.0 and 1.1 handshakes are refused, 1.2 and 1.3 accepted.
 #[test]
 fn redirects_and_refuses_old_tls() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https2");
     let http = site.http();
     let answer = site
@@ -597,6 +600,7 @@ fn redirects_and_refuses_old_tls() {
 /// requests to the other backends; and HTTPS requests in flight steer new L4 connections.
 #[test]
 fn both_paths_balance_one_load() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https6");
     let lb = &site.lb;
     let (mut on_app1, mut elsewhere) = (Vec::new(), Vec::new());
@@ -661,6 +665,7 @@ fn both_paths_balance_one_load() {
 /// reached the dying backend is answered 502 and sent to no other backend.
 #[test]
 fn backend_killed_mid_stream() {
+    xlb_tests::root_or_skip!();
     let mut site = Site::start("https5");
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -752,6 +757,7 @@ fn backend_killed_mid_stream() {
 /// request goes on to the next backend, a POST is not sent again.
 #[test]
 fn failing_requests_take_backends_out() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https-passive");
     let before: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let answer = site.request(false, "POST", "/abort", &[]).unwrap();
@@ -814,6 +820,7 @@ fn posts(app: &xlb_tests::Proc) -> usize {
 /// oversize headers get 431.
 #[test]
 fn slow_clients_are_timed_out() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https7");
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -984,6 +991,7 @@ fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 /// period, while a connection opened before keeps working.
 #[test]
 fn certificate_reload_keeps_connections() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https4");
     let first = std::fs::read(site.pki.dir.join("site.crt")).unwrap();
     let first_der = CertificateDer::from_pem_slice(&first).unwrap().to_vec();
@@ -1034,6 +1042,7 @@ fn certificate_reload_keeps_connections() {
 /// says so where it documents `backend_header`.
 #[test]
 fn testssl_finds_nothing_medium_or_worse() {
+    xlb_tests::root_or_skip!();
     let testssl = ["testssl", "testssl.sh"]
         .into_iter()
         .find(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()))
@@ -1068,6 +1077,7 @@ fn testssl_finds_nothing_medium_or_worse() {
 /// connections that arrive meanwhile wait in the socket's queue for the next daemon.
 #[test]
 fn https_listener_handover_across_20_restarts() {
+    xlb_tests::root_or_skip!();
     const RESTARTS: usize = 20;
     const CLIENTS: usize = 4;
     let mut lb = Lb::prepare("handover", Family::V4);
@@ -1167,6 +1177,7 @@ fn https_listener_handover_across_20_restarts() {
 /// part: each restart closes them, and a request must never be lost on one.
 #[test]
 fn rollout_restarts_https_backends_without_a_failed_request() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https-rollout");
     let _restarted = Restarted(site.lb.dir.clone());
     let script = write_restart_script(&site.lb);

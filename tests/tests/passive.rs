@@ -104,6 +104,7 @@ fn failed_connections(lb: &Lb) -> Vec<u64> {
 
 #[test]
 fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
+    xlb_tests::root_or_skip!();
     // Probes every 2 s (fall 2): they need 2 s or more to notice anything, so whatever reacts
     // within 100 ms is the data path.
     let lb = Lb::prepare("passive", Family::V4);
@@ -196,6 +197,7 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
 
 #[test]
 fn probes_alone_take_longer() {
+    xlb_tests::root_or_skip!();
     // The same kill with passive health off (max_fails = 0) and probes every 200 ms, fall 2.
     let lb = Lb::prepare("probeonly", Family::V4);
     lb.write(&lb.config().edit_service("web", |web| web.max_fails(0)));
@@ -220,6 +222,7 @@ fn probes_alone_take_longer() {
 
 #[test]
 fn backend_ignoring_new_connections_is_taken_out_and_its_syns_go_elsewhere() {
+    xlb_tests::root_or_skip!();
     // app-1 hangs: its listening socket is there but drops every packet (a socket filter that
     // accepts nothing), as a stalled host or a firewall mistake would. Clients' SYNs to it get
     // no answer at all; probes every 2 s would need 2 timeouts to notice.

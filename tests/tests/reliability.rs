@@ -154,6 +154,7 @@ fn new_connections(topo: &Topology, vip: SocketAddr, period: Duration, stop: &At
 /// asserts that service is back within a few reconcile periods after the flood.
 #[test]
 fn syn_flood_of_ten_times_conntrack_during_keep_alive_load() {
+    xlb_tests::root_or_skip!();
     const MAX_FLOWS: u32 = 1024;
     const KEEP_ALIVE: usize = 12;
     let multiple: u32 = if full() { 50 } else { 10 };
@@ -314,6 +315,7 @@ impl Rng {
 /// connections keep being answered throughout.
 #[test]
 fn flapping_backend_honours_rise_fall_without_a_write_storm() {
+    xlb_tests::root_or_skip!();
     let phases = if full() { 60 } else { 12 };
     let seed = std::env::var("XLB_FLAP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
@@ -467,6 +469,7 @@ fn flat(name: &str, values: &[f64], percent: f64, slack: f64) -> (f64, f64, f64)
 /// returns to zero.
 #[test]
 fn soak_mixed_load_with_backend_churn() {
+    xlb_tests::root_or_skip!();
     let minutes: u64 = std::env::var("XLB_SOAK_MINUTES")
         .ok()
         .map(|v| v.parse().unwrap_or_else(|e| panic!("XLB_SOAK_MINUTES={v:?}: {e}")))

@@ -39,6 +39,7 @@ fn wait_log(lb: &Lb, needle: &str, n: usize, timeout: Duration) {
 
 #[test]
 fn reload_rejects_bad_files_and_drains_removed_backends() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("reload", Family::V4);
     let original = std::fs::read_to_string(&lb.config).unwrap();
     // One keep-alive connection on every backend (idle backends take turns).

@@ -213,6 +213,7 @@ fn timed_start(lb: &mut Lb) -> (Duration, Duration) {
 
 #[test]
 fn daemon_kill_9_under_load_fails_no_request() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::start("kill9", Family::V4);
     let load = Load::start(&lb);
     std::thread::sleep(Duration::from_millis(500));
@@ -264,6 +265,7 @@ fn daemon_kill_9_under_load_fails_no_request() {
 
 #[test]
 fn twenty_program_upgrades_under_load_fail_no_request() {
+    xlb_tests::root_or_skip!();
     const UPGRADES: usize = 20;
     let mut lb = Lb::start("upgrade", Family::V4);
     let load = Load::start(&lb);
