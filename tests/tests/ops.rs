@@ -850,8 +850,11 @@ fn seccomp_filter() -> Vec<libc::sock_filter> {
 }
 
 /// Not a test by itself: run by `daemon_works_under_the_units_restrictions` in the restricted
-/// environment (with `XLB_HARDENING_PROBE=1`) to show that the restrictions are in force.
+/// environment (with `XLB_HARDENING_PROBE=1`) to show that the restrictions are in force. It
+/// only reports what it sees; the parent asserts on the report, since outside the restrictions
+/// the same calls rightly succeed. Ignored, so that a plain run does not count it as a pass.
 #[test]
+#[ignore = "run by daemon_works_under_the_units_restrictions in a restricted child process"]
 fn hardening_probe() {
     if std::env::var_os(PROBE_ENV).is_none() {
         return;
@@ -894,6 +897,7 @@ fn daemon_works_under_the_units_restrictions() {
         .args([
             "--exact",
             "hardening_probe",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
