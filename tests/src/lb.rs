@@ -550,11 +550,7 @@ impl Drop for Lb {
                 Err(e) => eprintln!("xlb-tests: running xlb detach: {e}"),
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("xlb-tests: removing {}: {e}", self.dir.display());
-        }
+        crate::remove_tree(&self.dir);
         // Then the backends (Proc drops) and the topology (namespaces, leftover pins).
     }
 }

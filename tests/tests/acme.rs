@@ -44,7 +44,7 @@ use xlb::{
     challenges::{ACME_TLS_ALPN, Challenges, HTTP01_PREFIX},
 };
 use xlb_tests::{
-    Proc, Topology,
+    ADMIN, Proc, Topology,
     config::{Alerts, Health, Service, Tls, TlsAcme, Webhook, XlbConfig},
     demo_backend_bin, http_get, wait_until, xlb_bin,
 };
@@ -536,8 +536,6 @@ fn https_addr() -> SocketAddr {
     SocketAddr::from((LB, 443))
 }
 
-/// The admin API of the daemon, inside the lb namespace.
-const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 const BACKENDS: u16 = 3;
 
 /// `xlb run` in the lb namespace of `world`: an `https` service on 198.18.0.1:443 whose
