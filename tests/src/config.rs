@@ -323,6 +323,8 @@ pub struct TlsAcme {
     /// The ACME server's CA file.
     pub ca: String,
     pub challenge: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_before: Option<Dur>,
 }
 
 impl TlsAcme {
@@ -333,6 +335,7 @@ impl TlsAcme {
             domains: strings(domains),
             ca: path(ca),
             challenge: challenge.to_owned(),
+            renew_before: None,
         }
     }
 }

@@ -45,7 +45,7 @@ use xlb::{
 };
 use xlb_tests::{
     ADMIN, Proc, Topology,
-    config::{Alerts, Health, Service, Tls, TlsAcme, Webhook, XlbConfig},
+    config::{Alerts, Dur, Health, Service, Tls, TlsAcme, Webhook, XlbConfig},
     demo_backend_bin, http_get, wait_until, xlb_bin,
 };
 
@@ -542,6 +542,8 @@ const BACKENDS: u16 = 3;
 /// certificate comes from Pebble, a `redirect` service on :80 (HTTP-01), three demo backends.
 struct Daemon {
     config: PathBuf,
+    /// What `config` holds.
+    xlb_toml: XlbConfig,
     proc: Option<Proc>,
     _apps: Vec<Proc>,
 }
@@ -578,7 +580,7 @@ impl Daemon {
             .service(Service::redirect("site-http", format!("{LB}:80")));
         xlb_toml.alerts = alerts;
         xlb_toml.write(&config);
-        let mut daemon = Daemon { config, proc: None, _apps: apps };
+        let mut daemon = Daemon { config, xlb_toml, proc: None, _apps: apps };
         daemon.run(world);
         daemon
     }
@@ -888,11 +890,13 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
 
     // The ACME settings are read at start: a reload that changes them is refused, naming the
     // restart it takes, and the running config stays.
-    let text = fs::read_to_string(&daemon.config).unwrap();
-    fs::write(&daemon.config, text.replace("challenge = \"http-01\"", "challenge = \"http-01\", renew_before = \"10d\"")).unwrap();
+    let mut renew_sooner = daemon.xlb_toml.clone();
+    let acme = renew_sooner.services[0].tls.as_mut().and_then(|tls| tls.acme.as_mut()).expect("service site has ACME");
+    acme.renew_before = Some(Dur(Duration::from_secs(10 * 86_400)));
+    renew_sooner.write(&daemon.config);
     let (status, out) = daemon.xlb(&world, &["reload"]);
     assert!(!status.success() && out.contains("that takes a restart"), "{out}");
-    fs::write(&daemon.config, text).unwrap();
+    daemon.xlb_toml.write(&daemon.config);
 
     // A restarted daemon serves the stored certificate at once and orders nothing.
     daemon.restart(&world);
