@@ -1,16 +1,31 @@
 //! Support for xlb's scenario tests and `cargo xtask run`: a private two-namespace topology
-//! joined by a veth pair, child processes that are cleaned up on drop, and a few helpers.
+//! joined by a veth pair, child processes that are cleaned up on drop, the `Lb` harness most
+//! tests build on (three demo backends, a config and the daemon), and a few helpers.
 //!
 //! Everything here panics with a message instead of returning errors: a test that cannot build
 //! its world has nothing better to do, and the message should say what to fix.
+//!
+//! A test file takes it all with `use xlb_tests::*;`.
+mod cmd;
+pub mod config;
 mod http;
+mod lb;
+mod load;
 mod proc;
+pub mod root;
+mod syn;
+mod systemd;
 mod topology;
 mod xdp;
 
+pub use cmd::{link_show, run, run_ok, xdp_attached};
 pub use http::{HttpResponse, http_get};
+pub use lb::*;
+pub use load::{Held, LOAD_LIMIT, Load, app_index, read_response, under_load};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
+pub use syn::{checksum, syn_packet};
+pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
 pub use topology::Topology;
 pub use xdp::NoopXdp;
 

@@ -43,7 +43,11 @@ use xlb::{
     acme::{AcmeSettings, AcmeStatus, ChallengeKind, Manager, ManagerHandle},
     challenges::{ACME_TLS_ALPN, Challenges, HTTP01_PREFIX},
 };
-use xlb_tests::{Proc, Topology, demo_backend_bin, http_get, wait_until, xlb_bin};
+use xlb_tests::{
+    ADMIN, Proc, Topology,
+    config::{Alerts, Dur, Health, Service, Tls, TlsAcme, Webhook, XlbConfig},
+    demo_backend_bin, http_get, wait_until, xlb_bin,
+};
 
 const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CA_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -532,21 +536,21 @@ fn https_addr() -> SocketAddr {
     SocketAddr::from((LB, 443))
 }
 
-/// The admin API of the daemon, inside the lb namespace.
-const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 const BACKENDS: u16 = 3;
 
 /// `xlb run` in the lb namespace of `world`: an `https` service on 198.18.0.1:443 whose
 /// certificate comes from Pebble, a `redirect` service on :80 (HTTP-01), three demo backends.
 struct Daemon {
     config: PathBuf,
+    /// What `config` holds.
+    xlb_toml: XlbConfig,
     proc: Option<Proc>,
     _apps: Vec<Proc>,
 }
 
 impl Daemon {
-    /// `extra` is appended to the config (e.g. an `[alerts]` table).
-    fn start(world: &World, challenge: &str, extra: &str) -> Daemon {
+    /// `alerts`, if any, go into the config's `[alerts]`.
+    fn start(world: &World, challenge: &str, alerts: Option<Alerts>) -> Daemon {
         let apps: Vec<Proc> = (1..=BACKENDS)
             .map(|i| {
                 let addr = format!("{LB}:{}", 8000 + i);
@@ -557,46 +561,26 @@ impl Daemon {
                 app
             })
             .collect();
-        let backends: Vec<String> = (1..=BACKENDS).map(|i| format!("\"{LB}:{}\"", 8000 + i)).collect();
         let config = world.dir.join("xlb.toml");
-        let text = format!(
-            r#"[dataplane]
-interfaces = ["{lb_if}"]
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[acme]
-state_dir = "{state}"
-
-[[service]]
-name = "site"
-listen = "{LB}:443"
-mode = "https"
-backends = [{backends}]
-[service.tls]
-acme = {{ directory = "https://{CA_HOST}:{ACME_PORT}/dir", contact = "mailto:ops@xlb.test", domains = ["{DOMAIN}"], ca = "{ca}", challenge = "{challenge}" }}
-[service.health]
-check = "http"
-path = "/health"
-interval = "200ms"
-timeout = "100ms"
-
-[[service]]
-name = "site-http"
-listen = "{LB}:80"
-mode = "redirect"
-{extra}
-"#,
-            lb_if = world.topology.lb_if,
-            pin_path = world.topology.pin_path.display(),
-            state = world.dir.join("xlb-state").display(),
-            backends = backends.join(", "),
-            ca = world.pebble_ca.display(),
-        );
-        fs::write(&config, text).unwrap();
-        let mut daemon = Daemon { config, proc: None, _apps: apps };
+        let mut xlb_toml = XlbConfig::new([&world.topology.lb_if], &world.topology.pin_path)
+            .admin(ADMIN)
+            .acme_state_dir(world.dir.join("xlb-state"))
+            .service(
+                Service::https("site", format!("{LB}:443"))
+                    .backends((1..=BACKENDS).map(|i| format!("{LB}:{}", 8000 + i)))
+                    .tls(Tls::acme(TlsAcme::new(
+                        format!("https://{CA_HOST}:{ACME_PORT}/dir"),
+                        "mailto:ops@xlb.test",
+                        &[DOMAIN],
+                        &world.pebble_ca,
+                        challenge,
+                    )))
+                    .health(Health::http("/health").interval(Duration::from_millis(200)).timeout(Duration::from_millis(100))),
+            )
+            .service(Service::redirect("site-http", format!("{LB}:80")));
+        xlb_toml.alerts = alerts;
+        xlb_toml.write(&config);
+        let mut daemon = Daemon { config, xlb_toml, proc: None, _apps: apps };
         daemon.run(world);
         daemon
     }
@@ -763,10 +747,14 @@ fn rfc3339_unix(text: &serde_json::Value) -> i64 {
 /// stays open and working; status, `xlb status` and the metrics follow.
 #[test]
 fn daemon_issues_serves_and_renews_through_its_own_listeners() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-xlb");
     let hook = Hook::start(&world);
-    let alerts = format!("\n[alerts]\n[alerts.webhook]\nurl = \"http://{}/hook\"\ntimeout = \"2s\"\n", hook.addr);
-    let mut daemon = Daemon::start(&world, "http-01", &alerts);
+    let alerts = Alerts {
+        webhook: Some(Webhook::new(format!("http://{}/hook", hook.addr)).timeout(Duration::from_secs(2))),
+        ..Alerts::default()
+    };
+    let mut daemon = Daemon::start(&world, "http-01", Some(alerts));
 
     // Issued by HTTP-01 through the redirect listener (Pebble fetched the answer from it).
     let site = daemon.wait_attempts(&world, 1);
@@ -902,11 +890,13 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
 
     // The ACME settings are read at start: a reload that changes them is refused, naming the
     // restart it takes, and the running config stays.
-    let text = fs::read_to_string(&daemon.config).unwrap();
-    fs::write(&daemon.config, text.replace("challenge = \"http-01\"", "challenge = \"http-01\", renew_before = \"10d\"")).unwrap();
+    let mut renew_sooner = daemon.xlb_toml.clone();
+    let acme = renew_sooner.services[0].tls.as_mut().and_then(|tls| tls.acme.as_mut()).expect("service site has ACME");
+    acme.renew_before = Some(Dur(Duration::from_secs(10 * 86_400)));
+    renew_sooner.write(&daemon.config);
     let (status, out) = daemon.xlb(&world, &["reload"]);
     assert!(!status.success() && out.contains("that takes a restart"), "{out}");
-    fs::write(&daemon.config, text).unwrap();
+    daemon.xlb_toml.write(&daemon.config);
 
     // A restarted daemon serves the stored certificate at once and orders nothing.
     daemon.restart(&world);
@@ -927,6 +917,7 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
 
 #[test]
 fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-http01");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1066,6 +1057,7 @@ fn http01_issue_serve_and_renew_without_dropping_a_held_connection() {
 
 #[test]
 fn tls_alpn01_issue() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-alpn");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1091,6 +1083,7 @@ fn tls_alpn01_issue() {
 
 #[test]
 fn failures_keep_the_certificate_are_reported_and_retried() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-fail");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1164,6 +1157,7 @@ fn failures_keep_the_certificate_are_reported_and_retried() {
 
 #[test]
 fn a_stored_certificate_near_its_end_is_served_then_renewed() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-due");
     let lb = Lb::new();
     let (challenges, current) = (lb.challenges.clone(), lb.current.clone());
@@ -1217,8 +1211,9 @@ fn a_stored_certificate_near_its_end_is_served_then_renewed() {
 /// issued one.
 #[test]
 fn daemon_issues_by_tls_alpn01_on_its_https_listener() {
+    xlb_tests::root_or_skip!();
     let world = World::new("acme-xlb-alpn");
-    let daemon = Daemon::start(&world, "tls-alpn-01", "");
+    let daemon = Daemon::start(&world, "tls-alpn-01", None);
     let site = daemon.wait_attempts(&world, 1);
     assert_eq!(site["acme"]["failures"], 0, "{site:#}\n{}", daemon.proc().output());
     assert_eq!(site["acme"]["challenge"], "tls-alpn-01");

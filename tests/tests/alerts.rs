@@ -5,7 +5,6 @@
 //!
 //! Run as root after `cargo build` (needs `aiosmtpd`, Debian's python3-aiosmtpd):
 //! `cargo test -p xlb-tests --test alerts -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     net::SocketAddr,
@@ -18,8 +17,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use support::*;
-use xlb_tests::{Proc, wait_until};
+use xlb_tests::{
+    config::{Alerts, Dur, Email, Webhook},
+    *,
+};
 
 const SMTP_PORT: u16 = 2525;
 /// Long enough for `fall` probes, the alert and its delivery on a loaded machine.
@@ -135,6 +136,7 @@ fn await_alert(hook: &Receiver, smtp: &Proc, event: &str, what: &str, subject: &
 
 #[test]
 fn alerts_reach_smtp_and_webhook_once_per_event() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::prepare("alerts", Family::V4);
     let ip = lb.backends[0].ip();
     let hook = Receiver::start(&lb, ip, None);
@@ -144,26 +146,19 @@ fn alerts_reach_smtp_and_webhook_once_per_event() {
     wait_until(Duration::from_secs(10), "aiosmtpd to listen", || {
         lb.topo.ss_lb(&["-Htln", &format!("sport = :{SMTP_PORT}")]).contains(&SMTP_PORT.to_string())
     });
-    let mut config = std::fs::read_to_string(&lb.config).unwrap();
-    config += &format!(
-        r#"
-[alerts]
-max_per_minute = 30
-
-[alerts.email]
-host = "{ip}"
-port = {SMTP_PORT}
-tls = "none"
-from = "xlb <xlb@xlb.test>"
-to = ["ops@xlb.test"]
-
-[alerts.webhook]
-url = "http://{hook}/hook"
-timeout = "2s"
-"#,
-        hook = hook.addr
-    );
-    std::fs::write(&lb.config, config).unwrap();
+    lb.write(&lb.config().alerts(Alerts {
+        max_per_minute: Some(30),
+        email: Some(Email {
+            host: ip.to_string(),
+            port: SMTP_PORT,
+            tls: "none".into(),
+            from: "xlb <xlb@xlb.test>".into(),
+            to: vec!["ops@xlb.test".into()],
+            timeout: None,
+            ca_file: None,
+        }),
+        webhook: Some(Webhook::new(format!("http://{}/hook", hook.addr)).timeout(Duration::from_secs(2))),
+    }));
     lb.spawn_apps();
     lb.start_daemon();
     lb.wait_healthy();
@@ -249,6 +244,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 /// went over TLS.
 #[test]
 fn alerts_use_tls_and_a_private_ca() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::prepare("alerts-tls", Family::V4);
     let ip = lb.backends[0].ip();
     let dir = lb.dir.clone();
@@ -295,24 +291,20 @@ fn alerts_use_tls_and_a_private_ca() {
     wait_until(Duration::from_secs(10), "aiosmtpd to listen", || {
         lb.topo.ss_lb(&["-Htln", &format!("sport = :{SMTP_PORT}")]).contains(&SMTP_PORT.to_string())
     });
-    let base = std::fs::read_to_string(&lb.config).unwrap();
-    let alerts = format!(
-        r#"
-[alerts.email]
-host = "{ip}"
-port = {SMTP_PORT}
-tls = "starttls"
-from = "xlb@xlb.test"
-to = ["ops@xlb.test"]
-timeout = "3s"
-
-[alerts.webhook]
-url = "https://{ip}:{port}/hook"
-timeout = "2s"
-"#,
-        port = hook.addr.port()
-    );
-    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{alerts}")).unwrap();
+    let alerts = Alerts {
+        max_per_minute: None,
+        email: Some(Email {
+            host: ip.to_string(),
+            port: SMTP_PORT,
+            tls: "starttls".into(),
+            from: "xlb@xlb.test".into(),
+            to: vec!["ops@xlb.test".into()],
+            timeout: Some(Dur(Duration::from_secs(3))),
+            ca_file: None,
+        }),
+        webhook: Some(Webhook::new(format!("https://{ip}:{}/hook", hook.addr.port())).timeout(Duration::from_secs(2))),
+    };
+    lb.write(&lb.config().alerts(alerts.clone()));
     lb.spawn_apps();
     lb.start_daemon();
     lb.wait_healthy();
@@ -334,10 +326,10 @@ timeout = "2s"
 
     // Trust the CA (a reload applies it); the recovery then arrives, over STARTTLS.
     let ca_file = dir.join("ca.pem");
-    let with_ca = alerts
-        .replace("timeout = \"3s\"", &format!("timeout = \"3s\"\nca_file = \"{}\"", ca_file.display()))
-        .replace("timeout = \"2s\"", &format!("timeout = \"2s\"\nca_file = \"{}\"", ca_file.display()));
-    std::fs::write(&lb.config, format!("{base}\n[alerts]\n{with_ca}")).unwrap();
+    let mut with_ca = alerts;
+    with_ca.email.as_mut().unwrap().ca_file = Some(ca_file.display().to_string());
+    with_ca.webhook = with_ca.webhook.map(|w| w.ca_file(&ca_file));
+    lb.write(&lb.config().alerts(with_ca));
     let out = run_ok(lb.xlb(&["reload"]), "xlb reload");
     assert!(out.contains("[alerts] changed"), "{out}");
     lb.apps[1] = Some(lb.spawn_app(1));

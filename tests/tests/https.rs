@@ -2,7 +2,6 @@
 //! address (port 443) with certificates from a CA made at test time, requests proxied to the
 //! three demo backends, a redirect listener on port 80, and an L4 service on port 8080 over the
 //! same backends so that both paths can be seen balancing one load.
-mod support;
 
 use std::{
     collections::BTreeSet,
@@ -23,8 +22,10 @@ use hyper::{Request, Version};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
-use support::*;
-use xlb_tests::{demo_backend_bin, http_get};
+use xlb_tests::{
+    config::{Dur, Limits, Service, Timeouts, Tls, XlbConfig},
+    *,
+};
 
 const SITE: &str = "site.test";
 const HTTPS_PORT: u16 = 443;
@@ -249,75 +250,37 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// A demo backend that logs every request, which the tests count.
 fn spawn_app(lb: &Lb, i: usize) -> xlb_tests::Proc {
-    let addr = lb.backends[i].to_string();
-    let name = format!("app-{}", i + 1);
-    let app = lb.topo.spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &name, "--log-requests"]);
-    app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
-    app
+    lb.spawn_app_with(i, &["--log-requests"])
 }
 
 /// The config, with `http` as the HTTPS service's `[service.http]` table body.
 fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
-    let backends = lb.backends.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
-    let health = format!(
-        "[service.health]\ncheck = \"http\"\npath = \"/health\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n",
-        HEALTH_INTERVAL.as_millis(),
-        HEALTH_TIMEOUT.as_millis()
-    );
+    let health = probes(HEALTH_INTERVAL, HEALTH_TIMEOUT);
     let ip = lb.vip.ip();
-    let text = format!(
-        r#"[dataplane]
-interfaces = ["{iface}"]
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[[service]]
-name = "web"
-listen = "{vip}"
-mode = "l4"
-backends = [{backends}]
-{health}
-[[service]]
-name = "site"
-listen = "{ip}:{HTTPS_PORT}"
-mode = "https"
-backends = [{backends}]
-max_fails = 1
-fail_timeout = "10s"
-[service.tls]
-cert = "{cert}"
-key = "{key}"
-[service.timeouts]
-handshake = "{handshake}ms"
-request_header = "{header}ms"
-idle = "{idle}ms"
-backend_connect = "1s"
-backend_response = "10s"
-[service.limits]
-max_header_bytes = 16384
-max_headers = 50
-max_body_bytes = {MAX_BODY}
-[service.http]
-{http}
-{health}
-[[service]]
-name = "site-http"
-listen = "{ip}:{HTTP_PORT}"
-mode = "redirect"
-"#,
-        iface = lb.topo.lb_if,
-        pin_path = lb.topo.pin_path.display(),
-        vip = lb.vip,
-        cert = pki.dir.join("site.crt").display(),
-        key = pki.dir.join("site.key").display(),
-        handshake = HANDSHAKE_TIMEOUT.as_millis(),
-        header = HEADER_TIMEOUT.as_millis(),
-        idle = IDLE_TIMEOUT.as_millis(),
-    );
-    std::fs::write(&lb.config, text).unwrap_or_else(|e| panic!("writing {}: {e}", lb.config.display()));
+    let config = XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
+        .admin(ADMIN)
+        .service(Service::l4("web", lb.vip).backends(&lb.backends).health(health.clone()))
+        .service(
+            Service::https("site", SocketAddr::new(ip, HTTPS_PORT))
+                .backends(&lb.backends)
+                .max_fails(1)
+                .fail_timeout(Duration::from_secs(10))
+                .tls(Tls::files(pki.dir.join("site.crt"), pki.dir.join("site.key")))
+                .timeouts(Timeouts {
+                    handshake: Some(Dur(HANDSHAKE_TIMEOUT)),
+                    request_header: Some(Dur(HEADER_TIMEOUT)),
+                    idle: Some(Dur(IDLE_TIMEOUT)),
+                    backend_connect: Some(Dur(Duration::from_secs(1))),
+                    backend_response: Some(Dur(Duration::from_secs(10))),
+                })
+                .limits(Limits { max_header_bytes: Some(16384), max_headers: Some(50), max_body_bytes: Some(MAX_BODY as u64) })
+                .http(http)
+                .health(health),
+        )
+        .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)));
+    lb.write(&config);
 }
 
 /// A response, read to the end.
@@ -426,6 +389,7 @@ impl Conn {
 /// header the proxy adds, and the backend sees the client's address.
 #[test]
 fn proxies_http1_and_http2_with_headers() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https1");
     for h2 in [false, true] {
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
@@ -523,6 +487,7 @@ fn proxies_http1_and_http2_with_headers() {
 /// as a request in flight to its backend while it is open.
 #[test]
 fn upgrades_pass_through() {
+    xlb_tests::root_or_skip!();
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let site = Site::start("https-upgrade");
     let tcp = site.tcp(site.https());
@@ -576,6 +541,7 @@ fn upgrades_pass_through() {
 /// challenge); TLS 1.0 and 1.1 handshakes are refused, 1.2 and 1.3 accepted.
 #[test]
 fn redirects_and_refuses_old_tls() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https2");
     let http = site.http();
     let answer = site
@@ -634,6 +600,7 @@ fn redirects_and_refuses_old_tls() {
 /// requests to the other backends; and HTTPS requests in flight steer new L4 connections.
 #[test]
 fn both_paths_balance_one_load() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https6");
     let lb = &site.lb;
     let (mut on_app1, mut elsewhere) = (Vec::new(), Vec::new());
@@ -698,6 +665,7 @@ fn both_paths_balance_one_load() {
 /// reached the dying backend is answered 502 and sent to no other backend.
 #[test]
 fn backend_killed_mid_stream() {
+    xlb_tests::root_or_skip!();
     let mut site = Site::start("https5");
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -789,6 +757,7 @@ fn backend_killed_mid_stream() {
 /// request goes on to the next backend, a POST is not sent again.
 #[test]
 fn failing_requests_take_backends_out() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https-passive");
     let before: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let answer = site.request(false, "POST", "/abort", &[]).unwrap();
@@ -851,6 +820,7 @@ fn posts(app: &xlb_tests::Proc) -> usize {
 /// oversize headers get 431.
 #[test]
 fn slow_clients_are_timed_out() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https7");
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -1021,6 +991,7 @@ fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 /// period, while a connection opened before keeps working.
 #[test]
 fn certificate_reload_keeps_connections() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https4");
     let first = std::fs::read(site.pki.dir.join("site.crt")).unwrap();
     let first_der = CertificateDer::from_pem_slice(&first).unwrap().to_vec();
@@ -1071,6 +1042,7 @@ fn certificate_reload_keeps_connections() {
 /// says so where it documents `backend_header`.
 #[test]
 fn testssl_finds_nothing_medium_or_worse() {
+    xlb_tests::root_or_skip!();
     let testssl = ["testssl", "testssl.sh"]
         .into_iter()
         .find(|b| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success()))
@@ -1105,6 +1077,7 @@ fn testssl_finds_nothing_medium_or_worse() {
 /// connections that arrive meanwhile wait in the socket's queue for the next daemon.
 #[test]
 fn https_listener_handover_across_20_restarts() {
+    xlb_tests::root_or_skip!();
     const RESTARTS: usize = 20;
     const CLIENTS: usize = 4;
     let mut lb = Lb::prepare("handover", Family::V4);
@@ -1204,6 +1177,7 @@ fn https_listener_handover_across_20_restarts() {
 /// part: each restart closes them, and a request must never be lost on one.
 #[test]
 fn rollout_restarts_https_backends_without_a_failed_request() {
+    xlb_tests::root_or_skip!();
     let site = Site::start("https-rollout");
     let _restarted = Restarted(site.lb.dir.clone());
     let script = write_restart_script(&site.lb);

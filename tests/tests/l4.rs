@@ -9,14 +9,13 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test l4 -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
-use support::*;
+use xlb_tests::*;
 
 fn assert_even(served: &[usize; BACKENDS], n: usize) {
     let fair = n / BACKENDS;
@@ -99,16 +98,19 @@ fn spread_evenly(tag: &str, family: Family) {
 
 #[test]
 fn spread_idle_backends_evenly() {
+    xlb_tests::root_or_skip!();
     spread_evenly("spread", Family::V4);
 }
 
 #[test]
 fn spread_to_a_vip_on_its_own_address() {
+    xlb_tests::root_or_skip!();
     spread_evenly("ownvip", Family::V4OwnVip);
 }
 
 #[test]
 fn spread_over_ipv6() {
+    xlb_tests::root_or_skip!();
     spread_evenly("spread6", Family::V6);
 }
 
@@ -116,6 +118,7 @@ fn spread_over_ipv6() {
 /// others are idle.
 #[test]
 fn held_connections_steer_new_ones_elsewhere() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("held", Family::V4);
     // With every backend at the same count, each round of three connections puts one on each
     // backend, so app-1 has two after at most six; the bound only stops a broken balancer.
@@ -180,6 +183,7 @@ fn held_connections_steer_new_ones_elsewhere() {
 
 #[test]
 fn killed_backend_is_marked_down_and_refilled_first() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::start("killed", Family::V4);
     // Every backend serves before the failure.
     let warmup: Vec<Held> = (0..BACKENDS).map(|_| lb.hold()).collect();
@@ -291,6 +295,7 @@ fn killed_backend_is_marked_down_and_refilled_first() {
 
 #[test]
 fn live_counts_match_the_socket_table_after_chaos() {
+    xlb_tests::root_or_skip!();
     const HELD: usize = 6;
     const BY_HOLDER: usize = 6;
     const HALF_OPEN: u16 = 3;
@@ -415,6 +420,7 @@ fn live_counts_match_the_socket_table_after_chaos() {
 
 #[test]
 fn daemon_restart_keeps_connections_and_counts() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::start("restart", Family::V4);
     let mut held = lb.hold();
     let b = held.backend;
@@ -534,6 +540,7 @@ fn assert_start_fails_cleanly(lb: &Lb, needle: &str) {
 /// by `xlb run` before anything is loaded, although the first interface exists.
 #[test]
 fn bad_config_attaches_nothing() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::prepare("badcfg", Family::V4);
     lb.write_config(&["xlb0", "nosuch0"], "auto");
     let (status, check) = run(lb.xlb(&["check"]), "xlb check");
@@ -552,6 +559,7 @@ fn bad_config_attaches_nothing() {
 /// second: `lo` has no native XDP) takes back what it attached and pinned.
 #[test]
 fn failed_attach_leaves_nothing_attached() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::prepare("badattach", Family::V4);
     lb.write_config(&["xlb0", "lo"], "native");
     run_ok(lb.xlb(&["check"]), "xlb check");
@@ -562,6 +570,7 @@ fn failed_attach_leaves_nothing_attached() {
 /// data path behind that nobody manages.
 #[test]
 fn admin_address_in_use_attaches_nothing() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::prepare("badadmin", Family::V4);
     let squatter = lb
         .topo
@@ -576,6 +585,7 @@ fn admin_address_in_use_attaches_nothing() {
 /// that keep it out of rotation until the next reconcile.
 #[test]
 fn steady_short_connections_stay_even_across_reconciles() {
+    xlb_tests::root_or_skip!();
     const RUN: Duration = Duration::from_secs(3);
     const MAX_CONNECTIONS: usize = 20_000;
     const WINDOW_MS: u128 = 250;
@@ -667,6 +677,7 @@ fn steady_short_connections_stay_even_across_reconciles() {
 /// answered with a reset, a few per 50,000 connections).
 #[test]
 fn reused_client_ports_never_meet_a_reset() {
+    xlb_tests::root_or_skip!();
     const SECONDS: u64 = 10;
     // 15,000 ports: at the 2,000-8,000 connections a second this machine manages, a port comes
     // back every 2 to 8 seconds, around the daemon's 2 s grace for flows without a socket.

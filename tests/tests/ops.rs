@@ -4,7 +4,6 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test ops -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     fs::File,
@@ -20,8 +19,7 @@ use std::{
 };
 
 use nix::libc;
-use support::*;
-use xlb_tests::{Signal, demo_backend_bin, http_get, wait_until, xlb_bin};
+use xlb_tests::*;
 
 /// Long enough for `fall` (or `rise`) probes plus the scheduling of a loaded machine.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(5);
@@ -70,6 +68,7 @@ fn toggle_health(lb: &Lb, i: usize, failing: bool) {
 /// the drain; an undrain restores whatever health says.
 #[test]
 fn drain_keeps_held_connections_and_sends_new_ones_elsewhere() {
+    xlb_tests::root_or_skip!();
     const FAILING: &str = "backend health checks failing; it stays draining";
     const PASSING: &str = "backend health checks passing; it stays draining";
     let lb = Lb::start("drain", Family::V4);
@@ -212,6 +211,7 @@ fn drain_keeps_held_connections_and_sends_new_ones_elsewhere() {
 /// keeps it (and its health probes do not end it) until `xlb undrain`.
 #[test]
 fn drain_survives_a_daemon_restart() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::start("drainrestart", Family::V4);
     drain(&lb, "drain", 1);
     let daemon = lb.daemon.take().expect("the daemon runs");
@@ -271,6 +271,7 @@ fn drain_survives_a_daemon_restart() {
 /// by the CLI (non-zero exit) and by the API (404/400, JSON); nothing changes.
 #[test]
 fn drain_refuses_unknown_names() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("drainerr", Family::V4);
     let ip = lb.vip.ip();
     let all = format!("{ip}:8001, {ip}:8002, {ip}:8003");
@@ -343,6 +344,7 @@ fn post(addr: std::net::SocketAddr, path: &str) -> String {
 /// active = live connections, accepts = handled = requests = total connections.
 #[test]
 fn status_page_matches_nginx_stub_status() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("stubstatus", Family::V4);
     let held: Vec<Held> = (0..4).map(|_| lb.hold()).collect();
     lb.spread(5);
@@ -607,6 +609,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
 /// every `WATCHDOG_USEC`/2, `STOPPING=1` on SIGTERM.
 #[test]
 fn notify_protocol_ready_watchdog_stopping() {
+    xlb_tests::root_or_skip!();
     const WATCHDOG: Duration = Duration::from_millis(400);
     let mut lb = Lb::prepare("notify", Family::V4);
     lb.spawn_apps();
@@ -847,8 +850,11 @@ fn seccomp_filter() -> Vec<libc::sock_filter> {
 }
 
 /// Not a test by itself: run by `daemon_works_under_the_units_restrictions` in the restricted
-/// environment (with `XLB_HARDENING_PROBE=1`) to show that the restrictions are in force.
+/// environment (with `XLB_HARDENING_PROBE=1`) to show that the restrictions are in force. It
+/// only reports what it sees; the parent asserts on the report, since outside the restrictions
+/// the same calls rightly succeed. Ignored, so that a plain run does not count it as a pass.
 #[test]
+#[ignore = "run by daemon_works_under_the_units_restrictions in a restricted child process"]
 fn hardening_probe() {
     if std::env::var_os(PROBE_ENV).is_none() {
         return;
@@ -883,6 +889,7 @@ fn hardening_probe() {
 /// PrivateTmp=, …) need systemd; the daemon writes nothing but its pins.
 #[test]
 fn daemon_works_under_the_units_restrictions() {
+    xlb_tests::root_or_skip!();
     // First, that the restrictions bite: the same setup around a probe.
     let mut lb = Lb::prepare("hardened", Family::V4);
     let mut probe = Command::new(std::env::current_exe().unwrap());
@@ -890,6 +897,7 @@ fn daemon_works_under_the_units_restrictions() {
         .args([
             "--exact",
             "hardening_probe",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -1083,6 +1091,7 @@ fn client_tcp_counters(lb: &Lb) -> std::collections::HashMap<String, u64> {
 /// connections are answered, and no new connection reaches the backend once the drain returns.
 #[test]
 fn drain_under_load_resets_nothing() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("drain-load", Family::V4);
     let mut held: Vec<Held> = (0..2 * BACKENDS).map(|_| lb.hold()).collect();
     let before = client_tcp_counters(&lb);
@@ -1145,6 +1154,7 @@ fn drain_under_load_resets_nothing() {
 /// warns about the socket no listener uses.
 #[test]
 fn daemon_serves_on_sockets_passed_by_systemd() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::prepare("sockets", Family::V4);
     lb.spawn_apps();
     let (admin, extra) = lb.topo.in_lb(|| {

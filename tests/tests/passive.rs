@@ -2,15 +2,13 @@
 //! taken out by the XDP/TC programs themselves, within milliseconds, long before a health probe
 //! could notice; compared with the probes alone. Needs root; run with `--test-threads=1`.
 
-mod support;
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use support::*;
-use xlb_tests::http_get;
+use xlb_tests::*;
 
 /// New connections per second in the stream, and how long it runs.
 const RATE: u32 = 200;
@@ -106,11 +104,13 @@ fn failed_connections(lb: &Lb) -> Vec<u64> {
 
 #[test]
 fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
+    xlb_tests::root_or_skip!();
     // Probes every 2 s (fall 2): they need 2 s or more to notice anything, so whatever reacts
     // within 100 ms is the data path.
     let lb = Lb::prepare("passive", Family::V4);
     let interval = Duration::from_secs(2);
-    lb.write_config_with(&["xlb0"], "auto", interval, Duration::from_secs(1), "max_fails = 1\nfail_timeout = \"10s\"");
+    let web = lb.web().health(probes(interval, Duration::from_secs(1))).max_fails(1).fail_timeout(Duration::from_secs(10));
+    lb.write(&lb.config().edit_service("web", |_| web));
     let mut lb = lb.start_all();
     assert_eq!(failed_connections(&lb), [0, 0, 0]);
 
@@ -197,9 +197,10 @@ fn killed_backend_is_taken_out_by_the_data_path_within_milliseconds() {
 
 #[test]
 fn probes_alone_take_longer() {
+    xlb_tests::root_or_skip!();
     // The same kill with passive health off (max_fails = 0) and probes every 200 ms, fall 2.
     let lb = Lb::prepare("probeonly", Family::V4);
-    lb.write_config_with(&["xlb0"], "auto", HEALTH_INTERVAL, HEALTH_TIMEOUT, "max_fails = 0");
+    lb.write(&lb.config().edit_service("web", |web| web.max_fails(0)));
     let mut lb = lb.start_all();
     let (attempts, killed_at) = stream_and_kill(&mut lb);
     let refused: Vec<&Attempt> = attempts.iter().filter(|a| a.due >= killed_at && a.outcome.is_err()).collect();
@@ -221,12 +222,14 @@ fn probes_alone_take_longer() {
 
 #[test]
 fn backend_ignoring_new_connections_is_taken_out_and_its_syns_go_elsewhere() {
+    xlb_tests::root_or_skip!();
     // app-1 hangs: its listening socket is there but drops every packet (a socket filter that
     // accepts nothing), as a stalled host or a firewall mistake would. Clients' SYNs to it get
     // no answer at all; probes every 2 s would need 2 timeouts to notice.
     let lb = Lb::prepare("silent", Family::V4);
     let interval = Duration::from_secs(2);
-    lb.write_config_with(&["xlb0"], "auto", interval, Duration::from_secs(1), "max_fails = 1");
+    let web = lb.web().health(probes(interval, Duration::from_secs(1))).max_fails(1);
+    lb.write(&lb.config().edit_service("web", |_| web));
     let mut lb = lb.start_all();
     let app1 = lb.apps[0].take().expect("app-1 runs");
     app1.kill9();

@@ -9,7 +9,6 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test reliability -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::{
     io::Write as _,
@@ -23,8 +22,7 @@ use std::{
 
 use serde_json::Value;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use support::*;
-use xlb_tests::{Signal, Topology, demo_backend_bin, http_get};
+use xlb_tests::*;
 
 fn full() -> bool {
     std::env::var("XLB_RELIABILITY").is_ok_and(|v| v == "full")
@@ -57,11 +55,9 @@ fn fds(pid: u32) -> usize {
         .unwrap()
 }
 
-/// Adds `max_flows = N` to the `[dataplane]` section of the harness's config.
+/// The harness's config with `max_flows = N` in `[dataplane]`.
 fn set_max_flows(lb: &Lb, n: u32) {
-    let text = std::fs::read_to_string(&lb.config).unwrap();
-    let text = text.replacen("[dataplane]\n", &format!("[dataplane]\nmax_flows = {n}\n"), 1);
-    std::fs::write(&lb.config, text).unwrap();
+    lb.write(&lb.config().max_flows(n));
 }
 
 /// `GET /api/status` through the topology alone (usable while the `Lb` is mutably borrowed).
@@ -158,6 +154,7 @@ fn new_connections(topo: &Topology, vip: SocketAddr, period: Duration, stop: &At
 /// asserts that service is back within a few reconcile periods after the flood.
 #[test]
 fn syn_flood_of_ten_times_conntrack_during_keep_alive_load() {
+    xlb_tests::root_or_skip!();
     const MAX_FLOWS: u32 = 1024;
     const KEEP_ALIVE: usize = 12;
     let multiple: u32 = if full() { 50 } else { 10 };
@@ -318,6 +315,7 @@ impl Rng {
 /// connections keep being answered throughout.
 #[test]
 fn flapping_backend_honours_rise_fall_without_a_write_storm() {
+    xlb_tests::root_or_skip!();
     let phases = if full() { 60 } else { 12 };
     let seed = std::env::var("XLB_FLAP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
@@ -471,6 +469,7 @@ fn flat(name: &str, values: &[f64], percent: f64, slack: f64) -> (f64, f64, f64)
 /// returns to zero.
 #[test]
 fn soak_mixed_load_with_backend_churn() {
+    xlb_tests::root_or_skip!();
     let minutes: u64 = std::env::var("XLB_SOAK_MINUTES")
         .ok()
         .map(|v| v.parse().unwrap_or_else(|e| panic!("XLB_SOAK_MINUTES={v:?}: {e}")))

@@ -3,7 +3,6 @@
 //! loads fresh programs and swaps them into the pinned links with `BPF_LINK_UPDATE`). Needs
 //! root; run with `--test-threads=1`.
 
-mod support;
 
 use std::{
     io::Write as _,
@@ -19,8 +18,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::*;
-use xlb_tests::http_get;
+use xlb_tests::*;
 
 /// Keep-alive connections held open through the VIP, each sending requests back to back.
 const HELD: usize = 6;
@@ -215,6 +213,7 @@ fn timed_start(lb: &mut Lb) -> (Duration, Duration) {
 
 #[test]
 fn daemon_kill_9_under_load_fails_no_request() {
+    xlb_tests::root_or_skip!();
     let mut lb = Lb::start("kill9", Family::V4);
     let load = Load::start(&lb);
     std::thread::sleep(Duration::from_millis(500));
@@ -266,6 +265,7 @@ fn daemon_kill_9_under_load_fails_no_request() {
 
 #[test]
 fn twenty_program_upgrades_under_load_fail_no_request() {
+    xlb_tests::root_or_skip!();
     const UPGRADES: usize = 20;
     let mut lb = Lb::start("upgrade", Family::V4);
     let load = Load::start(&lb);

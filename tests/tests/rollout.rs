@@ -8,11 +8,10 @@
 //!
 //! Run as root after `cargo build`:
 //! `cargo test -p xlb-tests --test rollout -- --test-threads=1 --nocapture`.
-mod support;
 
 use std::time::Duration;
 
-use support::*;
+use xlb_tests::*;
 
 /// Bounds a whole `xlb rollout` run.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -26,6 +25,7 @@ fn rollout(lb: &Lb, args: &[&str]) -> (std::process::ExitStatus, String) {
 
 #[test]
 fn rollout_restarts_every_backend_without_a_failed_request() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("rollout", Family::V4);
     let _restarted = Restarted(lb.dir.clone());
     let script = write_restart_script(&lb);
@@ -64,6 +64,7 @@ fn rollout_restarts_every_backend_without_a_failed_request() {
 
 #[test]
 fn failing_restart_stops_undrains_and_rolls_back() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("rollout-fail", Family::V4);
     let _restarted = Restarted(lb.dir.clone());
     let script = write_restart_script(&lb);
@@ -118,6 +119,7 @@ fn failing_restart_stops_undrains_and_rolls_back() {
 /// (and is undrained), unless `--proceed-on-drain-timeout`, which restarts it anyway and says so.
 #[test]
 fn drain_timeout_stops_unless_told_to_proceed() {
+    xlb_tests::root_or_skip!();
     let lb = Lb::start("rollout-drain", Family::V4);
     // One keep-alive connection on every backend, held through both rollouts.
     let mut held: Vec<Held> = (0..BACKENDS).map(|_| lb.hold()).collect();

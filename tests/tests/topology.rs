@@ -6,6 +6,7 @@ use xlb_tests::{Topology, demo_backend_bin, http_get};
 
 #[test]
 fn topology_carries_v4_and_v6_and_cleans_up() {
+    xlb_tests::root_or_skip!();
     let topology = Topology::new("topology");
     let v4 = SocketAddr::from((topology.lb_v4, 8001));
     let v6 = SocketAddr::from((topology.lb_v6, 8001));

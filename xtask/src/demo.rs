@@ -13,7 +13,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xlb_tests::{Proc, Topology, demo_backend_bin, http_get, wait_until, xlb_bin};
+use xlb_tests::{
+    Proc, Topology,
+    config::{Health, Service, XlbConfig},
+    demo_backend_bin, http_get, wait_until, xlb_bin,
+};
 
 const VIP_PORT: u16 = 80;
 const BACKEND_PORTS: [u16; 3] = [8001, 8002, 8003];
@@ -157,35 +161,14 @@ struct DemoConfig {
 impl DemoConfig {
     fn write(topology: &Topology) -> anyhow::Result<DemoConfig> {
         let path = std::env::temp_dir().join(format!("xlb-demo-{}.toml", std::process::id()));
-        let backends: Vec<String> = BACKEND_PORTS
-            .iter()
-            .map(|p| format!("\"{}:{p}\"", topology.lb_v4))
-            .collect();
-        let text = format!(
-            r#"# Written by `cargo xtask run` for its demo; removed when it ends.
-[dataplane]
-interfaces = ["{interface}"]
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[[service]]
-name = "demo"
-listen = "{vip}:{VIP_PORT}"
-mode = "l4"
-backends = [{backends}]
-
-[service.health]
-check = "http"
-path = "/health"
-interval = "1s"
-"#,
-            interface = topology.lb_if,
-            pin_path = topology.pin_path.display(),
-            vip = topology.lb_v4,
-            backends = backends.join(", "),
-        );
+        let config = XlbConfig::new([&topology.lb_if], &topology.pin_path)
+            .admin(ADMIN)
+            .service(
+                Service::l4("demo", format!("{}:{VIP_PORT}", topology.lb_v4))
+                    .backends(BACKEND_PORTS.iter().map(|p| format!("{}:{p}", topology.lb_v4)))
+                    .health(Health::http("/health").interval(Duration::from_secs(1))),
+            );
+        let text = format!("# Written by `cargo xtask run` for its demo; removed when it ends.\n{}", config.render());
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         Ok(DemoConfig { path })
     }

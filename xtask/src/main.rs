@@ -180,11 +180,14 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 /// `cargo test` of `selection` (package/target arguments), one test at a time, with `env`.
-fn cargo_test(selection: &[&str], env: &[(&str, String)], harness_args: &[String]) -> Command {
+fn cargo_test(selection: &[impl AsRef<std::ffi::OsStr>], env: &[(&str, String)], harness_args: &[String]) -> Command {
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast"]).args(selection);
     // One test at a time: they share kernel state (bpffs, XDP attachment, CPU for timing).
     cmd.args(["--", "--test-threads=1"]).env("RUST_BACKTRACE", "1");
+    // Root-only scenario tests skip when not root; here, where they are the point, a skip
+    // would hide that they never ran, so it fails instead.
+    cmd.env(xlb_tests::root::REQUIRE_ROOT_ENV, "1");
     cmd.args(harness_args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -219,10 +222,7 @@ fn test(args: &[String], reliability: bool) -> anyhow::Result<()> {
         }
         results.push(fuzz::run_all(Duration::from_secs(300), &mut totals));
     } else {
-        let mut cmd = cargo();
-        cmd.args(["test", "--no-fail-fast"]).args(cargo_args);
-        cmd.args(["--", "--test-threads=1"]).env("RUST_BACKTRACE", "1");
-        cmd.args(harness_args);
+        let mut cmd = cargo_test(cargo_args, &[], harness_args);
         results.push(run_counting(&mut cmd, &mut totals));
         // A selection of tests means just those; the whole suite includes the fuzz targets.
         if cargo_args.is_empty() && harness_args.is_empty() {

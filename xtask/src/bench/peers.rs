@@ -8,7 +8,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xlb_tests::{NoopXdp, Proc, Topology, http_get, wait_until};
+use xlb_tests::{
+    NoopXdp, Proc, Topology,
+    config::{Health, Service, Tls, XlbConfig},
+    http_get, wait_until,
+};
 
 use super::{Arm, BACKEND_PORTS, DIRECT_PORT, Tax, target};
 use crate::{find_in_path, run};
@@ -121,50 +125,22 @@ impl TempFiles {
         topology: &Topology,
         cert: &super::tls::Cert,
     ) -> anyhow::Result<PathBuf> {
-        let text = format!(
-            r#"# Written by `cargo xtask bench`; removed when it ends.
-[dataplane]
-interfaces = ["{interface}"]
-xdp_mode = "native"
-pin_path = "{pin_path}"
-
-[admin]
-listen = "{ADMIN}"
-
-[[service]]
-name = "bench"
-listen = "{vip}"
-mode = "l4"
-backends = [{backends}]
-
-[service.health]
-check = "tcp"
-interval = "1s"
-timeout = "500ms"
-
-[[service]]
-name = "bench-https"
-listen = "{https}"
-mode = "https"
-backends = [{backends}]
-
-[service.tls]
-cert = "{cert}"
-key = "{key}"
-
-[service.health]
-check = "tcp"
-interval = "1s"
-timeout = "500ms"
-"#,
-            https = target(topology, super::tls_arm("E")),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            interface = topology.lb_if,
-            pin_path = topology.pin_path.display(),
-            vip = target(topology, arm("C")),
-            backends = backends(topology, |a| format!("\"{a}\"")).join(", "),
-        );
+        let health = Health::tcp().interval(Duration::from_secs(1)).timeout(Duration::from_millis(500));
+        let config = XlbConfig::new([&topology.lb_if], &topology.pin_path)
+            .xdp_mode("native")
+            .admin(ADMIN)
+            .service(
+                Service::l4("bench", target(topology, arm("C")))
+                    .backends(backends(topology, |a| a))
+                    .health(health.clone()),
+            )
+            .service(
+                Service::https("bench-https", target(topology, super::tls_arm("E")))
+                    .backends(backends(topology, |a| a))
+                    .tls(Tls::files(&cert.cert, &cert.key))
+                    .health(health),
+            );
+        let text = format!("# Written by `cargo xtask bench`; removed when it ends.\n{}", config.render());
         self.write("xlb.toml", &text)
     }
 }

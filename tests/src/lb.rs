@@ -1,22 +1,22 @@
-//! The scenario tests' harness: `Lb`, a topology with three demo backends, a config and the
-//! daemon, and helpers to drive it (clients through the VIP, status, the socket table, the maps).
-#![allow(
-    dead_code,
-    reason = "each test binary uses its own part of the harness"
-)]
-
+//! `Lb`, the scenario tests' usual world: a topology with three demo backends, a config and
+//! the daemon, and what the tests ask of it (the status, the socket table, the pinned maps).
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    sync::atomic::{AtomicBool, Ordering},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
-    process::{Command, ExitStatus, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
-use xlb_tests::{Proc, Topology, demo_backend_bin, http_get, xlb_bin};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::{
+    Proc, Topology, demo_backend_bin, http_get, xlb_bin,
+    config::{Health, Service, XlbConfig},
+    cmd::{link_show, run_ok, xdp_attached},
+    load::{Held, app_index},
+    syn::syn_packet,
+};
 
 /// The daemon's admin API, inside the lb namespace (each namespace has its own loopback).
 pub const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
@@ -50,6 +50,11 @@ pub enum Family {
 
 /// The VIP address of `Family::V4OwnVip`.
 pub const OWN_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 10);
+
+/// The harness's health probes: `GET /health` every `interval`, `RISE` and `FALL`.
+pub fn probes(interval: Duration, timeout: Duration) -> Health {
+    Health::http("/health").interval(interval).timeout(timeout).rise(RISE).fall(FALL)
+}
 
 /// One backend as `/api/status` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,69 +156,45 @@ impl Lb {
         );
     }
 
-    pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
-        self.write_config_with(interfaces, xdp_mode, HEALTH_INTERVAL, HEALTH_TIMEOUT, "");
+    /// The harness's config: the data path on the lb end of the veth (`xdp_mode = "auto"`), the
+    /// admin API on `ADMIN`, and service `web` (`Lb::web`).
+    pub fn config(&self) -> XlbConfig {
+        XlbConfig::new([&self.topo.lb_if], &self.topo.pin_path)
+            .xdp_mode("auto")
+            .admin(ADMIN)
+            .service(self.web())
     }
 
-    /// The config with other health probe timing, and `service_keys` (TOML lines such as
-    /// `max_fails = 0`) added to the service.
-    pub fn write_config_with(
-        &self,
-        interfaces: &[&str],
-        xdp_mode: &str,
-        interval: Duration,
-        timeout: Duration,
-        service_keys: &str,
-    ) {
-        let list = |items: Vec<String>| {
-            items
-                .iter()
-                .map(|i| format!("\"{i}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let text = format!(
-            r#"[dataplane]
-interfaces = [{interfaces}]
-xdp_mode = "{xdp_mode}"
-pin_path = "{pin_path}"
+    /// Service `web`: L4 on the VIP over every backend, probed by `probes(HEALTH_INTERVAL,
+    /// HEALTH_TIMEOUT)`.
+    pub fn web(&self) -> Service {
+        Service::l4("web", self.vip)
+            .backends(&self.backends)
+            .health(probes(HEALTH_INTERVAL, HEALTH_TIMEOUT))
+    }
 
-[admin]
-listen = "{ADMIN}"
+    /// Writes `config` as the daemon's config file.
+    pub fn write(&self, config: &XlbConfig) {
+        config.write(&self.config);
+    }
 
-[[service]]
-name = "web"
-listen = "{vip}"
-mode = "l4"
-backends = [{backends}]
-{service_keys}
-
-[service.health]
-check = "http"
-path = "/health"
-interval = "{interval}ms"
-timeout = "{timeout}ms"
-rise = {RISE}
-fall = {FALL}
-"#,
-            interfaces = list(interfaces.iter().map(ToString::to_string).collect()),
-            pin_path = self.topo.pin_path.display(),
-            vip = self.vip,
-            backends = list(self.backends.iter().map(ToString::to_string).collect()),
-            interval = interval.as_millis(),
-            timeout = timeout.as_millis(),
-        );
-        std::fs::write(&self.config, text)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
+    /// The harness's config on other interfaces or in another XDP mode.
+    pub fn write_config(&self, interfaces: &[&str], xdp_mode: &str) {
+        self.write(&self.config().interfaces(interfaces).xdp_mode(xdp_mode));
     }
 
     /// Starts `app-<i+1>` on its port and waits until it listens.
     pub fn spawn_app(&self, i: usize) -> Proc {
+        self.spawn_app_with(i, &[])
+    }
+
+    /// `spawn_app` with more arguments for the demo backend (e.g. `--log-requests`).
+    pub fn spawn_app_with(&self, i: usize, extra: &[&str]) -> Proc {
         let addr = self.backends[i].to_string();
         let name = format!("app-{}", i + 1);
-        let app = self
-            .topo
-            .spawn_lb(demo_backend_bin(), &["--listen", &addr, "--name", &name]);
+        let mut args = vec!["--listen", &addr, "--name", &name];
+        args.extend(extra);
+        let app = self.topo.spawn_lb(demo_backend_bin(), &args);
         app.wait_for_output(&format!("listening on {addr}"), Duration::from_secs(10));
         app
     }
@@ -563,326 +544,13 @@ impl Drop for Lb {
                     let _ = child.kill();
                     match child.wait() {
                         Ok(status) if status.success() => {}
-                        other => eprintln!("l4: xlb detach: {other:?}"),
+                        other => eprintln!("xlb-tests: xlb detach: {other:?}"),
                     }
                 }
-                Err(e) => eprintln!("l4: running xlb detach: {e}"),
+                Err(e) => eprintln!("xlb-tests: running xlb detach: {e}"),
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("l4: removing {}: {e}", self.dir.display());
-        }
+        crate::remove_tree(&self.dir);
         // Then the backends (Proc drops) and the topology (namespaces, leftover pins).
     }
-}
-
-/// Bounds the background load of `under_load`, whatever happens to the test.
-pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
-
-/// Results of the background load: requests that succeeded, per backend, and the failures.
-#[derive(Debug, Default)]
-pub struct Load {
-    pub ok: usize,
-    pub served: [usize; BACKENDS],
-    pub failures: Vec<String>,
-}
-
-/// Runs `during` while two client threads send one short connection (`GET /`, HTTP/1.0) after
-/// another through the VIP; returns its result and what the load saw.
-pub fn under_load<T: Send>(lb: &Lb, during: impl FnOnce() -> T + Send) -> (T, Load) {
-    let stop = AtomicBool::new(false);
-    let vip = lb.vip;
-    std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..2)
-            .map(|_| {
-                let stop = &stop;
-                scope.spawn(move || {
-                    lb.topo.in_client(|| {
-                        let mut load = Load::default();
-                        let start = Instant::now();
-                        while !stop.load(Ordering::Relaxed) && start.elapsed() < LOAD_LIMIT {
-                            match http_get(vip, "/", IO_TIMEOUT) {
-                                Ok(r) if r.status == 200 => {
-                                    load.ok += 1;
-                                    load.served[app_index(&r.body)] += 1;
-                                }
-                                Ok(r) => load.failures.push(format!("HTTP {}", r.status)),
-                                Err(e) => load.failures.push(e.to_string()),
-                            }
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        load
-                    })
-                })
-            })
-            .collect();
-        // Some load before, so that every backend carries connections when the rollout starts.
-        std::thread::sleep(Duration::from_millis(300));
-        let result = during();
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        let mut total = Load::default();
-        for c in clients {
-            let load = c.join().expect("a load thread panicked");
-            total.ok += load.ok;
-            for i in 0..BACKENDS {
-                total.served[i] += load.served[i];
-            }
-            total.failures.extend(load.failures);
-        }
-        (result, total)
-    })
-}
-
-/// A connection through the VIP kept open between keep-alive requests.
-pub struct Held {
-    pub stream: TcpStream,
-    /// Index of the backend that answered the first request.
-    pub backend: usize,
-}
-
-impl Held {
-    /// `GET /` (HTTP/1.1, keep-alive) on this connection; the index of the backend answering.
-    pub fn request(&mut self) -> usize {
-        let peer = self.stream.peer_addr().expect("connected");
-        self.stream
-            .write_all(format!("GET / HTTP/1.1\r\nHost: {peer}\r\n\r\n").as_bytes())
-            .unwrap_or_else(|e| panic!("sending a request on a held connection to {peer}: {e}"));
-        let body = read_response(&self.stream)
-            .unwrap_or_else(|e| panic!("reading on a held connection to {peer}: {e}"));
-        app_index(&body)
-    }
-
-    pub fn local_port(&self) -> u16 {
-        self.stream.local_addr().unwrap().port()
-    }
-
-    /// Closes with an RST instead of a FIN (SO_LINGER 0).
-    pub fn reset(self) {
-        SockRef::from(&self.stream)
-            .set_linger(Some(Duration::ZERO))
-            .expect("SO_LINGER 0");
-    }
-}
-
-/// Reads one keep-alive response (Content-Length framed); returns its body.
-pub fn read_response(stream: &TcpStream) -> std::io::Result<String> {
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line)?;
-    if !status_line.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!(
-            "unexpected status line {status_line:?}"
-        )));
-    }
-    let mut length = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::other(
-                "connection closed inside the response head",
-            ));
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':').unwrap_or((line, ""));
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value.trim().parse::<usize>().ok();
-        }
-        if name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close") {
-            return Err(std::io::Error::other(
-                "the server closes a keep-alive connection",
-            ));
-        }
-    }
-    let length = length.ok_or_else(|| std::io::Error::other("response without Content-Length"))?;
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    // Nothing else is in flight on this connection, so the reader buffered nothing more.
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-/// `served by app-N` → N-1.
-pub fn app_index(body: &str) -> usize {
-    body.trim()
-        .strip_prefix("served by app-")
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|n| (1..=BACKENDS).contains(n))
-        .map(|n| n - 1)
-        .unwrap_or_else(|| panic!("unexpected body {body:?}"))
-}
-
-/// Runs a command that must finish within `COMMAND_TIMEOUT`, owned by a `Proc` (killed if
-/// the test fails first); its exit status and output (stdout and stderr, interleaved).
-pub fn run(cmd: Command, label: &str) -> (ExitStatus, String) {
-    Proc::spawn(cmd, label).wait_with_output(COMMAND_TIMEOUT)
-}
-
-/// `run`, asserting that the command succeeds; its output.
-pub fn run_ok(cmd: Command, label: &str) -> String {
-    let (status, output) = run(cmd, label);
-    assert!(status.success(), "{label} failed ({status}): {output}");
-    output
-}
-
-pub fn link_show(topo: &Topology) -> String {
-    let mut cmd = Command::new("ip");
-    cmd.args(["-n", &topo.lb_ns, "link", "show", &topo.lb_if]);
-    run_ok(cmd, "ip link show")
-}
-
-/// Whether the lb end of the veth has an XDP program (native `xdp` or generic `xdpgeneric`).
-pub fn xdp_attached(topo: &Topology) -> bool {
-    link_show(topo).contains("xdp")
-}
-
-/// An IPv4 TCP SYN with correct IP and TCP checksums and no options.
-pub fn syn_packet(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
-    let mut p = [0u8; 40];
-    p[0] = 0x45; // version 4, 5-word header
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[4..6].copy_from_slice(&src.port().to_be_bytes()); // identification
-    p[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
-    p[8] = 64; // TTL
-    p[9] = 6; // TCP
-    p[12..16].copy_from_slice(&src.ip().octets());
-    p[16..20].copy_from_slice(&dst.ip().octets());
-    let ip_check = checksum(&p[..20]);
-    p[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    {
-        let tcp = &mut p[20..];
-        tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
-        tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-        tcp[12] = 5 << 4; // data offset
-        tcp[13] = 0x02; // SYN
-        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    }
-    let mut pseudo = Vec::with_capacity(12 + 20);
-    pseudo.extend_from_slice(&src.ip().octets());
-    pseudo.extend_from_slice(&dst.ip().octets());
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(&p[20..]);
-    let tcp_check = checksum(&pseudo);
-    p[36..38].copy_from_slice(&tcp_check.to_be_bytes());
-    p
-}
-
-/// The Internet checksum (RFC 1071) of `data`, with the checksum field zeroed.
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Backends started by the restart script, killed when the test ends (they are not `Proc`s).
-pub struct Restarted(pub PathBuf);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        for i in 1..=BACKENDS {
-            let Ok(pid) = std::fs::read_to_string(self.0.join(format!("app-{i}.pid"))) else { continue };
-            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
-            // Only if it still is one of ours: the pid may be a reaped `Proc`'s, reused since.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("xlb-demo-backend") {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-/// `restart.sh N` in `lb.dir`: restarts app-N on port 800N in the lb namespace, like
-/// `systemctl restart app@N`: SIGTERM to the pid in `app-N.pid`, wait until the port is free,
-/// start a new demo backend there and wait until it listens. Writes the current pids first.
-pub fn write_restart_script(lb: &Lb) -> PathBuf {
-    let script = lb.dir.join("restart.sh");
-    let ip = lb.backends[0].ip();
-    let text = format!(
-        r#"#!/bin/sh
-# restart.sh N: restart app-N on port 800N, like `systemctl restart app@N`.
-set -eu
-i=$1
-dir={dir}
-pid=$(cat "$dir/app-$i.pid")
-kill -TERM "$pid"
-n=0
-while ss -Htln "sport = :800$i" | grep -q .; do
-    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not stop" >&2; exit 1; }}
-    sleep 0.05
-done
-setsid {demo} --listen {ip}:800$i --name app-$i >"$dir/app-$i.log" 2>&1 </dev/null &
-echo $! >"$dir/app-$i.pid"
-n=0
-until grep -qs "listening on" "$dir/app-$i.log"; do
-    n=$((n + 1)); [ $n -lt 200 ] || {{ echo "app-$i did not start" >&2; exit 1; }}
-    sleep 0.05
-done
-echo "app-$i restarted as pid $(cat "$dir/app-$i.pid")"
-"#,
-        dir = lb.dir.display(),
-        demo = demo_backend_bin().display(),
-    );
-    std::fs::write(&script, text).unwrap();
-    let mut chmod = Command::new("chmod");
-    chmod.arg("755").arg(&script);
-    run_ok(chmod, "chmod");
-    for (i, app) in lb.apps.iter().enumerate() {
-        let pid = app.as_ref().expect("the backend runs").pid();
-        std::fs::write(lb.dir.join(format!("app-{}.pid", i + 1)), pid.to_string()).unwrap();
-    }
-    script
-}
-
-pub fn app_pids(dir: &std::path::Path) -> Vec<String> {
-    (1..=BACKENDS)
-        .map(|i| std::fs::read_to_string(dir.join(format!("app-{i}.pid"))).unwrap().trim().to_owned())
-        .collect()
-}
-
-/// `xlb run` on listening sockets passed the way systemd passes them (`LISTEN_FDS`,
-/// `LISTEN_PID`, `LISTEN_FDNAMES` = `names`), as fds 3, 4, … in the order of `sockets`. The
-/// sockets stay open in the test, as systemd holds them for xlb.socket.
-pub fn socket_activated(lb: &Lb, sockets: &[std::net::TcpListener], names: &str) -> Command {
-    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-    let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
-    let mut cmd = lb.topo.lb("sh");
-    // systemd sets LISTEN_PID to the pid it execs; `exec` keeps the shell's.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(xlb_bin())
-        .args(["run", "--config"])
-        .arg(&lb.config)
-        .env("LISTEN_FDS", fds.len().to_string())
-        .env("LISTEN_FDNAMES", names);
-    assert!(fds.len() <= 8, "at most 8 passed sockets");
-    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec; the fds are
-    // first moved above 100, so that placing them at 3, 4, … overwrites none still to come.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut high = [0; 8];
-            for (h, &fd) in high.iter_mut().zip(&fds) {
-                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 100);
-                if *h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (i, &h) in high.iter().take(fds.len()).enumerate() {
-                if nix::libc::dup2(h, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
