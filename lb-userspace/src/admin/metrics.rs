@@ -5,7 +5,7 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet},
     metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
-    registry::{Registry, Unit},
+    registry::{Metric, Registry, Unit},
 };
 
 use crate::status::{BackendState, Status};
@@ -68,25 +68,28 @@ impl Collector for InterfaceInfo {
 /// The OpenMetrics exposition of one status snapshot. A fresh registry per scrape keeps the
 /// output exactly in step with the snapshot: backends that left the config leave the metrics.
 pub(super) fn encode(status: &Status) -> Result<String, std::fmt::Error> {
-    let live = Family::<BackendLabels, Gauge>::default();
-    let total = Family::<BackendLabels, Counter>::default();
-    let failed = Family::<BackendLabels, Counter>::default();
-    let up = Family::<StateLabels, Gauge>::default();
-    let probe = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
-    let handshakes = Family::<HandshakeLabels, Counter>::default();
-    let responses = Family::<ResponseLabels, Counter>::default();
-    let retries = Family::<ServiceLabels, Counter>::default();
-    let not_after = Family::<ServiceLabels, Gauge>::default();
-    let expires_in = Family::<ServiceLabels, Gauge>::default();
-    let acme_failures = Family::<ServiceLabels, Gauge>::default();
-    let acme_renewed = Family::<ServiceLabels, Gauge>::default();
+    let mut registry = Registry::default();
+    // Exported in this order; the names, labels and HELP texts are what dashboards and alert
+    // rules query.
+    let live: Family<BackendLabels, Gauge> = register(&mut registry, "xlb_backend_live_connections", "Connections open to the backend now", None);
+    let total: Family<BackendLabels, Counter> = register(&mut registry, "xlb_backend_connections", "Connections sent to the backend by the data path", None);
+    let failed: Family<BackendLabels, Counter> = register(&mut registry, "xlb_backend_failed_connections", "New connections the backend refused or never answered (passive health)", None);
+    let up: Family<StateLabels, Gauge> = register(&mut registry, "xlb_backend_up", "1 for the backend's current state (up, down, draining or failed), 0 for the others", None);
+    let probe: Family<BackendLabels, Gauge<f64, AtomicU64>> = register(&mut registry, "xlb_backend_probe_duration", "Duration of the last health probe of the backend", Some(Unit::Seconds));
+    let handshakes: Family<HandshakeLabels, Counter> = register(&mut registry, "xlb_tls_handshakes", "TLS handshakes of an https service: full, resumed (session ticket or cache) or failed", None);
+    let responses: Family<ResponseLabels, Counter> = register(&mut registry, "xlb_http_responses", "HTTP responses of an https or redirect service, by status class", None);
+    let retries: Family<ServiceLabels, Counter> = register(&mut registry, "xlb_http_retries", "Requests of an https service sent again to another backend after a failure", None);
+    let not_after: Family<ServiceLabels, Gauge> = register(&mut registry, "xlb_certificate_not_after", "notAfter of the https service's certificate that expires first (Unix time)", Some(Unit::Seconds));
+    let expires_in: Family<ServiceLabels, Gauge> = register(&mut registry, "xlb_certificate_expiry", "Time left until the https service's first certificate expires (negative once expired)", Some(Unit::Seconds));
+    let acme_failures: Family<ServiceLabels, Gauge> = register(&mut registry, "xlb_acme_renewal_failures", "Failed ACME attempts in a row for the service's certificate (0 once one succeeds)", None);
+    let acme_renewed: Family<ServiceLabels, Gauge> = register(&mut registry, "xlb_acme_last_renewal", "When this daemon last obtained the service's certificate from its ACME CA (Unix time)", Some(Unit::Seconds));
     for service in &status.services {
+        let service_labels = ServiceLabels { service: service.name.clone() };
         if let Some(a) = &service.acme {
-            let labels = ServiceLabels { service: service.name.clone() };
-            acme_failures.get_or_create(&labels).set(i64::from(a.failures));
+            acme_failures.get_or_create(&service_labels).set(i64::from(a.failures));
             let renewed = a.last_renewal.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok());
             if let Some(at) = renewed.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
-                acme_renewed.get_or_create(&labels).set(saturating_i64(at.as_secs()));
+                acme_renewed.get_or_create(&service_labels).set(saturating_i64(at.as_secs()));
             }
         }
         if let Some(h) = &service.https {
@@ -98,10 +101,10 @@ pub(super) fn encode(status: &Status) -> Result<String, std::fmt::Error> {
             for (class, n) in [("1xx", r.c1xx), ("2xx", r.c2xx), ("3xx", r.c3xx), ("4xx", r.c4xx), ("5xx", r.c5xx)] {
                 responses.get_or_create(&ResponseLabels { service: s(), class }).inc_by(n);
             }
-            retries.get_or_create(&ServiceLabels { service: s() }).inc_by(h.retries);
+            retries.get_or_create(&service_labels).inc_by(h.retries);
             if let (Some(at), Some(left)) = (h.cert_not_after, h.cert_expires_in_seconds) {
-                not_after.get_or_create(&ServiceLabels { service: s() }).set(at);
-                expires_in.get_or_create(&ServiceLabels { service: s() }).set(left);
+                not_after.get_or_create(&service_labels).set(at);
+                expires_in.get_or_create(&service_labels).set(left);
             }
         }
         for backend in &service.backends {
@@ -109,14 +112,9 @@ pub(super) fn encode(status: &Status) -> Result<String, std::fmt::Error> {
                 service: service.name.clone(),
                 backend: backend.address.clone(),
             };
-            live.get_or_create(&labels)
-                .set(saturating_i64(backend.live_connections));
-            total
-                .get_or_create(&labels)
-                .inc_by(backend.total_connections);
-            failed
-                .get_or_create(&labels)
-                .inc_by(backend.failed_connections);
+            live.get_or_create(&labels).set(saturating_i64(backend.live_connections));
+            total.get_or_create(&labels).inc_by(backend.total_connections);
+            failed.get_or_create(&labels).inc_by(backend.failed_connections);
             for (state, name) in [
                 (BackendState::Up, "up"),
                 (BackendState::Down, "down"),
@@ -128,79 +126,13 @@ pub(super) fn encode(status: &Status) -> Result<String, std::fmt::Error> {
                     backend: labels.backend.clone(),
                     state: name,
                 };
-                up.get_or_create(&labels)
-                    .set(i64::from(backend.state == state));
+                up.get_or_create(&labels).set(i64::from(backend.state == state));
             }
             if let Some(ms) = backend.last_probe_ms {
                 probe.get_or_create(&labels).set(ms / 1000.0);
             }
         }
     }
-    let mut registry = Registry::default();
-    registry.register(
-        "xlb_backend_live_connections",
-        "Connections open to the backend now",
-        live,
-    );
-    registry.register(
-        "xlb_backend_connections",
-        "Connections sent to the backend by the data path",
-        total,
-    );
-    registry.register(
-        "xlb_backend_failed_connections",
-        "New connections the backend refused or never answered (passive health)",
-        failed,
-    );
-    registry.register(
-        "xlb_backend_up",
-        "1 for the backend's current state (up, down, draining or failed), 0 for the others",
-        up,
-    );
-    registry.register_with_unit(
-        "xlb_backend_probe_duration",
-        "Duration of the last health probe of the backend",
-        Unit::Seconds,
-        probe,
-    );
-    registry.register(
-        "xlb_tls_handshakes",
-        "TLS handshakes of an https service: full, resumed (session ticket or cache) or failed",
-        handshakes,
-    );
-    registry.register(
-        "xlb_http_responses",
-        "HTTP responses of an https or redirect service, by status class",
-        responses,
-    );
-    registry.register(
-        "xlb_http_retries",
-        "Requests of an https service sent again to another backend after a failure",
-        retries,
-    );
-    registry.register_with_unit(
-        "xlb_certificate_not_after",
-        "notAfter of the https service's certificate that expires first (Unix time)",
-        Unit::Seconds,
-        not_after,
-    );
-    registry.register_with_unit(
-        "xlb_certificate_expiry",
-        "Time left until the https service's first certificate expires (negative once expired)",
-        Unit::Seconds,
-        expires_in,
-    );
-    registry.register(
-        "xlb_acme_renewal_failures",
-        "Failed ACME attempts in a row for the service's certificate (0 once one succeeds)",
-        acme_failures,
-    );
-    registry.register_with_unit(
-        "xlb_acme_last_renewal",
-        "When this daemon last obtained the service's certificate from its ACME CA (Unix time)",
-        Unit::Seconds,
-        acme_renewed,
-    );
     let dataplane = &status.dataplane;
     let interfaces = dataplane
         .interfaces
@@ -211,37 +143,30 @@ pub(super) fn encode(status: &Status) -> Result<String, std::fmt::Error> {
         })
         .collect();
     registry.register_collector(Box::new(InterfaceInfo(interfaces)));
-    let gauge = |value: u64| {
-        let gauge = Gauge::<i64>::default();
-        gauge.set(saturating_i64(value));
-        gauge
-    };
-    registry.register(
-        "xlb_flows",
-        "Flows in the connection-tracking table",
-        gauge(dataplane.flows),
-    );
-    registry.register(
-        "xlb_flows_max",
-        "Capacity of the connection-tracking table",
-        gauge(dataplane.max_flows),
-    );
+    register::<Gauge>(&mut registry, "xlb_flows", "Flows in the connection-tracking table", None).set(saturating_i64(dataplane.flows));
+    register::<Gauge>(&mut registry, "xlb_flows_max", "Capacity of the connection-tracking table", None).set(saturating_i64(dataplane.max_flows));
     for (name, &value) in &dataplane.counters {
-        let counter = Counter::<u64>::default();
-        counter.inc_by(value);
         let name: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        registry.register(
-            format!("xlb_dataplane_{name}"),
-            format!("Data-path counter {name}, summed over CPUs"),
-            counter,
-        );
+        register::<Counter>(&mut registry, format!("xlb_dataplane_{name}"), format!("Data-path counter {name}, summed over CPUs"), None).inc_by(value);
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// Registers an empty metric and hands back a clone to fill: clones of a `Family`, `Gauge` or
+/// `Counter` share their values, so what is set through it is what gets encoded (and a family
+/// left without entries is not exported at all).
+fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: impl Into<String>, help: impl Into<String>, unit: Option<Unit>) -> M {
+    let metric = M::default();
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
 }
 
 fn saturating_i64(value: u64) -> i64 {
