@@ -1,0 +1,573 @@
+//! The `https` service tables: `[service.tls]` (certificate files or ACME), `[service.http]`,
+//! `[service.timeouts]` and `[service.limits]`.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use super::{ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, duration, service::RawService};
+
+/// Everything an `https` service has beyond its backends and health checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Https {
+    pub tls: Tls,
+    pub http: HttpHeaders,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Passive health, as nginx's `max_fails`: this many failed requests within `fail_timeout`
+    /// take a backend out until its probes pass `rise` times. 0 turns passive health off.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+/// Where an `https` service's certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tls {
+    /// PEM files, one pair per certificate; the ClientHello's SNI picks among them, the first
+    /// is the default.
+    Files(Vec<CertFiles>),
+    /// Issued and renewed by xlb's ACME client.
+    Acme(Acme),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// Account contacts, e.g. `mailto:ops@example.com`.
+    pub contact: Vec<String>,
+    pub domains: Vec<String>,
+    /// An extra trusted root (PEM) for a private ACME server such as Pebble.
+    pub ca: Option<PathBuf>,
+    /// HTTP-01 (through a `redirect` service on port 80) or TLS-ALPN-01 (on this listener).
+    pub challenge: ChallengeKind,
+    /// Renew when the certificate has less than this left.
+    pub renew_before: Duration,
+}
+
+
+/// Response headers an `https` service adds (`None`: not added). Set by `[service.http]`; an
+/// empty string there turns a header off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpHeaders {
+    /// `X-Backend-Server: <address>`.
+    pub backend_header: bool,
+    pub hsts: Option<String>,
+    pub frame_options: Option<String>,
+    pub content_type_options: Option<String>,
+    pub referrer_policy: Option<String>,
+}
+
+impl Default for HttpHeaders {
+    fn default() -> Self {
+        HttpHeaders {
+            backend_header: true,
+            hsts: Some("max-age=31536000; includeSubDomains".into()),
+            frame_options: Some("SAMEORIGIN".into()),
+            content_type_options: Some("nosniff".into()),
+            referrer_policy: Some("strict-origin-when-cross-origin".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept to a finished TLS handshake.
+    pub handshake: Duration,
+    /// From the first byte of a request head (or the end of the previous request on a
+    /// keep-alive connection) to its last.
+    pub request_header: Duration,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    pub idle: Duration,
+    /// Connecting to a backend.
+    pub backend_connect: Duration,
+    /// From sending a request to a backend to its response head.
+    pub backend_response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            request_header: Duration::from_secs(30),
+            idle: Duration::from_secs(75),
+            backend_connect: Duration::from_secs(3),
+            backend_response: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of one request head (request line and headers); more is answered 431.
+    pub max_header_bytes: usize,
+    /// Headers in one request; more is answered 431.
+    pub max_headers: usize,
+    /// Bytes of one request body; more is answered 413. `None`: unlimited.
+    pub max_body_bytes: Option<u64>,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: None,
+            max_connections: 10_000,
+            h2_max_streams: 128,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    certs: Option<Spanned<Vec<RawCertPair>>>,
+    acme: Option<Spanned<RawAcme>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertPair {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: Spanned<String>,
+    contact: Option<Spanned<StringOrList>>,
+    domains: Spanned<Vec<Spanned<String>>>,
+    ca: Option<Spanned<String>>,
+    challenge: Option<Spanned<String>>,
+    renew_before: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    backend_header: Option<bool>,
+    hsts: Option<Spanned<String>>,
+    frame_options: Option<Spanned<String>>,
+    content_type_options: Option<Spanned<String>>,
+    referrer_policy: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    handshake: Option<Spanned<String>>,
+    request_header: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+    backend_connect: Option<Spanned<String>>,
+    backend_response: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    max_header_bytes: Option<Spanned<i64>>,
+    max_headers: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    h2_max_streams: Option<Spanned<i64>>,
+}
+
+
+/// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
+/// proxy's failures).
+pub(super) fn parse_https(
+    src: &Source,
+    raw: &RawService,
+    what: &str,
+    max_fails: u32,
+    fail_timeout: Duration,
+) -> Result<Https, ConfigError> {
+    let Some(tls) = &raw.tls else {
+        return Err(src.at(
+            &raw.name,
+            format!(
+                "{what}: mode \"https\" needs a [service.tls] table with cert and key (PEM files) \
+                 or acme = {{ directory, contact, domains }}"
+            ),
+        ));
+    };
+    let tls = parse_tls(src, tls, what)?;
+    let mut http = HttpHeaders::default();
+    if let Some(raw) = &raw.http {
+        let raw = raw.get_ref();
+        if let Some(b) = raw.backend_header {
+            http.backend_header = b;
+        }
+        for (value, key, slot) in [
+            (&raw.hsts, "hsts", &mut http.hsts),
+            (&raw.frame_options, "frame_options", &mut http.frame_options),
+            (&raw.content_type_options, "content_type_options", &mut http.content_type_options),
+            (&raw.referrer_policy, "referrer_policy", &mut http.referrer_policy),
+        ] {
+            let Some(value) = value else { continue };
+            let v = value.get_ref();
+            if v.is_empty() {
+                *slot = None;
+            } else if hyper::header::HeaderValue::from_str(v).is_err() || !v.is_ascii() {
+                return Err(src.at(
+                    value,
+                    format!(
+                        "{what} http.{key} \"{}\": not a valid header value; use printable ASCII \
+                         only (\"\" leaves the header out)",
+                        v.escape_debug()
+                    ),
+                ));
+            } else {
+                *slot = Some(v.clone());
+            }
+        }
+    }
+    let mut timeouts = Timeouts::default();
+    if let Some(raw) = &raw.timeouts {
+        let raw = raw.get_ref();
+        for (value, key, slot) in [
+            (&raw.handshake, "handshake", &mut timeouts.handshake),
+            (&raw.request_header, "request_header", &mut timeouts.request_header),
+            (&raw.idle, "idle", &mut timeouts.idle),
+            (&raw.backend_connect, "backend_connect", &mut timeouts.backend_connect),
+            (&raw.backend_response, "backend_response", &mut timeouts.backend_response),
+        ] {
+            let Some(value) = value else { continue };
+            let key = format!("{what} timeouts.{key}");
+            let d = duration(src, value, &key)?;
+            if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+                return Err(src.at(
+                    value,
+                    format!("{key} \"{}\": out of range; use more than 0 and at most 24h", value.get_ref()),
+                ));
+            }
+            *slot = d;
+        }
+    }
+    let mut limits = Limits::default();
+    if let Some(raw) = &raw.limits {
+        let raw = raw.get_ref();
+        let int = |value: &Spanned<i64>, key: &str, range: std::ops::RangeInclusive<i64>, unit: &str| {
+            let v = *value.get_ref();
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(src.at(
+                    value,
+                    format!(
+                        "{what} limits.{key} = {v}: out of range; use {}..={} {unit}",
+                        range.start(),
+                        range.end()
+                    ),
+                ))
+            }
+        };
+        if let Some(v) = &raw.max_header_bytes {
+            // hyper's smallest read buffer is 8 KiB.
+            limits.max_header_bytes = int(v, "max_header_bytes", 8192..=1 << 20, "bytes")? as usize;
+        }
+        if let Some(v) = &raw.max_headers {
+            limits.max_headers = int(v, "max_headers", 1..=1000, "headers")? as usize;
+        }
+        if let Some(v) = &raw.max_body_bytes {
+            limits.max_body_bytes = Some(int(v, "max_body_bytes", 0..=i64::MAX, "bytes")? as u64);
+        }
+        if let Some(v) = &raw.max_connections {
+            limits.max_connections = int(v, "max_connections", 1..=1_000_000, "connections")? as usize;
+        }
+        if let Some(v) = &raw.h2_max_streams {
+            limits.h2_max_streams = int(v, "h2_max_streams", 1..=10_000, "streams")? as u32;
+        }
+    }
+    Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
+}
+
+fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, ConfigError> {
+    let t = raw.get_ref();
+    let path = |value: &Spanned<String>, key: &str| -> Result<PathBuf, ConfigError> {
+        let p = Path::new(value.get_ref());
+        if p.is_absolute() {
+            Ok(p.to_owned())
+        } else {
+            Err(src.at(
+                value,
+                format!(
+                    "{what} tls.{key} \"{}\": not an absolute path; write the full path, e.g. \
+                     \"/etc/xlb/site.crt\"",
+                    value.get_ref()
+                ),
+            ))
+        }
+    };
+    let forms = [t.cert.is_some() || t.key.is_some(), t.certs.is_some(), t.acme.is_some()];
+    if forms.iter().filter(|&&f| f).count() != 1 {
+        return Err(src.at(
+            raw,
+            format!(
+                "{what} [service.tls]: give exactly one of cert + key, certs = [{{ cert, key }}, ...] \
+                 or acme = {{ directory, contact, domains }}"
+            ),
+        ));
+    }
+    if let Some(acme) = &t.acme {
+        let a = acme.get_ref();
+        let dir = a.directory.get_ref();
+        if !dir.starts_with("https://") || dir.parse::<hyper::Uri>().is_err() {
+            return Err(src.at(
+                &a.directory,
+                format!(
+                    "{what} tls.acme.directory \"{dir}\": not an https:// URL; use e.g. \
+                     \"https://acme-v02.api.letsencrypt.org/directory\""
+                ),
+            ));
+        }
+        let contact = match a.contact.as_ref().map(Spanned::get_ref) {
+            None => Vec::new(),
+            Some(StringOrList::One(c)) => vec![c.clone()],
+            Some(StringOrList::Many(c)) => c.clone(),
+        };
+        if let Some(bad) = contact.iter().find(|c| !c.starts_with("mailto:") || c.len() < 10) {
+            return Err(src.at(
+                a.contact.as_ref().expect("contact given"),
+                format!("{what} tls.acme.contact \"{bad}\": not a mailto: URL; write e.g. \"mailto:ops@example.com\""),
+            ));
+        }
+        if a.domains.get_ref().is_empty() {
+            return Err(src.at(
+                &a.domains,
+                format!("{what} tls.acme.domains is empty; list the names the certificate is for"),
+            ));
+        }
+        let mut domains = Vec::new();
+        for d in a.domains.get_ref() {
+            let name = d.get_ref().to_ascii_lowercase();
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if name.len() > 253 || !name.contains('.') || !name.split('.').all(label_ok) {
+                return Err(src.at(
+                    d,
+                    format!(
+                        "{what} tls.acme.domains: \"{}\" is not a DNS name; write e.g. \"example.com\" \
+                         (no scheme, port or wildcard: HTTP-01 and TLS-ALPN-01 cannot validate wildcards)",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            if domains.contains(&name) {
+                return Err(src.at(d, format!("{what} tls.acme.domains: \"{name}\" is listed twice; remove one")));
+            }
+            domains.push(name);
+        }
+        let ca = a.ca.as_ref().map(|c| path(c, "acme.ca")).transpose()?;
+        let challenge = match a.challenge.as_ref().map(|c| (c, c.get_ref().as_str())) {
+            None | Some((_, "http-01")) => ChallengeKind::Http01,
+            Some((_, "tls-alpn-01")) => ChallengeKind::TlsAlpn01,
+            Some((c, other)) => {
+                return Err(src.at(
+                    c,
+                    format!(
+                        "{what} tls.acme.challenge \"{other}\": use \"http-01\" (answered by a redirect \
+                         service on port 80) or \"tls-alpn-01\" (answered by this service on port 443)"
+                    ),
+                ));
+            }
+        };
+        let renew_before = match &a.renew_before {
+            None => DEFAULT_RENEW_BEFORE,
+            Some(v) => {
+                let d = duration(src, v, &format!("{what} tls.acme.renew_before"))?;
+                if !RENEW_BEFORE_RANGE.contains(&d) {
+                    return Err(src.at(
+                        v,
+                        format!(
+                            "{what} tls.acme.renew_before \"{}\": out of range; use 1h..=365d (e.g. \"30d\", \
+                             renewing a 90-day certificate after 60 days)",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+                d
+            }
+        };
+        return Ok(Tls::Acme(Acme { directory: dir.clone(), contact, domains, ca, challenge, renew_before }));
+    }
+    let mut pairs = Vec::new();
+    if let Some(certs) = &t.certs {
+        if certs.get_ref().is_empty() {
+            return Err(src.at(certs, format!("{what} tls.certs is empty; list at least one {{ cert, key }}")));
+        }
+        for pair in certs.get_ref() {
+            pairs.push(CertFiles { cert: path(&pair.cert, "certs.cert")?, key: path(&pair.key, "certs.key")? });
+        }
+    } else {
+        match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) => pairs.push(CertFiles { cert: path(cert, "cert")?, key: path(key, "key")? }),
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(src.at(
+                    v,
+                    format!("{what} [service.tls]: cert and key go together; give both (PEM files)"),
+                ));
+            }
+            (None, None) => unreachable!("one form is given"),
+        }
+    }
+    Ok(Tls::Files(pairs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{fixtures::*, *};
+
+    #[test]
+    fn https_and_redirect_parse_with_defaults() {
+        let config = parse(HTTPS).unwrap();
+        let [site, http] = &config.services[..] else { panic!() };
+        assert_eq!(site.mode, ServiceMode::Https);
+        let h = site.https.as_ref().unwrap();
+        assert_eq!(
+            h.tls,
+            Tls::Files(vec![CertFiles { cert: "/etc/xlb/site.crt".into(), key: "/etc/xlb/site.key".into() }])
+        );
+        assert_eq!(h.http, HttpHeaders::default());
+        assert_eq!(h.timeouts, Timeouts::default());
+        assert_eq!(h.limits, Limits::default());
+        assert_eq!((h.max_fails, h.fail_timeout), (1, Duration::from_secs(10)));
+        assert_eq!(http.mode, ServiceMode::Redirect);
+        assert!(http.backends.is_empty() && http.https.is_none());
+    }
+
+    #[test]
+    fn https_options_parse() {
+        let text = HTTPS
+            .replace("[service.tls]\n", "max_fails = 3\nfail_timeout = \"30s\"\n[service.tls]\n")
+            .replace(
+                "[service.http]\n",
+                "[service.timeouts]\nhandshake = \"2s\"\nidle = \"5s\"\n\
+                 [service.limits]\nmax_headers = 50\nmax_body_bytes = 1000\n[service.http]\nframe_options = \"\"\n",
+            );
+        let config = parse(&text).unwrap();
+        let h = config.services[0].https.as_ref().unwrap();
+        assert_eq!((h.max_fails, h.fail_timeout), (3, Duration::from_secs(30)));
+        assert_eq!(h.timeouts.handshake, Duration::from_secs(2));
+        assert_eq!(h.timeouts.idle, Duration::from_secs(5));
+        assert_eq!(h.timeouts.backend_connect, Timeouts::default().backend_connect);
+        assert_eq!((h.limits.max_headers, h.limits.max_body_bytes), (50, Some(1000)));
+        assert_eq!(h.http.frame_options, None);
+        assert_eq!(h.http.hsts, HttpHeaders::default().hsts);
+
+        let acme = HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"https://acme.test/dir\", contact = \"mailto:ops@example.com\", domains = [\"Example.com\"], ca = \"/etc/xlb/pebble.pem\" }",
+        );
+        let config = parse(&acme).unwrap();
+        assert_eq!(
+            config.services[0].https.as_ref().unwrap().tls,
+            Tls::Acme(Acme {
+                directory: "https://acme.test/dir".into(),
+                contact: vec!["mailto:ops@example.com".into()],
+                domains: vec!["example.com".into()],
+                ca: Some("/etc/xlb/pebble.pem".into()),
+                challenge: ChallengeKind::Http01,
+                renew_before: Duration::from_secs(30 * 24 * 3600),
+            })
+        );
+        assert_eq!(config.acme.state_dir, Path::new(DEFAULT_ACME_STATE_DIR));
+        let alpn = format!(
+            "{}[acme]\nstate_dir = \"/srv/xlb-acme\"\n",
+            HTTPS.replace(
+                "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+                "acme = { directory = \"https://acme.test/dir\", domains = [\"example.com\"], challenge = \"tls-alpn-01\", renew_before = \"10d\" }",
+            )
+        );
+        let config = parse(&alpn).unwrap();
+        let Tls::Acme(a) = &config.services[0].https.as_ref().unwrap().tls else { panic!() };
+        assert_eq!((a.challenge, a.renew_before), (ChallengeKind::TlsAlpn01, Duration::from_secs(10 * 24 * 3600)));
+        assert_eq!(config.acme.state_dir, Path::new("/srv/xlb-acme"));
+        let several = HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "certs = [{ cert = \"/a.crt\", key = \"/a.key\" }, { cert = \"/b.crt\", key = \"/b.key\" }]",
+        );
+        let config = parse(&several).unwrap();
+        let Tls::Files(files) = &config.services[0].https.as_ref().unwrap().tls else { panic!() };
+        assert_eq!(files.len(), 2);
+    }
+
+    #[test]
+    fn https_errors() {
+        let e = err(&HTTPS.replace("key = \"/etc/xlb/site.key\"\n", ""));
+        assert_eq!(e, "/etc/xlb/xlb.toml:10: service \"site\" [service.tls]: cert and key go together; give both (PEM files)");
+        let e = err(&HTTPS.replace("\"/etc/xlb/site.key\"", "\"site.key\""));
+        assert!(e.contains("tls.key \"site.key\": not an absolute path"), "{e}");
+        let e = err(&HTTPS.replace("hsts = \"max-age=31536000; includeSubDomains\"", "hsts = \"a\\nb\""));
+        assert!(e.contains("http.hsts \"a\\nb\": not a valid header value"), "{e}");
+        let e = err(&HTTPS.replace("[service.http]\n", "[service.limits]\nmax_header_bytes = 100\n[service.http]\n"));
+        assert!(e.ends_with("limits.max_header_bytes = 100: out of range; use 8192..=1048576 bytes"), "{e}");
+        let e = err(&HTTPS.replace("[service.http]\n", "[service.timeouts]\nidle = \"0s\"\n[service.http]\n"));
+        assert!(e.contains("timeouts.idle \"0s\": out of range"), "{e}");
+        let e = err(&HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"http://acme.test/dir\", domains = [\"example.com\"] }",
+        ));
+        assert!(e.contains("tls.acme.directory \"http://acme.test/dir\": not an https:// URL"), "{e}");
+        let e = err(&HTTPS.replace(
+            "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+            "acme = { directory = \"https://acme.test/dir\", domains = [\"*.example.com\"] }",
+        ));
+        assert!(e.contains("is not a DNS name"), "{e}");
+        let acme = |extra: &str| {
+            HTTPS.replace(
+                "cert = \"/etc/xlb/site.crt\"\nkey = \"/etc/xlb/site.key\"",
+                &format!("acme = {{ directory = \"https://acme.test/dir\", domains = [\"example.com\"]{extra} }}"),
+            )
+        };
+        let e = err(&acme(", challenge = \"dns-01\""));
+        assert!(e.contains("tls.acme.challenge \"dns-01\": use \"http-01\""), "{e}");
+        let e = err(&acme(", renew_before = \"5m\""));
+        assert!(e.contains("tls.acme.renew_before \"5m\": out of range; use 1h..=365d"), "{e}");
+        let e = err(&acme(", renew_before = \"soon\""));
+        assert!(e.contains("tls.acme.renew_before \"soon\": not a duration"), "{e}");
+        let e = err(&acme(", renew = \"30d\""));
+        assert!(e.contains("unknown field `renew`"), "{e}");
+        let alone = acme("").replace("mode = \"redirect\"", "mode = \"l4\"\nbackends = [\"203.0.113.10:8001\"]");
+        let e = err(&alone);
+        assert!(e.contains("service \"site\" gets its certificate by ACME HTTP-01"), "{e}");
+        assert!(e.contains("add one listening on port 80"), "{e}");
+        parse(&alone.replace("domains = [\"example.com\"]", "domains = [\"example.com\"], challenge = \"tls-alpn-01\"")).unwrap();
+        let e = err(&format!("{}[acme]\nstate_dir = \"acme\"\n", acme("")));
+        assert!(e.contains("acme.state_dir \"acme\": not an absolute path"), "{e}");
+        let e = err(&format!("{HTTPS}backends = [\"203.0.113.10:8001\"]\n"));
+        assert!(e.contains("\"redirect\" service answers every request itself"), "{e}");
+    }
+}
