@@ -6,10 +6,9 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
-use serde_spanned::Spanned;
+use serde::{Deserialize, Deserializer};
 
-use super::{ConfigError, Source};
+use super::from_str_with;
 
 /// Renew this long before a certificate ends (Let's Encrypt's 90-day certificates are then
 /// renewed after 60 days, as certbot does), or after two thirds of a shorter lifetime.
@@ -40,9 +39,11 @@ impl fmt::Display for ChallengeKind {
 }
 
 /// The top-level `[acme]` table, shared by every service whose certificate comes from ACME.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AcmeSection {
     /// Accounts (`account.json`) and each service's certificate and key (`<service>/`).
+    #[serde(deserialize_with = "state_dir")]
     pub state_dir: PathBuf,
 }
 
@@ -59,26 +60,15 @@ pub const DEFAULT_ACME_STATE_DIR: &str = "/var/lib/xlb/acme";
 pub(super) const RENEW_BEFORE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(3600)..=Duration::from_secs(365 * 24 * 3600);
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawAcmeSection {
-    state_dir: Option<Spanned<String>>,
-}
-
-pub(super) fn parse_acme_section(src: &Source, raw: Spanned<RawAcmeSection>) -> Result<AcmeSection, ConfigError> {
-    let Some(dir) = &raw.get_ref().state_dir else {
-        return Ok(AcmeSection::default());
-    };
-    let path = Path::new(dir.get_ref());
-    if !path.is_absolute() || path.as_os_str().len() <= 1 {
-        return Err(src.at(
-            dir,
-            format!(
-                "acme.state_dir \"{}\": not an absolute path of a directory; write the full path, e.g. \
-                 \"{DEFAULT_ACME_STATE_DIR}\"",
-                dir.get_ref()
-            ),
-        ));
-    }
-    Ok(AcmeSection { state_dir: path.to_owned() })
+fn state_dir<'de, D: Deserializer<'de>>(de: D) -> Result<PathBuf, D::Error> {
+    from_str_with(de, |dir| {
+        let path = Path::new(dir);
+        if !path.is_absolute() || path.as_os_str().len() <= 1 {
+            return Err(format!(
+                "acme.state_dir \"{dir}\": not an absolute path of a directory; write the full path, e.g. \
+                 \"{DEFAULT_ACME_STATE_DIR}\""
+            ));
+        }
+        Ok(path.to_owned())
+    })
 }

@@ -1,44 +1,39 @@
 //! `[admin]`: where the admin API listens.
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Deserialize;
-use serde_spanned::Spanned;
+use serde::{Deserialize, Deserializer};
 
-use super::{ConfigError, Source, socket_addr};
+use super::{from_str_with, parse_socket_addr};
 
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
 
-
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Admin {
+    #[serde(deserialize_with = "listen")]
     pub listen: SocketAddr,
 }
 
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawAdmin {
-    listen: Option<Spanned<String>>,
+impl Default for Admin {
+    fn default() -> Admin {
+        Admin { listen: DEFAULT_ADMIN_LISTEN }
+    }
 }
 
-pub(super) fn parse_admin(src: &Source, raw: RawAdmin) -> Result<Admin, ConfigError> {
-    let Some(listen) = raw.listen else {
-        return Ok(Admin {
-            listen: DEFAULT_ADMIN_LISTEN,
-        });
-    };
-    let addr = socket_addr(src, &listen, "admin.listen", "127.0.0.1:9100")?;
-    if !addr.ip().is_loopback() {
-        return Err(src.at(
-            &listen,
-            format!(
+/// The admin API has no authentication: loopback only.
+fn listen<'de, D: Deserializer<'de>>(de: D) -> Result<SocketAddr, D::Error> {
+    from_str_with(de, |text| {
+        let addr = parse_socket_addr(text, "admin.listen", "127.0.0.1:9100")?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
                 "admin.listen \"{addr}\" is not a loopback address; the admin API has no \
                  authentication, so it only listens on 127.0.0.1 or [::1] (e.g. \"127.0.0.1:{}\")",
                 addr.port()
-            ),
-        ));
-    }
-    Ok(Admin { listen: addr })
+            ));
+        }
+        Ok(addr)
+    })
 }
 
 #[cfg(test)]

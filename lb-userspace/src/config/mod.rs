@@ -33,8 +33,6 @@ pub use dataplane::{DEFAULT_PIN_PATH, Dataplane, XdpMode};
 pub use https::{Acme, CertFiles, HttpHeaders, Https, Limits, Timeouts, Tls};
 pub use service::{CheckKind, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, Health, MAX_PASSIVE_DURATION, Service, ServiceMode};
 use {
-    acme::{RawAcmeSection, parse_acme_section},
-    admin::{RawAdmin, parse_admin},
     alerts::{RawAlerts, parse_alerts},
     dataplane::{RawDataplane, parse_dataplane},
     service::{RawService, parse_services},
@@ -92,11 +90,12 @@ impl fmt::Display for ConfigError {
 struct RawConfig {
     dataplane: Option<RawDataplane>,
     #[serde(default)]
-    admin: RawAdmin,
+    admin: Admin,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     alerts: Option<Spanned<RawAlerts>>,
-    acme: Option<Spanned<RawAcmeSection>>,
+    #[serde(default)]
+    acme: AcmeSection,
 }
 
 /// The file being validated: turns byte offsets into line numbers for errors.
@@ -128,6 +127,10 @@ impl Source<'_> {
     }
 
     fn toml(&self, err: &toml::de::Error) -> ConfigError {
+        let line = err.span().map(|span| self.line(span.start));
+        if let Some(message) = err.message().strip_prefix(OWN_ERROR) {
+            return self.error(line, message);
+        }
         // toml's messages span several lines (`expected ..., found ...`); one line reads better
         // after the `path:line:` prefix.
         let mut message = err
@@ -138,7 +141,6 @@ impl Source<'_> {
             .collect::<Vec<_>>()
             .join("; ");
         message = message.replace("expected i64", "expected an integer");
-        let line = err.span().map(|span| self.line(span.start));
         // toml's messages name neither the key nor the table; quoting the line does.
         let code = line
             .and_then(|l| self.text.lines().nth(l - 1))
@@ -184,17 +186,15 @@ impl Config {
             )
         })?;
         let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
-        let admin = parse_admin(&src, raw.admin)?;
         let (services, backend_lines) = parse_services(&src, raw.services)?;
         let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
-        let acme = raw.acme.map(|a| parse_acme_section(&src, a)).transpose()?.unwrap_or_default();
         Ok(Config {
             path: path.to_owned(),
             dataplane,
-            admin,
+            admin: raw.admin,
             services,
             alerts,
-            acme,
+            acme: raw.acme,
             lines: Lines {
                 interfaces: interface_lines,
                 backends: backend_lines,
@@ -222,8 +222,12 @@ fn socket_addr(
     key: &str,
     example: &str,
 ) -> Result<SocketAddr, ConfigError> {
-    let text = value.get_ref();
-    let fail = |problem: String| Err(src.at(value, format!("{key} \"{text}\": {problem}")));
+    parse_socket_addr(value.get_ref(), key, example).map_err(|message| src.at(value, message))
+}
+
+/// `socket_addr` on a bare string: the message names `key` and shows `example`.
+fn parse_socket_addr(text: &str, key: &str, example: &str) -> Result<SocketAddr, String> {
+    let fail = |problem: String| Err(format!("{key} \"{text}\": {problem}"));
     let Ok(addr) = text.parse::<SocketAddr>() else {
         return fail(format!(
             "not an ip:port address; write e.g. \"{example}\" (IPv6 in brackets: \
@@ -254,6 +258,25 @@ fn socket_addr(
     } else {
         Ok(addr)
     }
+}
+
+/// Marks an error raised by a `deserialize_with` helper: its message is already a complete config
+/// message, which `Source::toml` passes on without toml's decorations.
+const OWN_ERROR: char = '\u{1}';
+
+/// A complete config message from inside deserialization; toml puts it on the line of the value
+/// being deserialized.
+fn own_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
+    E::custom(format_args!("{OWN_ERROR}{message}"))
+}
+
+/// The value of a key as a string, turned into `T` by `check` (whose error is the whole message).
+fn from_str_with<'de, D, T>(de: D, check: impl FnOnce(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(de)?;
+    check(&text).map_err(own_error)
 }
 
 #[cfg(test)]
