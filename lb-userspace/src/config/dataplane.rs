@@ -2,10 +2,10 @@
 use std::path::{Path, PathBuf};
 
 use lb_common::flow::DEFAULT_MAX_FLOWS;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_spanned::Spanned;
 
-use super::{ConfigError, Source};
+use super::{from_str_with, own_error, own_error_at};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";
 
@@ -14,49 +14,56 @@ const MAX_FLOWS_RANGE: std::ops::RangeInclusive<i64> = 1024..=(1 << 24);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME_LEN: usize = 15;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Dataplane {
+    #[serde(deserialize_with = "interfaces")]
     pub interfaces: Vec<String>,
+    #[serde(default)]
     pub xdp_mode: XdpMode,
+    #[serde(default = "default_max_flows", deserialize_with = "max_flows")]
     pub max_flows: u32,
+    #[serde(default = "default_pin_path", deserialize_with = "pin_path")]
     pub pin_path: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpMode {
     /// Native (driver) mode where the driver supports it, generic (skb) mode otherwise.
+    #[default]
     Auto,
     Native,
     Generic,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawDataplane {
-    interfaces: Spanned<Vec<Spanned<String>>>,
-    xdp_mode: Option<Spanned<String>>,
-    max_flows: Option<Spanned<i64>>,
-    pin_path: Option<Spanned<String>>,
+impl<'de> Deserialize<'de> for XdpMode {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<XdpMode, D::Error> {
+        from_str_with(de, |mode| match mode {
+            "auto" => Ok(XdpMode::Auto),
+            "native" => Ok(XdpMode::Native),
+            "generic" => Ok(XdpMode::Generic),
+            other => Err(format!(
+                "dataplane.xdp_mode \"{other}\" is not a mode; use \"auto\" (native where \
+                 the driver supports it), \"native\" or \"generic\""
+            )),
+        })
+    }
 }
 
-
-pub(super) fn parse_dataplane(
-    src: &Source,
-    raw: RawDataplane,
-) -> Result<(Dataplane, Vec<usize>), ConfigError> {
-    if raw.interfaces.get_ref().is_empty() {
-        return Err(src.at(
-            &raw.interfaces,
+/// Each name is checked where it is written, so the error names its line.
+fn interfaces<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<Spanned<String>>::deserialize(de)?;
+    if list.is_empty() {
+        return Err(own_error(
             "dataplane.interfaces is empty; list the interfaces that receive traffic for the \
              services, e.g. [\"eth0\"]",
         ));
     }
     let mut interfaces: Vec<String> = Vec::new();
-    let mut lines = Vec::new();
-    for name in raw.interfaces.into_inner() {
+    for name in list {
         let n = name.get_ref();
         if n.is_empty() || n.len() > MAX_IFNAME_LEN || n.contains(['/', ' ', '\0']) {
-            return Err(src.at(
+            return Err(own_error_at(
                 &name,
                 format!(
                     "dataplane.interfaces: \"{n}\" is not a valid interface name (1 to \
@@ -65,69 +72,43 @@ pub(super) fn parse_dataplane(
             ));
         }
         if interfaces.contains(n) {
-            return Err(src.at(
-                &name,
-                format!("dataplane.interfaces: \"{n}\" is listed twice; remove one"),
-            ));
+            return Err(own_error_at(&name, format!("dataplane.interfaces: \"{n}\" is listed twice; remove one")));
         }
-        lines.push(src.line(name.span().start));
         interfaces.push(name.into_inner());
     }
-    let xdp_mode = match &raw.xdp_mode {
-        None => XdpMode::Auto,
-        Some(mode) => match mode.get_ref().as_str() {
-            "auto" => XdpMode::Auto,
-            "native" => XdpMode::Native,
-            "generic" => XdpMode::Generic,
-            other => {
-                return Err(src.at(
-                    mode,
-                    format!(
-                        "dataplane.xdp_mode \"{other}\" is not a mode; use \"auto\" (native where \
-                         the driver supports it), \"native\" or \"generic\""
-                    ),
-                ));
-            }
-        },
-    };
-    let max_flows = match &raw.max_flows {
-        None => DEFAULT_MAX_FLOWS,
-        Some(n) if MAX_FLOWS_RANGE.contains(n.get_ref()) => *n.get_ref() as u32,
-        Some(n) => {
-            return Err(src.at(
-                n,
-                format!(
-                    "dataplane.max_flows {} is out of range; use {}..={} (default {DEFAULT_MAX_FLOWS})",
-                    n.get_ref(),
-                    MAX_FLOWS_RANGE.start(),
-                    MAX_FLOWS_RANGE.end()
-                ),
+    Ok(interfaces)
+}
+
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+
+fn max_flows<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(de)?;
+    if !MAX_FLOWS_RANGE.contains(&n) {
+        return Err(own_error(format!(
+            "dataplane.max_flows {n} is out of range; use {}..={} (default {DEFAULT_MAX_FLOWS})",
+            MAX_FLOWS_RANGE.start(),
+            MAX_FLOWS_RANGE.end()
+        )));
+    }
+    Ok(n as u32)
+}
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_PATH)
+}
+
+fn pin_path<'de, D: Deserializer<'de>>(de: D) -> Result<PathBuf, D::Error> {
+    from_str_with(de, |p| {
+        if !Path::new(p).is_absolute() {
+            return Err(format!(
+                "dataplane.pin_path \"{p}\" is not an absolute path; use a directory on the BPF \
+                 filesystem such as \"{DEFAULT_PIN_PATH}\""
             ));
         }
-    };
-    let pin_path = match &raw.pin_path {
-        None => PathBuf::from(DEFAULT_PIN_PATH),
-        Some(p) if Path::new(p.get_ref()).is_absolute() => PathBuf::from(p.get_ref()),
-        Some(p) => {
-            return Err(src.at(
-                p,
-                format!(
-                    "dataplane.pin_path \"{}\" is not an absolute path; use a directory on the BPF \
-                     filesystem such as \"{DEFAULT_PIN_PATH}\"",
-                    p.get_ref()
-                ),
-            ));
-        }
-    };
-    Ok((
-        Dataplane {
-            interfaces,
-            xdp_mode,
-            max_flows,
-            pin_path,
-        },
-        lines,
-    ))
+        Ok(PathBuf::from(p))
+    })
 }
 
 #[cfg(test)]

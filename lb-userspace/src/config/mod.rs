@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, de::IgnoredAny};
 use serde_spanned::Spanned;
 
 mod acme;
@@ -34,7 +34,6 @@ pub use https::{Acme, CertFiles, HttpHeaders, Https, Limits, Timeouts, Tls};
 pub use service::{CheckKind, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, Health, MAX_PASSIVE_DURATION, Service, ServiceMode};
 use {
     alerts::{RawAlerts, parse_alerts},
-    dataplane::{RawDataplane, parse_dataplane},
     service::{RawService, parse_services},
 };
 
@@ -56,6 +55,36 @@ pub struct Config {
 struct Lines {
     interfaces: Vec<usize>,
     backends: Vec<Vec<usize>>,
+}
+
+impl Lines {
+    /// A second, lenient read of a text that parsed: only the positions of the values, so the
+    /// section types need not carry them.
+    fn read(src: &Source) -> Lines {
+        #[derive(Default, Deserialize)]
+        struct File {
+            #[serde(default)]
+            dataplane: Dataplane,
+            #[serde(default)]
+            service: Vec<Service>,
+        }
+        #[derive(Default, Deserialize)]
+        struct Dataplane {
+            #[serde(default)]
+            interfaces: Vec<Spanned<IgnoredAny>>,
+        }
+        #[derive(Default, Deserialize)]
+        struct Service {
+            #[serde(default)]
+            backends: Vec<Spanned<IgnoredAny>>,
+        }
+        let lines = |values: &[Spanned<IgnoredAny>]| values.iter().map(|v| src.line(v.span().start)).collect();
+        let file: File = toml::from_str(src.text).unwrap_or_default();
+        Lines {
+            interfaces: lines(&file.dataplane.interfaces),
+            backends: file.service.iter().map(|s| lines(&s.backends)).collect(),
+        }
+    }
 }
 
 /// Two configs are equal when they mean the same thing; where the values sit in the file (which
@@ -88,7 +117,7 @@ impl fmt::Display for ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    dataplane: Option<RawDataplane>,
+    dataplane: Option<Dataplane>,
     #[serde(default)]
     admin: Admin,
     #[serde(default, rename = "service")]
@@ -130,6 +159,11 @@ impl Source<'_> {
         let line = err.span().map(|span| self.line(span.start));
         if let Some(message) = err.message().strip_prefix(OWN_ERROR) {
             return self.error(line, message);
+        }
+        if let Some((offset, message)) = err.message().strip_prefix(OWN_ERROR_AT).and_then(|m| m.split_once(OWN_ERROR_AT))
+            && let Ok(offset) = offset.parse()
+        {
+            return self.error(Some(self.line(offset)), message);
         }
         // toml's messages span several lines (`expected ..., found ...`); one line reads better
         // after the `path:line:` prefix.
@@ -185,8 +219,7 @@ impl Config {
                 "missing [dataplane] section; add one with at least `interfaces = [\"eth0\"]`",
             )
         })?;
-        let (dataplane, interface_lines) = parse_dataplane(&src, dataplane)?;
-        let (services, backend_lines) = parse_services(&src, raw.services)?;
+        let services = parse_services(&src, raw.services)?;
         let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
         Ok(Config {
             path: path.to_owned(),
@@ -195,10 +228,7 @@ impl Config {
             services,
             alerts,
             acme: raw.acme,
-            lines: Lines {
-                interfaces: interface_lines,
-                backends: backend_lines,
-            },
+            lines: Lines::read(&src),
         })
     }
 }
@@ -263,11 +293,18 @@ fn parse_socket_addr(text: &str, key: &str, example: &str) -> Result<SocketAddr,
 /// Marks an error raised by a `deserialize_with` helper: its message is already a complete config
 /// message, which `Source::toml` passes on without toml's decorations.
 const OWN_ERROR: char = '\u{1}';
+/// The same, followed by the byte offset the error is at.
+const OWN_ERROR_AT: char = '\u{2}';
 
 /// A complete config message from inside deserialization; toml puts it on the line of the value
 /// being deserialized.
 fn own_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
     E::custom(format_args!("{OWN_ERROR}{message}"))
+}
+
+/// `own_error` on the line of `value`, a part of the value being deserialized.
+fn own_error_at<E: serde::de::Error, T>(value: &Spanned<T>, message: impl fmt::Display) -> E {
+    E::custom(format_args!("{OWN_ERROR_AT}{}{OWN_ERROR_AT}{message}", value.span().start))
 }
 
 /// The value of a key as a string, turned into `T` by `check` (whose error is the whole message).

@@ -123,7 +123,7 @@ pub(super) struct RawHealth {
 pub(super) fn parse_services(
     src: &Source,
     raw: Vec<Spanned<RawService>>,
-) -> Result<(Vec<Service>, Vec<Vec<usize>>), ConfigError> {
+) -> Result<Vec<Service>, ConfigError> {
     if raw.is_empty() {
         return Err(src.error(
             None,
@@ -137,7 +137,6 @@ pub(super) fn parse_services(
         ));
     }
     let mut services = Vec::with_capacity(raw.len());
-    let mut lines = Vec::with_capacity(raw.len());
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut vips: HashMap<SocketAddr, String> = HashMap::new();
     let mut service_lines = Vec::with_capacity(raw.len());
@@ -164,7 +163,7 @@ pub(super) fn parse_services(
         let what = format!("service \"{name}\"");
         let listen_line = src.line(raw.listen.span().start);
         service_lines.push(src.line(raw.name.span().start));
-        let (service, backend_lines) = parse_service(src, raw, &what)?;
+        let service = parse_service(src, raw, &what)?;
         if let Some(other) = vips.insert(service.listen, service.name.clone()) {
             return Err(src.error(
                 Some(listen_line),
@@ -176,7 +175,6 @@ pub(super) fn parse_services(
             ));
         }
         services.push(service);
-        lines.push(backend_lines);
     }
     // HTTP-01 is answered on port 80 by a redirect service; without one every order would fail
     // at the CA, weeks later at renewal time for a stored certificate.
@@ -197,14 +195,14 @@ pub(super) fn parse_services(
             ));
         }
     }
-    Ok((services, lines))
+    Ok(services)
 }
 
 fn parse_service(
     src: &Source,
     mut raw: RawService,
     what: &str,
-) -> Result<(Service, Vec<usize>), ConfigError> {
+) -> Result<Service, ConfigError> {
     let listen = socket_addr(
         src,
         &raw.listen,
@@ -262,20 +260,17 @@ fn parse_service(
             ));
         }
         let name = raw.name.into_inner();
-        return Ok((
-            Service {
-                name,
-                listen,
-                mode,
-                backends: Vec::new(),
-                health: Health::default(),
-                max_fails: DEFAULT_MAX_FAILS,
-                fail_timeout: DEFAULT_FAIL_TIMEOUT,
-                slow_start: Duration::ZERO,
-                https: None,
-            },
-            Vec::new(),
-        ));
+        return Ok(Service {
+            name,
+            listen,
+            mode,
+            backends: Vec::new(),
+            health: Health::default(),
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            slow_start: Duration::ZERO,
+            https: None,
+        });
     }
     let Some(raw_backends) = &raw.backends else {
         return Err(src.at(
@@ -294,7 +289,6 @@ fn parse_service(
         ));
     }
     let mut backends: Vec<SocketAddr> = Vec::with_capacity(count);
-    let mut lines = Vec::with_capacity(count);
     for value in raw_backends.get_ref() {
         let addr = socket_addr(src, value, &format!("{what} backend"), "203.0.113.10:8001")?;
         let problem = if backends.contains(&addr) {
@@ -325,7 +319,6 @@ fn parse_service(
                  use loopback backends or a non-loopback listen address"
             )
         } else {
-            lines.push(src.line(value.span().start));
             backends.push(addr);
             continue;
         };
@@ -366,20 +359,17 @@ fn parse_service(
         _ => None,
     };
     let name = raw.name.into_inner();
-    Ok((
-        Service {
-            name,
-            listen,
-            mode,
-            backends,
-            health,
-            max_fails,
-            fail_timeout,
-            slow_start,
-            https,
-        },
-        lines,
-    ))
+    Ok(Service {
+        name,
+        listen,
+        mode,
+        backends,
+        health,
+        max_fails,
+        fail_timeout,
+        slow_start,
+        https,
+    })
 }
 
 fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Health, ConfigError> {
