@@ -5,10 +5,15 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use std::ops::RangeInclusive;
+
+use serde::{Deserialize, Deserializer};
 use serde_spanned::Spanned;
 
-use super::{ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, duration, service::RawService};
+use super::{
+    ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, duration, parse_duration,
+    service::RawService, service_error,
+};
 
 /// Everything an `https` service has beyond its backends and health checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,13 +64,18 @@ pub struct Acme {
 
 /// Response headers an `https` service adds (`None`: not added). Set by `[service.http]`; an
 /// empty string there turns a header off.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpHeaders {
     /// `X-Backend-Server: <address>`.
     pub backend_header: bool,
+    #[serde(deserialize_with = "hsts")]
     pub hsts: Option<String>,
+    #[serde(deserialize_with = "frame_options")]
     pub frame_options: Option<String>,
+    #[serde(deserialize_with = "content_type_options")]
     pub content_type_options: Option<String>,
+    #[serde(deserialize_with = "referrer_policy")]
     pub referrer_policy: Option<String>,
 }
 
@@ -81,18 +91,24 @@ impl Default for HttpHeaders {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// From accept to a finished TLS handshake.
+    #[serde(deserialize_with = "handshake")]
     pub handshake: Duration,
     /// From the first byte of a request head (or the end of the previous request on a
     /// keep-alive connection) to its last.
+    #[serde(deserialize_with = "request_header")]
     pub request_header: Duration,
     /// A connection with no request in flight and no bytes moving is closed after this.
+    #[serde(deserialize_with = "idle")]
     pub idle: Duration,
     /// Connecting to a backend.
+    #[serde(deserialize_with = "backend_connect")]
     pub backend_connect: Duration,
     /// From sending a request to a backend to its response head.
+    #[serde(deserialize_with = "backend_response")]
     pub backend_response: Duration,
 }
 
@@ -108,17 +124,23 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Bytes of one request head (request line and headers); more is answered 431.
+    #[serde(deserialize_with = "max_header_bytes")]
     pub max_header_bytes: usize,
     /// Headers in one request; more is answered 431.
+    #[serde(deserialize_with = "max_headers")]
     pub max_headers: usize,
     /// Bytes of one request body; more is answered 413. `None`: unlimited.
+    #[serde(deserialize_with = "max_body_bytes")]
     pub max_body_bytes: Option<u64>,
     /// Client connections open at once; more wait in the listen backlog.
+    #[serde(deserialize_with = "max_connections")]
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
+    #[serde(deserialize_with = "h2_max_streams")]
     pub h2_max_streams: u32,
 }
 
@@ -132,6 +154,87 @@ impl Default for Limits {
             h2_max_streams: 128,
         }
     }
+}
+
+/// A header value, or `None` for "" (the header left out).
+fn header<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<Option<String>, D::Error> {
+    let v = String::deserialize(de)?;
+    if v.is_empty() {
+        Ok(None)
+    } else if hyper::header::HeaderValue::from_str(&v).is_err() || !v.is_ascii() {
+        Err(service_error(format!(
+            "http.{key} \"{}\": not a valid header value; use printable ASCII only (\"\" leaves the header out)",
+            v.escape_debug()
+        )))
+    } else {
+        Ok(Some(v))
+    }
+}
+
+fn timeout<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let key = format!("timeouts.{key}");
+    let d = parse_duration(&text, &key).map_err(service_error)?;
+    if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+        return Err(service_error(format!("{key} \"{text}\": out of range; use more than 0 and at most 24h")));
+    }
+    Ok(d)
+}
+
+fn limit<'de, D: Deserializer<'de>>(de: D, key: &str, range: RangeInclusive<i64>, unit: &str) -> Result<i64, D::Error> {
+    let v = i64::deserialize(de)?;
+    if !range.contains(&v) {
+        return Err(service_error(format!(
+            "limits.{key} = {v}: out of range; use {}..={} {unit}",
+            range.start(),
+            range.end()
+        )));
+    }
+    Ok(v)
+}
+
+fn hsts<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    header(de, "hsts")
+}
+fn frame_options<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    header(de, "frame_options")
+}
+fn content_type_options<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    header(de, "content_type_options")
+}
+fn referrer_policy<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    header(de, "referrer_policy")
+}
+fn handshake<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    timeout(de, "handshake")
+}
+fn request_header<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    timeout(de, "request_header")
+}
+fn idle<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    timeout(de, "idle")
+}
+fn backend_connect<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    timeout(de, "backend_connect")
+}
+fn backend_response<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    timeout(de, "backend_response")
+}
+fn max_header_bytes<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
+    // hyper's smallest read buffer is 8 KiB.
+    Ok(limit(de, "max_header_bytes", 8192..=1 << 20, "bytes")? as usize)
+}
+fn max_headers<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
+    Ok(limit(de, "max_headers", 1..=1000, "headers")? as usize)
+}
+fn max_body_bytes<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    Ok(Some(limit(de, "max_body_bytes", 0..=i64::MAX, "bytes")? as u64))
+}
+fn max_connections<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
+    Ok(limit(de, "max_connections", 1..=1_000_000, "connections")? as usize)
+}
+fn h2_max_streams<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    Ok(limit(de, "h2_max_streams", 1..=10_000, "streams")? as u32)
 }
 
 #[derive(Deserialize)]
@@ -168,37 +271,6 @@ enum StringOrList {
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawHttp {
-    backend_header: Option<bool>,
-    hsts: Option<Spanned<String>>,
-    frame_options: Option<Spanned<String>>,
-    content_type_options: Option<Spanned<String>>,
-    referrer_policy: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawTimeouts {
-    handshake: Option<Spanned<String>>,
-    request_header: Option<Spanned<String>>,
-    idle: Option<Spanned<String>>,
-    backend_connect: Option<Spanned<String>>,
-    backend_response: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawLimits {
-    max_header_bytes: Option<Spanned<i64>>,
-    max_headers: Option<Spanned<i64>>,
-    max_body_bytes: Option<Spanned<i64>>,
-    max_connections: Option<Spanned<i64>>,
-    h2_max_streams: Option<Spanned<i64>>,
-}
-
-
 /// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
 /// proxy's failures).
 pub(super) fn parse_https(
@@ -218,93 +290,10 @@ pub(super) fn parse_https(
         ));
     };
     let tls = parse_tls(src, tls, what)?;
-    let mut http = HttpHeaders::default();
-    if let Some(raw) = &raw.http {
-        let raw = raw.get_ref();
-        if let Some(b) = raw.backend_header {
-            http.backend_header = b;
-        }
-        for (value, key, slot) in [
-            (&raw.hsts, "hsts", &mut http.hsts),
-            (&raw.frame_options, "frame_options", &mut http.frame_options),
-            (&raw.content_type_options, "content_type_options", &mut http.content_type_options),
-            (&raw.referrer_policy, "referrer_policy", &mut http.referrer_policy),
-        ] {
-            let Some(value) = value else { continue };
-            let v = value.get_ref();
-            if v.is_empty() {
-                *slot = None;
-            } else if hyper::header::HeaderValue::from_str(v).is_err() || !v.is_ascii() {
-                return Err(src.at(
-                    value,
-                    format!(
-                        "{what} http.{key} \"{}\": not a valid header value; use printable ASCII \
-                         only (\"\" leaves the header out)",
-                        v.escape_debug()
-                    ),
-                ));
-            } else {
-                *slot = Some(v.clone());
-            }
-        }
+    fn table<T: Clone + Default>(t: &Option<Spanned<T>>) -> T {
+        t.as_ref().map(Spanned::get_ref).cloned().unwrap_or_default()
     }
-    let mut timeouts = Timeouts::default();
-    if let Some(raw) = &raw.timeouts {
-        let raw = raw.get_ref();
-        for (value, key, slot) in [
-            (&raw.handshake, "handshake", &mut timeouts.handshake),
-            (&raw.request_header, "request_header", &mut timeouts.request_header),
-            (&raw.idle, "idle", &mut timeouts.idle),
-            (&raw.backend_connect, "backend_connect", &mut timeouts.backend_connect),
-            (&raw.backend_response, "backend_response", &mut timeouts.backend_response),
-        ] {
-            let Some(value) = value else { continue };
-            let key = format!("{what} timeouts.{key}");
-            let d = duration(src, value, &key)?;
-            if d.is_zero() || d > Duration::from_secs(24 * 3600) {
-                return Err(src.at(
-                    value,
-                    format!("{key} \"{}\": out of range; use more than 0 and at most 24h", value.get_ref()),
-                ));
-            }
-            *slot = d;
-        }
-    }
-    let mut limits = Limits::default();
-    if let Some(raw) = &raw.limits {
-        let raw = raw.get_ref();
-        let int = |value: &Spanned<i64>, key: &str, range: std::ops::RangeInclusive<i64>, unit: &str| {
-            let v = *value.get_ref();
-            if range.contains(&v) {
-                Ok(v)
-            } else {
-                Err(src.at(
-                    value,
-                    format!(
-                        "{what} limits.{key} = {v}: out of range; use {}..={} {unit}",
-                        range.start(),
-                        range.end()
-                    ),
-                ))
-            }
-        };
-        if let Some(v) = &raw.max_header_bytes {
-            // hyper's smallest read buffer is 8 KiB.
-            limits.max_header_bytes = int(v, "max_header_bytes", 8192..=1 << 20, "bytes")? as usize;
-        }
-        if let Some(v) = &raw.max_headers {
-            limits.max_headers = int(v, "max_headers", 1..=1000, "headers")? as usize;
-        }
-        if let Some(v) = &raw.max_body_bytes {
-            limits.max_body_bytes = Some(int(v, "max_body_bytes", 0..=i64::MAX, "bytes")? as u64);
-        }
-        if let Some(v) = &raw.max_connections {
-            limits.max_connections = int(v, "max_connections", 1..=1_000_000, "connections")? as usize;
-        }
-        if let Some(v) = &raw.h2_max_streams {
-            limits.h2_max_streams = int(v, "h2_max_streams", 1..=10_000, "streams")? as u32;
-        }
-    }
+    let (http, timeouts, limits) = (table(&raw.http), table(&raw.timeouts), table(&raw.limits));
     Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
 }
 

@@ -155,10 +155,35 @@ impl Source<'_> {
         self.error(Some(self.line(value.span().start)), message)
     }
 
+    /// `service "<name>"` of the `[[service]]` table the byte at `offset` belongs to: the last one
+    /// that starts before it (a later `[service.health]` still belongs to it). Only used for an
+    /// error, so the text is read again rather than the names carried through deserialization.
+    fn service_at(&self, offset: usize) -> String {
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(default)]
+            service: Vec<Spanned<Named>>,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            name: Option<String>,
+        }
+        let file = toml::from_str::<File>(self.text).ok();
+        let service = file.and_then(|f| f.service.into_iter().rev().find(|s| s.span().start <= offset));
+        match service.and_then(|s| s.into_inner().name) {
+            Some(name) => format!("service \"{name}\""),
+            None => "service".to_owned(),
+        }
+    }
+
     fn toml(&self, err: &toml::de::Error) -> ConfigError {
         let line = err.span().map(|span| self.line(span.start));
         if let Some(message) = err.message().strip_prefix(OWN_ERROR) {
             return self.error(line, message);
+        }
+        if let Some(message) = err.message().strip_prefix(SERVICE_ERROR) {
+            let what = err.span().map_or_else(|| "service".to_owned(), |span| self.service_at(span.start));
+            return self.error(line, format!("{what} {message}"));
         }
         if let Some((offset, message)) = err.message().strip_prefix(OWN_ERROR_AT).and_then(|m| m.split_once(OWN_ERROR_AT))
             && let Ok(offset) = offset.parse()
@@ -234,15 +259,13 @@ impl Config {
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.get_ref()).map_err(|e| {
-        src.at(
-            value,
-            format!(
-                "{key} \"{}\": not a duration ({e}); write e.g. \"1s\" or \"500ms\"",
-                value.get_ref()
-            ),
-        )
-    })
+    parse_duration(value.get_ref(), key).map_err(|message| src.at(value, message))
+}
+
+/// `duration` on a bare string: the message names `key`.
+fn parse_duration(text: &str, key: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{key} \"{text}\": not a duration ({e}); write e.g. \"1s\" or \"500ms\""))
 }
 
 /// An `ip:port` that can be a destination: unicast IP, non-zero port.
@@ -300,6 +323,14 @@ const OWN_ERROR_AT: char = '\u{2}';
 /// being deserialized.
 fn own_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
     E::custom(format_args!("{OWN_ERROR}{message}"))
+}
+
+/// Marks an own error from inside a `[[service]]` table: `Source::toml` puts `service "<name>" `
+/// in front, as the checks of whole services do.
+const SERVICE_ERROR: char = '\u{3}';
+
+fn service_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
+    E::custom(format_args!("{SERVICE_ERROR}{message}"))
 }
 
 /// `own_error` on the line of `value`, a part of the value being deserialized.

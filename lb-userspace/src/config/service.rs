@@ -8,7 +8,8 @@ use serde_spanned::Spanned;
 
 use super::{
     ChallengeKind, ConfigError, Https, Source, Tls, duration,
-    https::{RawHttp, RawLimits, RawTimeouts, RawTls, parse_https},
+    HttpHeaders, Limits, Timeouts,
+    https::{RawTls, parse_https},
     socket_addr,
 };
 
@@ -100,9 +101,9 @@ pub(super) struct RawService {
     pub(super) backends: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) health: Option<Spanned<RawHealth>>,
     pub(super) tls: Option<Spanned<RawTls>>,
-    pub(super) http: Option<Spanned<RawHttp>>,
-    pub(super) timeouts: Option<Spanned<RawTimeouts>>,
-    pub(super) limits: Option<Spanned<RawLimits>>,
+    pub(super) http: Option<Spanned<HttpHeaders>>,
+    pub(super) timeouts: Option<Spanned<Timeouts>>,
+    pub(super) limits: Option<Spanned<Limits>>,
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) slow_start: Option<Spanned<String>>,
