@@ -3,14 +3,13 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use lb_common::service::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de::IgnoredAny};
 use serde_spanned::Spanned;
 
 use super::{
-    ChallengeKind, ConfigError, Https, Source, Tls, duration,
-    HttpHeaders, Limits, Timeouts,
+    ChallengeKind, ConfigError, HttpHeaders, Https, Limits, Source, Timeouts, Tls, duration,
     https::{RawTls, parse_https},
-    socket_addr,
+    parse_duration, service_error, socket_addr,
 };
 
 pub(super) const MAX_NAME_LEN: usize = 64;
@@ -61,14 +60,20 @@ impl ServiceMode {
 
 
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Health {
     pub check: CheckKind,
     /// Request path of HTTP checks; validated to be a valid origin-form request target.
+    #[serde(deserialize_with = "health_path")]
     pub path: String,
+    #[serde(deserialize_with = "health_interval")]
     pub interval: Duration,
+    #[serde(deserialize_with = "health_timeout")]
     pub timeout: Duration,
+    #[serde(deserialize_with = "rise")]
     pub rise: u32,
+    #[serde(deserialize_with = "fall")]
     pub fall: u32,
 }
 
@@ -91,6 +96,107 @@ pub enum CheckKind {
     Tcp,
 }
 
+impl<'de> Deserialize<'de> for CheckKind {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<CheckKind, D::Error> {
+        match String::deserialize(de)?.as_str() {
+            "http" => Ok(CheckKind::Http),
+            "tcp" => Ok(CheckKind::Tcp),
+            other => Err(service_error(format!(
+                "health.check \"{other}\": not a check; use \"http\" (GET health.path answers 2xx or 3xx) \
+                 or \"tcp\" (a connection is accepted)"
+            ))),
+        }
+    }
+}
+
+fn health_path<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    let p = String::deserialize(de)?;
+    let printable = p.bytes().all(|b| b.is_ascii_graphic());
+    if !p.starts_with('/') || !printable || p.parse::<hyper::Uri>().is_err() {
+        return Err(service_error(format!(
+            "health.path \"{}\": not a request path; it must start with '/' and contain no spaces, \
+             control or non-ASCII characters (percent-encode them), e.g. \"/health\"",
+            p.escape_debug()
+        )));
+    }
+    Ok(p)
+}
+
+fn health_interval<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let d = parse_duration(&text, "health.interval").map_err(service_error)?;
+    if d < Duration::from_millis(100) {
+        return Err(service_error(format!("health.interval \"{text}\": too short; use at least \"100ms\"")));
+    }
+    Ok(d)
+}
+
+fn health_timeout<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let d = parse_duration(&text, "health.timeout").map_err(service_error)?;
+    if d.is_zero() {
+        return Err(service_error("health.timeout is zero; use e.g. \"500ms\""));
+    }
+    Ok(d)
+}
+
+fn probes<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<u32, D::Error> {
+    let v = i64::deserialize(de)?;
+    match u32::try_from(v) {
+        Ok(n @ 1..=100) => Ok(n),
+        _ => Err(service_error(format!("health.{key} = {v}: out of range; use 1..=100 consecutive probes"))),
+    }
+}
+
+fn rise<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    probes(de, "rise")
+}
+
+fn fall<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    probes(de, "fall")
+}
+
+impl Health {
+    /// A probe must end before the next starts. `table` is where `[service.health]` sits.
+    fn check_timing(&self, src: &Source, table: Option<&Spanned<Health>>, what: &str) -> Result<(), ConfigError> {
+        if self.timeout < self.interval {
+            return Ok(());
+        }
+        Err(src.error(
+            table.and_then(|t| timing_line(src, t.span().start)),
+            format!(
+                "{what} health.timeout ({}) must be shorter than health.interval ({}) so that a \
+                 probe ends before the next starts; lower the timeout or raise the interval",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(self.interval)
+            ),
+        ))
+    }
+}
+
+/// The line of the `timeout` (else the `interval`) of the health table at `table`: the key to
+/// change. Read again from the text, as the error is the only use of it.
+fn timing_line(src: &Source, table: usize) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        service: Vec<Service>,
+    }
+    #[derive(Deserialize)]
+    struct Service {
+        health: Option<Spanned<Timing>>,
+    }
+    #[derive(Deserialize)]
+    struct Timing {
+        timeout: Option<Spanned<IgnoredAny>>,
+        interval: Option<Spanned<IgnoredAny>>,
+    }
+    let file: File = toml::from_str(src.text).ok()?;
+    let health = file.service.into_iter().filter_map(|s| s.health).find(|h| h.span().start == table)?;
+    let Timing { timeout, interval } = health.into_inner();
+    timeout.or(interval).map(|v| src.line(v.span().start))
+}
+
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,7 +205,7 @@ pub(super) struct RawService {
     pub(super) listen: Spanned<String>,
     pub(super) mode: Option<Spanned<String>>,
     pub(super) backends: Option<Spanned<Vec<Spanned<String>>>>,
-    pub(super) health: Option<Spanned<RawHealth>>,
+    pub(super) health: Option<Spanned<Health>>,
     pub(super) tls: Option<Spanned<RawTls>>,
     pub(super) http: Option<Spanned<HttpHeaders>>,
     pub(super) timeouts: Option<Spanned<Timeouts>>,
@@ -109,17 +215,6 @@ pub(super) struct RawService {
     pub(super) slow_start: Option<Spanned<String>>,
 }
 
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawHealth {
-    check: Option<Spanned<String>>,
-    path: Option<Spanned<String>>,
-    interval: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    rise: Option<Spanned<i64>>,
-    fall: Option<Spanned<i64>>,
-}
 
 pub(super) fn parse_services(
     src: &Source,
@@ -201,7 +296,7 @@ pub(super) fn parse_services(
 
 fn parse_service(
     src: &Source,
-    mut raw: RawService,
+    raw: RawService,
     what: &str,
 ) -> Result<Service, ConfigError> {
     let listen = socket_addr(
@@ -325,7 +420,8 @@ fn parse_service(
         };
         return Err(src.at(value, format!("{what} backend \"{addr}\": {problem}")));
     }
-    let health = parse_health(src, raw.health.take().map(Spanned::into_inner), what)?;
+    let health = raw.health.as_ref().map(Spanned::get_ref).cloned().unwrap_or_default();
+    health.check_timing(src, raw.health.as_ref(), what)?;
     let max_fails = match &raw.max_fails {
         None => DEFAULT_MAX_FAILS,
         Some(v) => match u32::try_from(*v.get_ref()) {
@@ -372,99 +468,6 @@ fn parse_service(
         https,
     })
 }
-
-fn parse_health(src: &Source, raw: Option<RawHealth>, what: &str) -> Result<Health, ConfigError> {
-    let mut health = Health::default();
-    let Some(raw) = raw else { return Ok(health) };
-    if let Some(check) = &raw.check {
-        health.check = match check.get_ref().as_str() {
-            "http" => CheckKind::Http,
-            "tcp" => CheckKind::Tcp,
-            other => {
-                return Err(src.at(
-                    check,
-                    format!(
-                        "{what} health.check \"{other}\": not a check; use \"http\" (GET \
-                         health.path answers 2xx or 3xx) or \"tcp\" (a connection is accepted)"
-                    ),
-                ));
-            }
-        };
-    }
-    if let Some(path) = &raw.path {
-        let p = path.get_ref();
-        let printable = p.bytes().all(|b| b.is_ascii_graphic());
-        if !p.starts_with('/') || !printable || p.parse::<hyper::Uri>().is_err() {
-            return Err(src.at(
-                path,
-                format!(
-                    "{what} health.path \"{}\": not a request path; it must start with '/' and \
-                     contain no spaces, control or non-ASCII characters (percent-encode them), \
-                     e.g. \"/health\"",
-                    p.escape_debug()
-                ),
-            ));
-        }
-        health.path.clone_from(p);
-    }
-    if let Some(v) = &raw.interval {
-        health.interval = duration(src, v, &format!("{what} health.interval"))?;
-        if health.interval < Duration::from_millis(100) {
-            return Err(src.at(
-                v,
-                format!(
-                    "{what} health.interval \"{}\": too short; use at least \"100ms\"",
-                    v.get_ref()
-                ),
-            ));
-        }
-    }
-    if let Some(v) = &raw.timeout {
-        health.timeout = duration(src, v, &format!("{what} health.timeout"))?;
-        if health.timeout.is_zero() {
-            return Err(src.at(
-                v,
-                format!("{what} health.timeout is zero; use e.g. \"500ms\""),
-            ));
-        }
-    }
-    if health.timeout >= health.interval {
-        let line = raw
-            .timeout
-            .as_ref()
-            .or(raw.interval.as_ref())
-            .map(|v| src.line(v.span().start));
-        return Err(src.error(
-            line,
-            format!(
-                "{what} health.timeout ({}) must be shorter than health.interval ({}) so that a \
-                 probe ends before the next starts; lower the timeout or raise the interval",
-                humantime::format_duration(health.timeout),
-                humantime::format_duration(health.interval)
-            ),
-        ));
-    }
-    for (value, key, slot) in [
-        (&raw.rise, "rise", &mut health.rise),
-        (&raw.fall, "fall", &mut health.fall),
-    ] {
-        let Some(value) = value else { continue };
-        match u32::try_from(*value.get_ref()) {
-            Ok(n @ 1..=100) => *slot = n,
-            _ => {
-                return Err(src.at(
-                    value,
-                    format!(
-                        "{what} health.{key} = {}: out of range; use 1..=100 consecutive probes",
-                        value.get_ref()
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(health)
-}
-
 
 #[cfg(test)]
 mod tests {
