@@ -177,18 +177,15 @@ impl Source<'_> {
     }
 
     fn toml(&self, err: &toml::de::Error) -> ConfigError {
-        let line = err.span().map(|span| self.line(span.start));
-        if let Some(message) = err.message().strip_prefix(OWN_ERROR) {
-            return self.error(line, message);
-        }
-        if let Some(message) = err.message().strip_prefix(SERVICE_ERROR) {
-            let what = err.span().map_or_else(|| "service".to_owned(), |span| self.service_at(span.start));
-            return self.error(line, format!("{what} {message}"));
-        }
-        if let Some((offset, message)) = err.message().strip_prefix(OWN_ERROR_AT).and_then(|m| m.split_once(OWN_ERROR_AT))
-            && let Ok(offset) = offset.parse()
+        if let Some((header, message)) = err.message().strip_prefix(OWN_ERROR).and_then(|m| m.split_once(OWN_ERROR))
+            && let Some((service, at)) = header.split_once(':')
         {
-            return self.error(Some(self.line(offset)), message);
+            let at = at.parse().ok().or(err.span().map(|span| span.start));
+            let line = at.map(|at| self.line(at));
+            return match at {
+                Some(at) if service == "s" => self.error(line, format!("{} {message}", self.service_at(at))),
+                _ => self.error(line, message),
+            };
         }
         // toml's messages span several lines (`expected ..., found ...`); one line reads better
         // after the `path:line:` prefix.
@@ -200,6 +197,7 @@ impl Source<'_> {
             .collect::<Vec<_>>()
             .join("; ");
         message = message.replace("expected i64", "expected an integer");
+        let line = err.span().map(|span| self.line(span.start));
         // toml's messages name neither the key nor the table; quoting the line does.
         let code = line
             .and_then(|l| self.text.lines().nth(l - 1))
@@ -268,17 +266,8 @@ fn parse_duration(text: &str, key: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{key} \"{text}\": not a duration ({e}); write e.g. \"1s\" or \"500ms\""))
 }
 
-/// An `ip:port` that can be a destination: unicast IP, non-zero port.
-fn socket_addr(
-    src: &Source,
-    value: &Spanned<String>,
-    key: &str,
-    example: &str,
-) -> Result<SocketAddr, ConfigError> {
-    parse_socket_addr(value.get_ref(), key, example).map_err(|message| src.at(value, message))
-}
-
-/// `socket_addr` on a bare string: the message names `key` and shows `example`.
+/// An `ip:port` that can be a destination: unicast IP, non-zero port. The message names `key`
+/// and shows `example`.
 fn parse_socket_addr(text: &str, key: &str, example: &str) -> Result<SocketAddr, String> {
     let fail = |problem: String| Err(format!("{key} \"{text}\": {problem}"));
     let Ok(addr) = text.parse::<SocketAddr>() else {
@@ -314,28 +303,37 @@ fn parse_socket_addr(text: &str, key: &str, example: &str) -> Result<SocketAddr,
 }
 
 /// Marks an error raised by a `deserialize_with` helper: its message is already a complete config
-/// message, which `Source::toml` passes on without toml's decorations.
+/// message, which `Source::toml` passes on without toml's decorations. The marker is followed by
+/// `<s>:<offset>` and the marker again: `s` when `service "<name>" ` is to go in front (as the
+/// checks of whole services write it), and the byte offset when the error is at a part of the
+/// value (toml's span is the whole value's).
 const OWN_ERROR: char = '\u{1}';
-/// The same, followed by the byte offset the error is at.
-const OWN_ERROR_AT: char = '\u{2}';
+
+fn own_error_with<E: serde::de::Error>(service: bool, at: Option<usize>, message: impl fmt::Display) -> E {
+    let service = if service { "s" } else { "" };
+    let at = at.map(|a| a.to_string()).unwrap_or_default();
+    E::custom(format_args!("{OWN_ERROR}{service}:{at}{OWN_ERROR}{message}"))
+}
 
 /// A complete config message from inside deserialization; toml puts it on the line of the value
 /// being deserialized.
 fn own_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
-    E::custom(format_args!("{OWN_ERROR}{message}"))
-}
-
-/// Marks an own error from inside a `[[service]]` table: `Source::toml` puts `service "<name>" `
-/// in front, as the checks of whole services do.
-const SERVICE_ERROR: char = '\u{3}';
-
-fn service_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
-    E::custom(format_args!("{SERVICE_ERROR}{message}"))
+    own_error_with(false, None, message)
 }
 
 /// `own_error` on the line of `value`, a part of the value being deserialized.
 fn own_error_at<E: serde::de::Error, T>(value: &Spanned<T>, message: impl fmt::Display) -> E {
-    E::custom(format_args!("{OWN_ERROR_AT}{}{OWN_ERROR_AT}{message}", value.span().start))
+    own_error_with(false, Some(value.span().start), message)
+}
+
+/// `own_error` inside a `[[service]]` table.
+fn service_error<E: serde::de::Error>(message: impl fmt::Display) -> E {
+    own_error_with(true, None, message)
+}
+
+/// `own_error_at` inside a `[[service]]` table.
+fn service_error_at<E: serde::de::Error, T>(value: &Spanned<T>, message: impl fmt::Display) -> E {
+    own_error_with(true, Some(value.span().start), message)
 }
 
 /// The value of a key as a string, turned into `T` by `check` (whose error is the whole message).

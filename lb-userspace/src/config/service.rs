@@ -7,9 +7,9 @@ use serde::{Deserialize, Deserializer, de::IgnoredAny};
 use serde_spanned::Spanned;
 
 use super::{
-    ChallengeKind, ConfigError, HttpHeaders, Https, Limits, Source, Timeouts, Tls, duration,
+    ChallengeKind, ConfigError, HttpHeaders, Https, Limits, Source, Timeouts, Tls,
     https::{RawTls, parse_https},
-    parse_duration, service_error, socket_addr,
+    parse_duration, parse_socket_addr, service_error, service_error_at,
 };
 
 pub(super) const MAX_NAME_LEN: usize = 64;
@@ -38,9 +38,10 @@ pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `fail_timeout` and `slow_start` (the data path's arithmetic is sized for it).
 pub const MAX_PASSIVE_DURATION: Duration = Duration::from_secs(3600);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ServiceMode {
     /// Connections balanced by the XDP data path.
+    #[default]
     L4,
     /// TLS terminated and HTTP proxied by the daemon itself.
     Https,
@@ -202,17 +203,99 @@ fn timing_line(src: &Source, table: usize) -> Option<usize> {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawService {
     pub(super) name: Spanned<String>,
-    pub(super) listen: Spanned<String>,
-    pub(super) mode: Option<Spanned<String>>,
-    pub(super) backends: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(deserialize_with = "listen")]
+    pub(super) listen: Spanned<SocketAddr>,
+    #[serde(default)]
+    pub(super) mode: ServiceMode,
+    #[serde(default, deserialize_with = "backends")]
+    pub(super) backends: Option<Spanned<Vec<Spanned<SocketAddr>>>>,
     pub(super) health: Option<Spanned<Health>>,
     pub(super) tls: Option<Spanned<RawTls>>,
     pub(super) http: Option<Spanned<HttpHeaders>>,
     pub(super) timeouts: Option<Spanned<Timeouts>>,
     pub(super) limits: Option<Spanned<Limits>>,
-    pub(super) max_fails: Option<Spanned<i64>>,
-    pub(super) fail_timeout: Option<Spanned<String>>,
-    pub(super) slow_start: Option<Spanned<String>>,
+    #[serde(default = "default_max_fails", deserialize_with = "max_fails")]
+    pub(super) max_fails: u32,
+    #[serde(default = "default_fail_timeout", deserialize_with = "fail_timeout")]
+    pub(super) fail_timeout: Duration,
+    #[serde(default, deserialize_with = "slow_start")]
+    pub(super) slow_start: Duration,
+}
+
+fn listen<'de, D: Deserializer<'de>>(de: D) -> Result<Spanned<SocketAddr>, D::Error> {
+    let text = Spanned::<String>::deserialize(de)?;
+    let addr = parse_socket_addr(text.get_ref(), "listen", "203.0.113.10:80").map_err(service_error)?;
+    Ok(Spanned::new(text.span(), addr))
+}
+
+/// Each address is checked where it is written, so the error names its line; the checks against
+/// the listen address come after deserialization.
+fn backends<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Spanned<Vec<Spanned<SocketAddr>>>>, D::Error> {
+    let list = Spanned::<Vec<Spanned<String>>>::deserialize(de)?;
+    let span = list.span();
+    let addrs = list
+        .into_inner()
+        .into_iter()
+        .map(|text| match parse_socket_addr(text.get_ref(), "backend", "203.0.113.10:8001") {
+            Ok(addr) => Ok(Spanned::new(text.span(), addr)),
+            Err(message) => Err(service_error_at(&text, message)),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Spanned::new(span, addrs)))
+}
+
+impl<'de> Deserialize<'de> for ServiceMode {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<ServiceMode, D::Error> {
+        match String::deserialize(de)?.as_str() {
+            "l4" => Ok(ServiceMode::L4),
+            "https" => Ok(ServiceMode::Https),
+            "redirect" => Ok(ServiceMode::Redirect),
+            m => Err(service_error(format!(
+                "mode \"{m}\": not a mode; use \"l4\" (balanced by the data path), \"https\" (TLS \
+                 terminated and proxied) or \"redirect\" (HTTP to HTTPS)"
+            ))),
+        }
+    }
+}
+
+fn default_max_fails() -> u32 {
+    DEFAULT_MAX_FAILS
+}
+
+fn max_fails<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let v = i64::deserialize(de)?;
+    match u32::try_from(v) {
+        Ok(n @ 0..=1000) => Ok(n),
+        _ => Err(service_error(format!(
+            "max_fails = {v}: out of range; use 0 (passive health checks off) to 1000 failed connections"
+        ))),
+    }
+}
+
+fn default_fail_timeout() -> Duration {
+    DEFAULT_FAIL_TIMEOUT
+}
+
+fn fail_timeout<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    passive_duration(de, "fail_timeout", false)
+}
+
+fn slow_start<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    passive_duration(de, "slow_start", true)
+}
+
+fn passive_duration<'de, D: Deserializer<'de>>(de: D, key: &str, zero_ok: bool) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let d = parse_duration(&text, key).map_err(service_error)?;
+    if d.is_zero() && !zero_ok {
+        return Err(service_error(format!(
+            "{key} is zero; use e.g. \"10s\" (or max_fails = 0 to turn passive health checks off)"
+        )));
+    }
+    if d > MAX_PASSIVE_DURATION {
+        return Err(service_error(format!("{key} \"{text}\": too long; use at most \"1h\"")));
+    }
+    Ok(d)
 }
 
 
@@ -299,29 +382,8 @@ fn parse_service(
     raw: RawService,
     what: &str,
 ) -> Result<Service, ConfigError> {
-    let listen = socket_addr(
-        src,
-        &raw.listen,
-        &format!("{what} listen"),
-        "203.0.113.10:80",
-    )?;
-    let mode = match &raw.mode {
-        None => ServiceMode::L4,
-        Some(mode) => match mode.get_ref().as_str() {
-            "l4" => ServiceMode::L4,
-            "https" => ServiceMode::Https,
-            "redirect" => ServiceMode::Redirect,
-            m => {
-                return Err(src.at(
-                    mode,
-                    format!(
-                        "{what} mode \"{m}\": not a mode; use \"l4\" (balanced by the data path), \
-                         \"https\" (TLS terminated and proxied) or \"redirect\" (HTTP to HTTPS)"
-                    ),
-                ));
-            }
-        },
-    };
+    let listen = *raw.listen.get_ref();
+    let mode = raw.mode;
     let https_only: [(&str, Option<usize>); 4] = [
         ("[service.tls]", raw.tls.as_ref().map(|v| v.span().start)),
         ("[service.http]", raw.http.as_ref().map(|v| v.span().start)),
@@ -386,7 +448,7 @@ fn parse_service(
     }
     let mut backends: Vec<SocketAddr> = Vec::with_capacity(count);
     for value in raw_backends.get_ref() {
-        let addr = socket_addr(src, value, &format!("{what} backend"), "203.0.113.10:8001")?;
+        let addr = *value.get_ref();
         let problem = if backends.contains(&addr) {
             "listed twice; remove one".to_string()
         } else if addr.is_ipv4() != listen.is_ipv4() {
@@ -422,35 +484,7 @@ fn parse_service(
     }
     let health = raw.health.as_ref().map(Spanned::get_ref).cloned().unwrap_or_default();
     health.check_timing(src, raw.health.as_ref(), what)?;
-    let max_fails = match &raw.max_fails {
-        None => DEFAULT_MAX_FAILS,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(n @ 0..=1000) => n,
-            _ => {
-                return Err(src.at(
-                    v,
-                    format!(
-                        "{what} max_fails = {}: out of range; use 0 (passive health checks off) \
-                         to 1000 failed connections",
-                        v.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
-    let passive_duration = |value: &Option<Spanned<String>>, key: &str, default: Duration, zero_ok: bool| {
-        let Some(v) = value else { return Ok(default) };
-        let d = duration(src, v, &format!("{what} {key}"))?;
-        if d.is_zero() && !zero_ok {
-            return Err(src.at(v, format!("{what} {key} is zero; use e.g. \"10s\" (or max_fails = 0 to turn passive health checks off)")));
-        }
-        if d > MAX_PASSIVE_DURATION {
-            return Err(src.at(v, format!("{what} {key} \"{}\": too long; use at most \"1h\"", v.get_ref())));
-        }
-        Ok(d)
-    };
-    let fail_timeout = passive_duration(&raw.fail_timeout, "fail_timeout", DEFAULT_FAIL_TIMEOUT, false)?;
-    let slow_start = passive_duration(&raw.slow_start, "slow_start", Duration::ZERO, true)?;
+    let (max_fails, fail_timeout, slow_start) = (raw.max_fails, raw.fail_timeout, raw.slow_start);
     let https = match mode {
         ServiceMode::Https => Some(parse_https(src, &raw, what, max_fails, fail_timeout)?),
         _ => None,
