@@ -1,18 +1,17 @@
 //! The `https` service tables: `[service.tls]` (certificate files or ACME), `[service.http]`,
 //! `[service.timeouts]` and `[service.limits]`.
 use std::{
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
-
-use std::ops::RangeInclusive;
 
 use serde::{Deserialize, Deserializer};
 use serde_spanned::Spanned;
 
 use super::{
-    ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, duration, parse_duration,
-    service::RawService, service_error,
+    ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, parse_duration,
+    service::RawService, service_error, service_error_at,
 };
 
 /// Everything an `https` service has beyond its backends and health checks.
@@ -38,27 +37,162 @@ pub enum Tls {
     Acme(Acme),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Deserialized as an element of `tls.certs`; the single pair is `tls.cert` and `tls.key`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CertFiles {
     /// PEM chain, leaf first.
+    #[serde(deserialize_with = "certs_cert")]
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(deserialize_with = "certs_key")]
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `tls.acme`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Acme {
     /// The ACME directory URL.
+    #[serde(deserialize_with = "acme_directory")]
     pub directory: String,
     /// Account contacts, e.g. `mailto:ops@example.com`.
+    #[serde(default, deserialize_with = "acme_contact")]
     pub contact: Vec<String>,
+    #[serde(deserialize_with = "acme_domains")]
     pub domains: Vec<String>,
     /// An extra trusted root (PEM) for a private ACME server such as Pebble.
+    #[serde(default, deserialize_with = "acme_ca")]
     pub ca: Option<PathBuf>,
     /// HTTP-01 (through a `redirect` service on port 80) or TLS-ALPN-01 (on this listener).
+    #[serde(default = "default_challenge")]
     pub challenge: ChallengeKind,
     /// Renew when the certificate has less than this left.
+    #[serde(default = "default_renew_before", deserialize_with = "acme_renew_before")]
     pub renew_before: Duration,
+}
+
+/// A certificate or key file (`tls.<key>`): an absolute path.
+fn tls_path<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<PathBuf, D::Error> {
+    absolute(&String::deserialize(de)?, key).map_err(service_error)
+}
+
+fn absolute(text: &str, key: &str) -> Result<PathBuf, String> {
+    let p = Path::new(text);
+    if !p.is_absolute() {
+        return Err(format!("tls.{key} \"{text}\": not an absolute path; write the full path, e.g. \"/etc/xlb/site.crt\""));
+    }
+    Ok(p.to_owned())
+}
+
+fn certs_cert<'de, D: Deserializer<'de>>(de: D) -> Result<PathBuf, D::Error> {
+    tls_path(de, "certs.cert")
+}
+
+fn certs_key<'de, D: Deserializer<'de>>(de: D) -> Result<PathBuf, D::Error> {
+    tls_path(de, "certs.key")
+}
+
+fn acme_directory<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    let dir = String::deserialize(de)?;
+    if !dir.starts_with("https://") || dir.parse::<hyper::Uri>().is_err() {
+        return Err(service_error(format!(
+            "tls.acme.directory \"{dir}\": not an https:// URL; use e.g. \
+             \"https://acme-v02.api.letsencrypt.org/directory\""
+        )));
+    }
+    Ok(dir)
+}
+
+/// One contact or a list of them.
+fn acme_contact<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrList {
+        One(String),
+        Many(Vec<String>),
+    }
+    let contact = match StringOrList::deserialize(de)? {
+        StringOrList::One(c) => vec![c],
+        StringOrList::Many(c) => c,
+    };
+    if let Some(bad) = contact.iter().find(|c| !c.starts_with("mailto:") || c.len() < 10) {
+        return Err(service_error(format!(
+            "tls.acme.contact \"{bad}\": not a mailto: URL; write e.g. \"mailto:ops@example.com\""
+        )));
+    }
+    Ok(contact)
+}
+
+/// Lowercased; each name is checked where it is written.
+fn acme_domains<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<Spanned<String>>::deserialize(de)?;
+    if list.is_empty() {
+        return Err(service_error("tls.acme.domains is empty; list the names the certificate is for"));
+    }
+    let mut domains = Vec::new();
+    for d in &list {
+        let name = d.get_ref().to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.len() > 253 || !name.contains('.') || !name.split('.').all(label_ok) {
+            return Err(service_error_at(
+                d,
+                format!(
+                    "tls.acme.domains: \"{}\" is not a DNS name; write e.g. \"example.com\" \
+                     (no scheme, port or wildcard: HTTP-01 and TLS-ALPN-01 cannot validate wildcards)",
+                    d.get_ref()
+                ),
+            ));
+        }
+        if domains.contains(&name) {
+            return Err(service_error_at(d, format!("tls.acme.domains: \"{name}\" is listed twice; remove one")));
+        }
+        domains.push(name);
+    }
+    Ok(domains)
+}
+
+fn acme_ca<'de, D: Deserializer<'de>>(de: D) -> Result<Option<PathBuf>, D::Error> {
+    tls_path(de, "acme.ca").map(Some)
+}
+
+fn default_challenge() -> ChallengeKind {
+    ChallengeKind::Http01
+}
+
+impl<'de> Deserialize<'de> for ChallengeKind {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<ChallengeKind, D::Error> {
+        match String::deserialize(de)?.as_str() {
+            "http-01" => Ok(ChallengeKind::Http01),
+            "tls-alpn-01" => Ok(ChallengeKind::TlsAlpn01),
+            other => Err(service_error(format!(
+                "tls.acme.challenge \"{other}\": use \"http-01\" (answered by a redirect service on port 80) \
+                 or \"tls-alpn-01\" (answered by this service on port 443)"
+            ))),
+        }
+    }
+}
+
+fn default_renew_before() -> Duration {
+    DEFAULT_RENEW_BEFORE
+}
+
+fn acme_renew_before<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let d = parse_duration(&text, "tls.acme.renew_before").map_err(service_error)?;
+    if !RENEW_BEFORE_RANGE.contains(&d) {
+        return Err(service_error(format!(
+            "tls.acme.renew_before \"{text}\": out of range; use 1h..=365d (e.g. \"30d\", renewing a \
+             90-day certificate after 60 days)"
+        )));
+    }
+    Ok(d)
 }
 
 
@@ -240,35 +374,27 @@ fn h2_max_streams<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
-    cert: Option<Spanned<String>>,
-    key: Option<Spanned<String>>,
-    certs: Option<Spanned<Vec<RawCertPair>>>,
-    acme: Option<Spanned<RawAcme>>,
+    #[serde(default, deserialize_with = "single_cert")]
+    cert: Option<Spanned<PathBuf>>,
+    #[serde(default, deserialize_with = "single_key")]
+    key: Option<Spanned<PathBuf>>,
+    certs: Option<Spanned<Vec<CertFiles>>>,
+    acme: Option<Acme>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCertPair {
-    cert: Spanned<String>,
-    key: Spanned<String>,
+fn single_cert<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Spanned<PathBuf>>, D::Error> {
+    single(de, "cert")
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAcme {
-    directory: Spanned<String>,
-    contact: Option<Spanned<StringOrList>>,
-    domains: Spanned<Vec<Spanned<String>>>,
-    ca: Option<Spanned<String>>,
-    challenge: Option<Spanned<String>>,
-    renew_before: Option<Spanned<String>>,
+fn single_key<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Spanned<PathBuf>>, D::Error> {
+    single(de, "key")
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StringOrList {
-    One(String),
-    Many(Vec<String>),
+/// `tls.cert` or `tls.key`, with where it is written: the other may be missing.
+fn single<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<Option<Spanned<PathBuf>>, D::Error> {
+    let text = Spanned::<String>::deserialize(de)?;
+    let path = absolute(text.get_ref(), key).map_err(service_error)?;
+    Ok(Some(Spanned::new(text.span(), path)))
 }
 
 /// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
@@ -299,21 +425,6 @@ pub(super) fn parse_https(
 
 fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, ConfigError> {
     let t = raw.get_ref();
-    let path = |value: &Spanned<String>, key: &str| -> Result<PathBuf, ConfigError> {
-        let p = Path::new(value.get_ref());
-        if p.is_absolute() {
-            Ok(p.to_owned())
-        } else {
-            Err(src.at(
-                value,
-                format!(
-                    "{what} tls.{key} \"{}\": not an absolute path; write the full path, e.g. \
-                     \"/etc/xlb/site.crt\"",
-                    value.get_ref()
-                ),
-            ))
-        }
-    };
     let forms = [t.cert.is_some() || t.key.is_some(), t.certs.is_some(), t.acme.is_some()];
     if forms.iter().filter(|&&f| f).count() != 1 {
         return Err(src.at(
@@ -325,113 +436,21 @@ fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, Con
         ));
     }
     if let Some(acme) = &t.acme {
-        let a = acme.get_ref();
-        let dir = a.directory.get_ref();
-        if !dir.starts_with("https://") || dir.parse::<hyper::Uri>().is_err() {
-            return Err(src.at(
-                &a.directory,
-                format!(
-                    "{what} tls.acme.directory \"{dir}\": not an https:// URL; use e.g. \
-                     \"https://acme-v02.api.letsencrypt.org/directory\""
-                ),
-            ));
-        }
-        let contact = match a.contact.as_ref().map(Spanned::get_ref) {
-            None => Vec::new(),
-            Some(StringOrList::One(c)) => vec![c.clone()],
-            Some(StringOrList::Many(c)) => c.clone(),
-        };
-        if let Some(bad) = contact.iter().find(|c| !c.starts_with("mailto:") || c.len() < 10) {
-            return Err(src.at(
-                a.contact.as_ref().expect("contact given"),
-                format!("{what} tls.acme.contact \"{bad}\": not a mailto: URL; write e.g. \"mailto:ops@example.com\""),
-            ));
-        }
-        if a.domains.get_ref().is_empty() {
-            return Err(src.at(
-                &a.domains,
-                format!("{what} tls.acme.domains is empty; list the names the certificate is for"),
-            ));
-        }
-        let mut domains = Vec::new();
-        for d in a.domains.get_ref() {
-            let name = d.get_ref().to_ascii_lowercase();
-            let label_ok = |l: &str| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            };
-            if name.len() > 253 || !name.contains('.') || !name.split('.').all(label_ok) {
-                return Err(src.at(
-                    d,
-                    format!(
-                        "{what} tls.acme.domains: \"{}\" is not a DNS name; write e.g. \"example.com\" \
-                         (no scheme, port or wildcard: HTTP-01 and TLS-ALPN-01 cannot validate wildcards)",
-                        d.get_ref()
-                    ),
-                ));
-            }
-            if domains.contains(&name) {
-                return Err(src.at(d, format!("{what} tls.acme.domains: \"{name}\" is listed twice; remove one")));
-            }
-            domains.push(name);
-        }
-        let ca = a.ca.as_ref().map(|c| path(c, "acme.ca")).transpose()?;
-        let challenge = match a.challenge.as_ref().map(|c| (c, c.get_ref().as_str())) {
-            None | Some((_, "http-01")) => ChallengeKind::Http01,
-            Some((_, "tls-alpn-01")) => ChallengeKind::TlsAlpn01,
-            Some((c, other)) => {
-                return Err(src.at(
-                    c,
-                    format!(
-                        "{what} tls.acme.challenge \"{other}\": use \"http-01\" (answered by a redirect \
-                         service on port 80) or \"tls-alpn-01\" (answered by this service on port 443)"
-                    ),
-                ));
-            }
-        };
-        let renew_before = match &a.renew_before {
-            None => DEFAULT_RENEW_BEFORE,
-            Some(v) => {
-                let d = duration(src, v, &format!("{what} tls.acme.renew_before"))?;
-                if !RENEW_BEFORE_RANGE.contains(&d) {
-                    return Err(src.at(
-                        v,
-                        format!(
-                            "{what} tls.acme.renew_before \"{}\": out of range; use 1h..=365d (e.g. \"30d\", \
-                             renewing a 90-day certificate after 60 days)",
-                            v.get_ref()
-                        ),
-                    ));
-                }
-                d
-            }
-        };
-        return Ok(Tls::Acme(Acme { directory: dir.clone(), contact, domains, ca, challenge, renew_before }));
+        return Ok(Tls::Acme(acme.clone()));
     }
-    let mut pairs = Vec::new();
     if let Some(certs) = &t.certs {
         if certs.get_ref().is_empty() {
             return Err(src.at(certs, format!("{what} tls.certs is empty; list at least one {{ cert, key }}")));
         }
-        for pair in certs.get_ref() {
-            pairs.push(CertFiles { cert: path(&pair.cert, "certs.cert")?, key: path(&pair.key, "certs.key")? });
-        }
-    } else {
-        match (&t.cert, &t.key) {
-            (Some(cert), Some(key)) => pairs.push(CertFiles { cert: path(cert, "cert")?, key: path(key, "key")? }),
-            (Some(v), None) | (None, Some(v)) => {
-                return Err(src.at(
-                    v,
-                    format!("{what} [service.tls]: cert and key go together; give both (PEM files)"),
-                ));
-            }
-            (None, None) => unreachable!("one form is given"),
-        }
+        return Ok(Tls::Files(certs.get_ref().clone()));
     }
-    Ok(Tls::Files(pairs))
+    match (&t.cert, &t.key) {
+        (Some(cert), Some(key)) => Ok(Tls::Files(vec![CertFiles { cert: cert.get_ref().clone(), key: key.get_ref().clone() }])),
+        (Some(v), None) | (None, Some(v)) => {
+            Err(src.at(v, format!("{what} [service.tls]: cert and key go together; give both (PEM files)")))
+        }
+        (None, None) => unreachable!("one form is given"),
+    }
 }
 
 #[cfg(test)]
