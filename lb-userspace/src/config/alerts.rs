@@ -1,23 +1,28 @@
 //! `[alerts]`: e-mail and webhook alerts.
 use std::{fmt, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_spanned::Spanned;
 
-use super::{ConfigError, Source, duration};
+use super::{ConfigError, Source, own_error, own_error_at, own_message, parse_duration};
 
 /// `[alerts]`: alerts about backends going down and up, whole services down, and certificate
 /// renewals that failed, by e-mail and/or webhook.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     /// At most this many messages per minute on each channel; the rest is sent as one summary
     /// once the minute is over.
+    #[serde(default = "default_max_per_minute", deserialize_with = "max_per_minute")]
     pub max_per_minute: u32,
     pub email: Option<EmailConfig>,
     pub webhook: Option<WebhookConfig>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Read through `EmailFile`, whose keys lie flat where this nests the credentials, and whose
+/// rules across keys name the line of the key to change.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "EmailFile")]
 pub struct EmailConfig {
     pub host: String,
     pub port: u16,
@@ -34,9 +39,10 @@ pub struct EmailConfig {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SmtpTls {
     /// Plain connection upgraded with STARTTLS (port 587); refuses a server without it.
+    #[default]
     StartTls,
     /// TLS from the first byte (port 465).
     Tls,
@@ -62,7 +68,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Read through `WebhookFile`: `ca_file` is checked against the url.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "WebhookFile")]
 pub struct WebhookConfig {
     /// `http://` or `https://` URL that gets a JSON `POST` per alert.
     pub url: String,
@@ -75,150 +83,211 @@ pub struct WebhookConfig {
 
 pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawAlerts {
-    max_per_minute: Option<Spanned<i64>>,
-    email: Option<Spanned<RawEmail>>,
-    webhook: Option<Spanned<RawWebhook>>,
-}
+/// Bounds one delivery unless `timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEmail {
-    host: Spanned<String>,
-    port: Option<Spanned<i64>>,
-    tls: Option<Spanned<String>>,
-    from: Spanned<String>,
-    to: Spanned<Vec<Spanned<String>>>,
-    username: Option<Spanned<String>>,
-    password_file: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    ca_file: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWebhook {
-    url: Spanned<String>,
-    timeout: Option<Spanned<String>>,
-    ca_file: Option<Spanned<String>>,
-}
-
-pub(super) fn parse_alerts(src: &Source, raw: Spanned<RawAlerts>) -> Result<AlertsConfig, ConfigError> {
-    let span = raw.span();
-    let raw = raw.into_inner();
-    let max_per_minute = match &raw.max_per_minute {
-        None => DEFAULT_ALERTS_PER_MINUTE,
-        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-            src.at(v, format!("alerts.max_per_minute = {}: out of range; use 1..=1000 messages per minute", v.get_ref()))
-        })?,
-    };
-    let email = raw.email.map(|e| parse_email(src, e.into_inner())).transpose()?;
-    let webhook = raw.webhook.map(|w| parse_webhook(src, w.into_inner())).transpose()?;
-    if email.is_none() && webhook.is_none() {
-        return Err(src.error(
-            Some(src.line(span.start)),
-            "[alerts] has neither [alerts.email] nor [alerts.webhook]; add one (or remove [alerts] to send no alerts)",
-        ));
-    }
-    Ok(AlertsConfig { max_per_minute, email, webhook })
-}
-
-fn parse_email(src: &Source, raw: RawEmail) -> Result<EmailConfig, ConfigError> {
-    let host = raw.host.get_ref().trim();
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
-        return Err(src.at(
-            &raw.host,
-            format!("alerts.email.host \"{}\": not a host name or address; write e.g. \"smtp.example.com\" (the port goes in alerts.email.port)", raw.host.get_ref()),
-        ));
-    }
-    let tls = match raw.tls.as_ref().map(|t| t.get_ref().as_str()) {
-        None | Some("starttls") => SmtpTls::StartTls,
-        Some("tls") => SmtpTls::Tls,
-        Some("none") => SmtpTls::None,
-        Some(other) => {
+impl AlertsConfig {
+    /// `[alerts]` must say where to send them; `table` is where it sits.
+    pub(super) fn check(table: &Spanned<AlertsConfig>, src: &Source) -> Result<(), ConfigError> {
+        let alerts = table.get_ref();
+        if alerts.email.is_none() && alerts.webhook.is_none() {
             return Err(src.at(
-                raw.tls.as_ref().expect("present"),
-                format!(
-                    "alerts.email.tls \"{other}\": use \"starttls\" (port 587, upgraded to TLS), \"tls\" (port 465, TLS \
-                     from the start) or \"none\" (unencrypted: only for a relay on this host)"
-                ),
+                table,
+                "[alerts] has neither [alerts.email] nor [alerts.webhook]; add one (or remove [alerts] to send no alerts)",
             ));
         }
-    };
-    let port = match &raw.port {
-        None => match tls {
+        Ok(())
+    }
+}
+
+fn default_max_per_minute() -> u32 {
+    DEFAULT_ALERTS_PER_MINUTE
+}
+
+fn max_per_minute<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let v = i64::deserialize(de)?;
+    u32::try_from(v)
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| own_error(format!("alerts.max_per_minute = {v}: out of range; use 1..=1000 messages per minute")))
+}
+
+impl<'de> Deserialize<'de> for SmtpTls {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<SmtpTls, D::Error> {
+        match String::deserialize(de)?.as_str() {
+            "starttls" => Ok(SmtpTls::StartTls),
+            "tls" => Ok(SmtpTls::Tls),
+            "none" => Ok(SmtpTls::None),
+            other => Err(own_error(format!(
+                "alerts.email.tls \"{other}\": use \"starttls\" (port 587, upgraded to TLS), \"tls\" (port 465, TLS \
+                 from the start) or \"none\" (unencrypted: only for a relay on this host)"
+            ))),
+        }
+    }
+}
+
+/// `[alerts.email]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailFile {
+    #[serde(deserialize_with = "host")]
+    host: String,
+    #[serde(default, deserialize_with = "port")]
+    port: Option<u16>,
+    tls: Option<Spanned<SmtpTls>>,
+    #[serde(deserialize_with = "from")]
+    from: String,
+    #[serde(deserialize_with = "to")]
+    to: Vec<String>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<PathBuf>>,
+    #[serde(default, deserialize_with = "email_timeout")]
+    timeout: Option<Duration>,
+    ca_file: Option<Spanned<PathBuf>>,
+}
+
+fn host<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    let text = String::deserialize(de)?;
+    let host = text.trim();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+        return Err(own_error(format!(
+            "alerts.email.host \"{text}\": not a host name or address; write e.g. \"smtp.example.com\" (the port goes in alerts.email.port)"
+        )));
+    }
+    Ok(host.to_owned())
+}
+
+fn port<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u16>, D::Error> {
+    let v = i64::deserialize(de)?;
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(Some(p)),
+        _ => Err(own_error(format!("alerts.email.port = {v}: not a port; use 1..=65535 (e.g. 587)"))),
+    }
+}
+
+fn mailbox(text: &str, key: &str) -> Result<String, String> {
+    text.parse::<lettre::message::Mailbox>().map(|m| m.to_string()).map_err(|e| {
+        format!("{key} \"{text}\": not an e-mail address ({e}); write e.g. \"ops@example.com\" or \"Ops <ops@example.com>\"")
+    })
+}
+
+fn from<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    mailbox(&String::deserialize(de)?, "alerts.email.from").map_err(own_error)
+}
+
+/// Each recipient is checked where it is written.
+fn to<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<Spanned<String>>::deserialize(de)?;
+    if list.is_empty() {
+        return Err(own_error("alerts.email.to is empty; list at least one recipient, e.g. to = [\"ops@example.com\"]"));
+    }
+    list.iter().map(|t| mailbox(t.get_ref(), "alerts.email.to").map_err(|e| own_error_at(t, e))).collect()
+}
+
+fn email_timeout<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    parse_duration(&String::deserialize(de)?, "alerts.email.timeout").map(Some).map_err(own_error)
+}
+
+impl TryFrom<EmailFile> for EmailConfig {
+    type Error = String;
+
+    fn try_from(file: EmailFile) -> Result<EmailConfig, String> {
+        fn at<T>(value: &Spanned<T>, message: &str) -> String {
+            own_message(false, Some(value.span().start), message)
+        }
+        let tls = file.tls.as_ref().map_or(SmtpTls::default(), |t| *t.get_ref());
+        let port = file.port.unwrap_or(match tls {
             SmtpTls::StartTls => 587,
             SmtpTls::Tls => 465,
             SmtpTls::None => 25,
-        },
-        Some(v) => u16::try_from(*v.get_ref()).ok().filter(|p| *p != 0).ok_or_else(|| {
-            src.at(v, format!("alerts.email.port = {}: not a port; use 1..=65535 (e.g. 587)", v.get_ref()))
-        })?,
-    };
-    let mailbox = |value: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
-        value.get_ref().parse::<lettre::message::Mailbox>().map(|m| m.to_string()).map_err(|e| {
-            src.at(value, format!("{key} \"{}\": not an e-mail address ({e}); write e.g. \"ops@example.com\" or \"Ops <ops@example.com>\"", value.get_ref()))
+        });
+        let credentials = match (file.username, file.password_file) {
+            (None, None) => None,
+            (Some(username), Some(file)) => Some(SmtpCredentials {
+                username: username.into_inner(),
+                password_file: file.into_inner(),
+                password: Secret::default(),
+            }),
+            (Some(v), None) => {
+                return Err(at(&v, "alerts.email.username is set but password_file is not; add password_file = \"/etc/xlb/smtp-password\" (a file holding only the password)"));
+            }
+            (None, Some(v)) => {
+                return Err(at(&v, "alerts.email.password_file is set but username is not; add the SMTP user name"));
+            }
+        };
+        if let Some(t) = &file.tls
+            && credentials.is_some()
+            && tls == SmtpTls::None
+        {
+            return Err(at(
+                t,
+                "alerts.email.tls = \"none\" with a username: the password would cross the network unencrypted; use \"starttls\" or \"tls\"",
+            ));
+        }
+        if let (Some(ca), SmtpTls::None) = (&file.ca_file, tls) {
+            return Err(at(ca, "alerts.email.ca_file is set but tls = \"none\": a CA is only used with \"starttls\" or \"tls\""));
+        }
+        Ok(EmailConfig {
+            host: file.host,
+            port,
+            tls,
+            from: file.from,
+            to: file.to,
+            credentials,
+            timeout: file.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            ca_file: file.ca_file.map(Spanned::into_inner),
+            ca_pem: None,
         })
-    };
-    let from = mailbox(&raw.from, "alerts.email.from")?;
-    if raw.to.get_ref().is_empty() {
-        return Err(src.at(&raw.to, "alerts.email.to is empty; list at least one recipient, e.g. to = [\"ops@example.com\"]"));
     }
-    let to = raw.to.get_ref().iter().map(|t| mailbox(t, "alerts.email.to")).collect::<Result<Vec<_>, _>>()?;
-    let credentials = match (&raw.username, &raw.password_file) {
-        (None, None) => None,
-        (Some(username), Some(file)) => Some(SmtpCredentials {
-            username: username.get_ref().clone(),
-            password_file: PathBuf::from(file.get_ref()),
-            password: Secret::default(),
-        }),
-        (Some(v), None) => {
-            return Err(src.at(v, "alerts.email.username is set but password_file is not; add password_file = \"/etc/xlb/smtp-password\" (a file holding only the password)"));
-        }
-        (None, Some(v)) => {
-            return Err(src.at(v, "alerts.email.password_file is set but username is not; add the SMTP user name"));
-        }
-    };
-    if credentials.is_some() && tls == SmtpTls::None {
-        return Err(src.at(
-            raw.tls.as_ref().expect("\"none\" was given"),
-            "alerts.email.tls = \"none\" with a username: the password would cross the network unencrypted; use \"starttls\" or \"tls\"",
-        ));
-    }
-    let timeout = match &raw.timeout {
-        None => Duration::from_secs(10),
-        Some(v) => duration(src, v, "alerts.email.timeout")?,
-    };
-    if let (Some(ca), SmtpTls::None) = (&raw.ca_file, tls) {
-        return Err(src.at(ca, "alerts.email.ca_file is set but tls = \"none\": a CA is only used with \"starttls\" or \"tls\""));
-    }
-    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
-    Ok(EmailConfig { host: host.to_owned(), port, tls, from, to, credentials, timeout, ca_file, ca_pem: None })
 }
 
-fn parse_webhook(src: &Source, raw: RawWebhook) -> Result<WebhookConfig, ConfigError> {
-    let text = raw.url.get_ref();
+/// `[alerts.webhook]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookFile {
+    #[serde(deserialize_with = "url")]
+    url: String,
+    #[serde(default, deserialize_with = "webhook_timeout")]
+    timeout: Option<Duration>,
+    ca_file: Option<Spanned<PathBuf>>,
+}
+
+fn url<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    let text = String::deserialize(de)?;
     let uri = text.parse::<hyper::Uri>().ok();
     let ok = uri.as_ref().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
     if !ok {
-        return Err(src.at(
-            &raw.url,
-            format!("alerts.webhook.url \"{text}\": not an http:// or https:// URL; write e.g. \"https://hooks.example.com/xlb\""),
-        ));
+        return Err(own_error(format!(
+            "alerts.webhook.url \"{text}\": not an http:// or https:// URL; write e.g. \"https://hooks.example.com/xlb\""
+        )));
     }
-    let timeout = match &raw.timeout {
-        None => Duration::from_secs(10),
-        Some(v) => duration(src, v, "alerts.webhook.timeout")?,
-    };
-    if let Some(ca) = &raw.ca_file
-        && !text.starts_with("https://")
-    {
-        return Err(src.at(ca, "alerts.webhook.ca_file is set but the url is not https://: a CA is only used for https"));
+    Ok(text)
+}
+
+fn webhook_timeout<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    parse_duration(&String::deserialize(de)?, "alerts.webhook.timeout").map(Some).map_err(own_error)
+}
+
+impl TryFrom<WebhookFile> for WebhookConfig {
+    type Error = String;
+
+    fn try_from(file: WebhookFile) -> Result<WebhookConfig, String> {
+        if let Some(ca) = &file.ca_file
+            && !file.url.starts_with("https://")
+        {
+            return Err(own_message(
+                false,
+                Some(ca.span().start),
+                "alerts.webhook.ca_file is set but the url is not https://: a CA is only used for https",
+            ));
+        }
+        Ok(WebhookConfig {
+            url: file.url,
+            timeout: file.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            ca_file: file.ca_file.map(Spanned::into_inner),
+            ca_pem: None,
+        })
     }
-    let ca_file = raw.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
-    Ok(WebhookConfig { url: text.clone(), timeout, ca_file, ca_pem: None })
 }
 
 #[cfg(test)]

@@ -33,7 +33,6 @@ pub use dataplane::{DEFAULT_PIN_PATH, Dataplane, XdpMode};
 pub use https::{Acme, CertFiles, HttpHeaders, Https, Limits, Timeouts, Tls};
 pub use service::{CheckKind, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, Health, MAX_PASSIVE_DURATION, Service, ServiceMode};
 use {
-    alerts::{RawAlerts, parse_alerts},
     service::{RawService, parse_services},
 };
 
@@ -122,7 +121,7 @@ struct RawConfig {
     admin: Admin,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
-    alerts: Option<Spanned<RawAlerts>>,
+    alerts: Option<Spanned<AlertsConfig>>,
     #[serde(default)]
     acme: AcmeSection,
 }
@@ -243,7 +242,10 @@ impl Config {
             )
         })?;
         let services = parse_services(&src, raw.services)?;
-        let alerts = raw.alerts.map(|a| parse_alerts(&src, a)).transpose()?;
+        if let Some(alerts) = &raw.alerts {
+            AlertsConfig::check(alerts, &src)?;
+        }
+        let alerts = raw.alerts.map(Spanned::into_inner);
         Ok(Config {
             path: path.to_owned(),
             dataplane,
@@ -256,11 +258,7 @@ impl Config {
     }
 }
 
-fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
-    parse_duration(value.get_ref(), key).map_err(|message| src.at(value, message))
-}
-
-/// `duration` on a bare string: the message names `key`.
+/// A humantime duration such as "1s" or "500ms"; the message names `key`.
 fn parse_duration(text: &str, key: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{key} \"{text}\": not a duration ({e}); write e.g. \"1s\" or \"500ms\""))
@@ -310,9 +308,14 @@ fn parse_socket_addr(text: &str, key: &str, example: &str) -> Result<SocketAddr,
 const OWN_ERROR: char = '\u{1}';
 
 fn own_error_with<E: serde::de::Error>(service: bool, at: Option<usize>, message: impl fmt::Display) -> E {
+    E::custom(own_message(service, at, message))
+}
+
+/// The text of `own_error_with`, for a `try_from` conversion (which serde turns into an error).
+fn own_message(service: bool, at: Option<usize>, message: impl fmt::Display) -> String {
     let service = if service { "s" } else { "" };
     let at = at.map(|a| a.to_string()).unwrap_or_default();
-    E::custom(format_args!("{OWN_ERROR}{service}:{at}{OWN_ERROR}{message}"))
+    format!("{OWN_ERROR}{service}:{at}{OWN_ERROR}{message}")
 }
 
 /// A complete config message from inside deserialization; toml puts it on the line of the value
