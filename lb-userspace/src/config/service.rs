@@ -208,7 +208,7 @@ pub(super) struct RawService {
     #[serde(default)]
     pub(super) mode: ServiceMode,
     #[serde(default, deserialize_with = "backends")]
-    pub(super) backends: Option<Spanned<Vec<Spanned<SocketAddr>>>>,
+    pub(super) backends: Option<Backends>,
     pub(super) health: Option<Spanned<Health>>,
     pub(super) tls: Option<Spanned<RawTls>>,
     pub(super) http: Option<Spanned<HttpHeaders>>,
@@ -222,6 +222,9 @@ pub(super) struct RawService {
     pub(super) slow_start: Duration,
 }
 
+/// The backends as written: the list and each address with where it sits.
+pub(super) type Backends = Spanned<Vec<Spanned<SocketAddr>>>;
+
 fn listen<'de, D: Deserializer<'de>>(de: D) -> Result<Spanned<SocketAddr>, D::Error> {
     let text = Spanned::<String>::deserialize(de)?;
     let addr = parse_socket_addr(text.get_ref(), "listen", "203.0.113.10:80").map_err(service_error)?;
@@ -230,7 +233,7 @@ fn listen<'de, D: Deserializer<'de>>(de: D) -> Result<Spanned<SocketAddr>, D::Er
 
 /// Each address is checked where it is written, so the error names its line; the checks against
 /// the listen address come after deserialization.
-fn backends<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Spanned<Vec<Spanned<SocketAddr>>>>, D::Error> {
+fn backends<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Backends>, D::Error> {
     let list = Spanned::<Vec<Spanned<String>>>::deserialize(de)?;
     let span = list.span();
     let addrs = list
