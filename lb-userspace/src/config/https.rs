@@ -11,7 +11,7 @@ use serde_spanned::Spanned;
 
 use super::{
     ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, parse_duration,
-    service::RawService, service_error, service_error_at,
+    service::ServiceFile, service_error, service_error_at,
 };
 
 /// Everything an `https` service has beyond its backends and health checks.
@@ -195,7 +195,6 @@ fn acme_renew_before<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Er
     Ok(d)
 }
 
-
 /// Response headers an `https` service adds (`None`: not added). Set by `[service.http]`; an
 /// empty string there turns a header off.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -371,9 +370,10 @@ fn h2_max_streams<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
     Ok(limit(de, "h2_max_streams", 1..=10_000, "streams")? as u32)
 }
 
+/// `[service.tls]` as written: one of three forms, which become one `Tls`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawTls {
+pub(super) struct TlsFile {
     #[serde(default, deserialize_with = "single_cert")]
     cert: Option<Spanned<PathBuf>>,
     #[serde(default, deserialize_with = "single_key")]
@@ -401,7 +401,7 @@ fn single<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<Option<Spanned<
 /// proxy's failures).
 pub(super) fn parse_https(
     src: &Source,
-    raw: &RawService,
+    raw: &ServiceFile,
     what: &str,
     max_fails: u32,
     fail_timeout: Duration,
@@ -423,7 +423,7 @@ pub(super) fn parse_https(
     Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
 }
 
-fn parse_tls(src: &Source, raw: &Spanned<RawTls>, what: &str) -> Result<Tls, ConfigError> {
+fn parse_tls(src: &Source, raw: &Spanned<TlsFile>, what: &str) -> Result<Tls, ConfigError> {
     let t = raw.get_ref();
     let forms = [t.cert.is_some() || t.key.is_some(), t.certs.is_some(), t.acme.is_some()];
     if forms.iter().filter(|&&f| f).count() != 1 {

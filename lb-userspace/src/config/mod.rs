@@ -1,8 +1,11 @@
 //! `xlb.toml`: parsing and validation.
 //!
-//! The file is deserialized into `Raw*` types that keep every value's byte span, then validated
-//! into the plain public types. Every error names the file, the line, the key, what is wrong and
-//! how to fix it, because the person reading it is editing that file.
+//! Each section deserializes straight into its public type: `deserialize_with` helpers check
+//! every value as it is read and raise the finished message (see `OWN_ERROR`), which toml places
+//! on the value's line. The rules across keys run after, per section. Where the file's shape is
+//! not the type's, a private `*File` form sits in between (the top level, a service, its tls,
+//! an alert channel). Every error names the file, the line, the key, what is wrong and how to
+//! fix it, because the person reading it is editing that file.
 //!
 //! One file per section; `system` holds the checks that look at the host. Nothing here depends on
 //! the rest of the daemon, so every part of it can use the config.
@@ -33,7 +36,7 @@ pub use dataplane::{DEFAULT_PIN_PATH, Dataplane, XdpMode};
 pub use https::{Acme, CertFiles, HttpHeaders, Https, Limits, Timeouts, Tls};
 pub use service::{CheckKind, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, Health, MAX_PASSIVE_DURATION, Service, ServiceMode};
 use {
-    service::{RawService, parse_services},
+    service::{ServiceFile, parse_services},
 };
 
 #[derive(Clone, Debug)]
@@ -113,14 +116,16 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The file's top level: `Config` without the path and the line bookkeeping, and with the
+/// services as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+struct ConfigFile {
     dataplane: Option<Dataplane>,
     #[serde(default)]
     admin: Admin,
     #[serde(default, rename = "service")]
-    services: Vec<Spanned<RawService>>,
+    services: Vec<Spanned<ServiceFile>>,
     alerts: Option<Spanned<AlertsConfig>>,
     #[serde(default)]
     acme: AcmeSection,
@@ -234,7 +239,7 @@ impl Config {
     /// Syntax and every check that needs no system lookup.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let src = Source { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml(&e))?;
+        let raw: ConfigFile = toml::from_str(text).map_err(|e| src.toml(&e))?;
         let dataplane = raw.dataplane.ok_or_else(|| {
             src.error(
                 None,

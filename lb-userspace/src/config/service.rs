@@ -8,7 +8,7 @@ use serde_spanned::Spanned;
 
 use super::{
     ChallengeKind, ConfigError, HttpHeaders, Https, Limits, Source, Timeouts, Tls,
-    https::{RawTls, parse_https},
+    https::{TlsFile, parse_https},
     parse_duration, parse_socket_addr, service_error, service_error_at,
 };
 
@@ -58,8 +58,6 @@ impl ServiceMode {
         }
     }
 }
-
-
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -198,10 +196,11 @@ fn timing_line(src: &Source, table: usize) -> Option<usize> {
     timeout.or(interval).map(|v| src.line(v.span().start))
 }
 
-
+/// A `[[service]]` as written: the https tables sit flat in it and are allowed by mode, the
+/// positions of name, listen and backends go into cross-key errors.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawService {
+pub(super) struct ServiceFile {
     pub(super) name: Spanned<String>,
     #[serde(deserialize_with = "listen")]
     pub(super) listen: Spanned<SocketAddr>,
@@ -210,7 +209,7 @@ pub(super) struct RawService {
     #[serde(default, deserialize_with = "backends")]
     pub(super) backends: Option<Backends>,
     pub(super) health: Option<Spanned<Health>>,
-    pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) tls: Option<Spanned<TlsFile>>,
     pub(super) http: Option<Spanned<HttpHeaders>>,
     pub(super) timeouts: Option<Spanned<Timeouts>>,
     pub(super) limits: Option<Spanned<Limits>>,
@@ -301,10 +300,9 @@ fn passive_duration<'de, D: Deserializer<'de>>(de: D, key: &str, zero_ok: bool) 
     Ok(d)
 }
 
-
 pub(super) fn parse_services(
     src: &Source,
-    raw: Vec<Spanned<RawService>>,
+    raw: Vec<Spanned<ServiceFile>>,
 ) -> Result<Vec<Service>, ConfigError> {
     if raw.is_empty() {
         return Err(src.error(
@@ -382,7 +380,7 @@ pub(super) fn parse_services(
 
 fn parse_service(
     src: &Source,
-    raw: RawService,
+    raw: ServiceFile,
     what: &str,
 ) -> Result<Service, ConfigError> {
     let listen = *raw.listen.get_ref();
