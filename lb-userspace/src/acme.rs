@@ -53,6 +53,7 @@ use tracing::{error, info, warn};
 use crate::challenges::Challenges;
 
 pub use crate::config::{ChallengeKind, DEFAULT_RENEW_BEFORE};
+
 /// First wait after a failed attempt; it doubles with each further failure...
 pub const DEFAULT_RETRY_MIN: Duration = Duration::from_secs(60);
 /// ...up to this, so a CA outage costs a few requests a day, not a request a minute (and
