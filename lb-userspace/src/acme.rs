@@ -51,9 +51,8 @@ use tracing::{error, info, warn};
 
 use crate::{certs, challenges::Challenges};
 
-/// Renew this long before a certificate ends (Let's Encrypt's 90-day certificates are then
-/// renewed after 60 days, as certbot does), or after two thirds of a shorter lifetime.
-pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub use crate::config::{ChallengeKind, DEFAULT_RENEW_BEFORE};
+
 /// First wait after a failed attempt; it doubles with each further failure...
 pub const DEFAULT_RETRY_MIN: Duration = Duration::from_secs(60);
 /// ...up to this, so a CA outage costs a few requests a day, not a request a minute (and
@@ -74,34 +73,12 @@ const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 
-/// Which challenge proves control of the domains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChallengeKind {
-    /// A file at `http://<domain>/.well-known/acme-challenge/<token>`: needs port 80.
-    Http01,
-    /// A special certificate on port 443 for the `acme-tls/1` protocol: needs only port 443.
-    TlsAlpn01,
-}
-
 impl ChallengeKind {
     fn acme(self) -> ChallengeType {
         match self {
             ChallengeKind::Http01 => ChallengeType::Http01,
             ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
         }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChallengeKind::Http01 => "http-01",
-            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
-        }
-    }
-}
-
-impl fmt::Display for ChallengeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
