@@ -532,7 +532,7 @@ mod tests {
 
     #[test]
     fn load_reads_and_checks_the_file() {
-        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("xlb-config-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("xlb.toml");
         std::fs::write(

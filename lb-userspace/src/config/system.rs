@@ -2,7 +2,7 @@
 //! certificate files load; and the files read for secrets and trust.
 use std::{collections::HashSet, net::IpAddr, path::Path};
 
-use super::{CertFiles, Config, ConfigError, Https, Secret, Tls};
+use super::{Config, ConfigError, Https, Secret, Tls};
 
 impl Config {
     /// Every interface exists and every backend address is assigned on this host.
@@ -34,7 +34,8 @@ impl Config {
         for service in &self.services {
             if let Some(Https { tls: Tls::Files(files), .. }) = &service.https {
                 for pair in files {
-                    if let Err(e) = load_pair(pair) {
+                    // Loaded exactly as serving loads them (`certs` is a leaf module).
+                    if let Err(e) = crate::certs::load_files(&pair.cert, &pair.key) {
                         return Err(error(None, format!("service \"{}\" [service.tls]: {e:#}", service.name)));
                     }
                 }
@@ -122,12 +123,6 @@ impl Config {
     }
 }
 
-/// Whether a certificate and its key load as the TLS server would load them.
-fn load_pair(pair: &CertFiles) -> anyhow::Result<()> {
-    // The one use of the daemon's TLS code: the check must load the files exactly as serving does.
-    crate::https::tls::load_pair(pair).map(drop)
-}
-
 fn local_addresses() -> nix::Result<HashSet<IpAddr>> {
     Ok(nix::ifaddrs::getifaddrs()?
         .filter_map(|ifa| {
@@ -206,7 +201,7 @@ mod tests {
 
     #[test]
     fn smtp_password_comes_from_its_file() {
-        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("xlb-config-secrets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("smtp-password");
         let text = format!("{EXAMPLE}{}", ALERTS.replace("/etc/xlb/smtp-password", &file.display().to_string()));

@@ -53,11 +53,6 @@ pub fn provider() -> CryptoProvider {
     provider
 }
 
-/// Reads one `[service.tls]` certificate and key pair (see [`certs::load_files`]).
-pub fn load_pair(files: &CertFiles) -> anyhow::Result<Loaded> {
-    certs::load_files(&files.cert, &files.key)
-}
-
 fn matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => name
@@ -168,7 +163,7 @@ pub async fn watch_files(
         if now == seen && !forced {
             continue;
         }
-        match files.iter().map(load_pair).collect::<anyhow::Result<Vec<_>>>() {
+        match files.iter().map(|f| certs::load_files(&f.cert, &f.key)).collect::<anyhow::Result<Vec<_>>>() {
             Ok(certs) => {
                 let names: Vec<String> = certs.iter().flat_map(|c| c.names.clone()).collect();
                 resolver.set(certs);
@@ -192,6 +187,10 @@ pub async fn watch_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_pair(files: &CertFiles) -> anyhow::Result<Loaded> {
+        certs::load_files(&files.cert, &files.key)
+    }
 
     #[test]
     fn wildcards_cover_one_label() {
