@@ -385,14 +385,7 @@ mod tests {
                 ]
                 .map(|b| b.parse().unwrap())
                 .to_vec(),
-                health: Health {
-                    check: CheckKind::Http,
-                    path: "/health".into(),
-                    interval: Duration::from_secs(1),
-                    timeout: Duration::from_millis(500),
-                    rise: 2,
-                    fall: 2,
-                },
+                health: Health::default(),
                 max_fails: 1,
                 fail_timeout: Duration::from_secs(10),
                 slow_start: Duration::ZERO,

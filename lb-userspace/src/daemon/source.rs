@@ -104,10 +104,7 @@ impl StatusSource for Source {
         let mut backends = sh.backends.lock().unwrap();
         let current = sh.current();
         let services = &current.config.services;
-        let s = services.iter().position(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
-            name: service.into(),
-            known: services.iter().map(|s| s.name.clone()).collect(),
-        })?;
+        let s = service_index(services, service)?;
         let svc = &services[s];
         let b = svc.backends.iter().position(|&a| a == backend).ok_or_else(|| ControlError::UnknownBackend {
             service: service.into(),
@@ -143,10 +140,7 @@ impl StatusSource for Source {
         let sh = &*self.0;
         let current = sh.current();
         let services = &current.config.services;
-        let s = services.iter().position(|s| s.name == service).ok_or_else(|| ControlError::UnknownService {
-            name: service.into(),
-            known: services.iter().map(|s| s.name.clone()).collect(),
-        })?;
+        let s = service_index(services, service)?;
         let Some(m) = sh.https.acme.get(s).and_then(Option::as_ref) else {
             let with: Vec<&str> =
                 services.iter().zip(&sh.https.acme).filter(|(_, m)| m.is_some()).map(|(s, _)| s.name.as_str()).collect();
@@ -168,4 +162,12 @@ impl StatusSource for Source {
             ReloadError::Failed(e) => ControlError::Failed(e),
         })
     }
+}
+
+/// The index of the service named `name`, or the error naming the services there are.
+fn service_index(services: &[crate::config::Service], name: &str) -> Result<usize, ControlError> {
+    services.iter().position(|s| s.name == name).ok_or_else(|| ControlError::UnknownService {
+        name: name.into(),
+        known: services.iter().map(|s| s.name.clone()).collect(),
+    })
 }
