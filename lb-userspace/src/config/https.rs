@@ -11,7 +11,7 @@ use serde_spanned::Spanned;
 
 use super::{
     ChallengeKind, ConfigError, DEFAULT_RENEW_BEFORE, Source, acme::RENEW_BEFORE_RANGE, parse_duration,
-    service::ServiceFile, service_error, service_error_at,
+    service_error, service_error_at,
 };
 
 /// Everything an `https` service has beyond its backends and health checks.
@@ -397,33 +397,7 @@ fn single<'de, D: Deserializer<'de>>(de: D, key: &str) -> Result<Option<Spanned<
     Ok(Some(Spanned::new(text.span(), path)))
 }
 
-/// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
-/// proxy's failures).
-pub(super) fn parse_https(
-    src: &Source,
-    raw: &ServiceFile,
-    what: &str,
-    max_fails: u32,
-    fail_timeout: Duration,
-) -> Result<Https, ConfigError> {
-    let Some(tls) = &raw.tls else {
-        return Err(src.at(
-            &raw.name,
-            format!(
-                "{what}: mode \"https\" needs a [service.tls] table with cert and key (PEM files) \
-                 or acme = {{ directory, contact, domains }}"
-            ),
-        ));
-    };
-    let tls = parse_tls(src, tls, what)?;
-    fn table<T: Clone + Default>(t: &Option<Spanned<T>>) -> T {
-        t.as_ref().map(Spanned::get_ref).cloned().unwrap_or_default()
-    }
-    let (http, timeouts, limits) = (table(&raw.http), table(&raw.timeouts), table(&raw.limits));
-    Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
-}
-
-fn parse_tls(src: &Source, raw: &Spanned<TlsFile>, what: &str) -> Result<Tls, ConfigError> {
+pub(super) fn parse_tls(src: &Source, raw: &Spanned<TlsFile>, what: &str) -> Result<Tls, ConfigError> {
     let t = raw.get_ref();
     let forms = [t.cert.is_some() || t.key.is_some(), t.certs.is_some(), t.acme.is_some()];
     if forms.iter().filter(|&&f| f).count() != 1 {

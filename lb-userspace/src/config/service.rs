@@ -8,7 +8,7 @@ use serde_spanned::Spanned;
 
 use super::{
     ChallengeKind, ConfigError, HttpHeaders, Https, Limits, Source, Timeouts, Tls,
-    https::{TlsFile, parse_https},
+    https::{TlsFile, parse_tls},
     parse_duration, parse_socket_addr, service_error, service_error_at,
 };
 
@@ -502,6 +502,32 @@ fn parse_service(
         slow_start,
         https,
     })
+}
+
+/// `max_fails` and `fail_timeout` are the service's (they apply to both the data path's and the
+/// proxy's failures).
+pub(super) fn parse_https(
+    src: &Source,
+    raw: &ServiceFile,
+    what: &str,
+    max_fails: u32,
+    fail_timeout: Duration,
+) -> Result<Https, ConfigError> {
+    let Some(tls) = &raw.tls else {
+        return Err(src.at(
+            &raw.name,
+            format!(
+                "{what}: mode \"https\" needs a [service.tls] table with cert and key (PEM files) \
+                 or acme = {{ directory, contact, domains }}"
+            ),
+        ));
+    };
+    let tls = parse_tls(src, tls, what)?;
+    fn table<T: Clone + Default>(t: &Option<Spanned<T>>) -> T {
+        t.as_ref().map(Spanned::get_ref).cloned().unwrap_or_default()
+    }
+    let (http, timeouts, limits) = (table(&raw.http), table(&raw.timeouts), table(&raw.limits));
+    Ok(Https { tls, http, timeouts, limits, max_fails, fail_timeout })
 }
 
 #[cfg(test)]
