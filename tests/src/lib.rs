@@ -4,13 +4,18 @@
 //! Everything here panics with a message instead of returning errors: a test that cannot build
 //! its world has nothing better to do, and the message should say what to fix.
 mod http;
+/// Needs the data plane (lb-userspace), hence the feature: see Cargo.toml.
+#[cfg(feature = "packet")]
+pub mod packet;
 mod proc;
+mod rng;
 mod topology;
 mod xdp;
 
 pub use http::{HttpResponse, http_get};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
+pub use rng::Rng;
 pub use topology::Topology;
 pub use xdp::NoopXdp;
 

@@ -24,7 +24,7 @@ use std::{
 use serde_json::Value;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use support::*;
-use xlb_tests::{Signal, Topology, demo_backend_bin, http_get};
+use xlb_tests::{Rng, Signal, Topology, demo_backend_bin, http_get};
 
 fn full() -> bool {
     std::env::var("XLB_RELIABILITY").is_ok_and(|v| v == "full")
@@ -296,21 +296,6 @@ fn syn_flood_of_ten_times_conntrack_during_keep_alive_load() {
 // ---------------------------------------------------------------------------------------------
 // R11: flapping.
 
-/// splitmix64, seeded from the clock and printed, for the flapping schedule.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 /// A backend whose health check flips every 0.7–2 s, with 80 ms blips in between (shorter than
 /// one probe interval, so they can fail at most one probe): its state must follow every long
 /// phase with exactly one transition, no sooner than `fall` failing (`rise` passing) probes can
@@ -323,7 +308,7 @@ fn flapping_backend_honours_rise_fall_without_a_write_storm() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     eprintln!("flapping: {phases} phases, seed {seed} (XLB_FLAP_SEED={seed} replays the schedule)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let lb = Lb::start("rflap", Family::V4);
     let app = lb.apps[0].as_ref().unwrap();
     let writes_before = counter(&lb.status(), "backend_state_writes");
