@@ -453,8 +453,8 @@ const FLAG_SETS: [u8; 9] = [SYN, SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST,
 /// option, a VLAN tag or IPv4 options. (The draws keep their order: a seed replays a run.)
 fn segment(rng: &mut Rng, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Frame {
     let mut p = Pkt::new(src, sport, dst, dport, flags);
-    p.seq = rng.next() as u32;
-    p.ack = if flags & ACK != 0 { rng.next() as u32 } else { 0 };
+    p.seq = rng.next_u64() as u32;
+    p.ack = if flags & ACK != 0 { rng.next_u64() as u32 } else { 0 };
     p.tcp_options = if rng.chance(30) { vec![2, 4, 0x05, 0xb4] } else { Vec::new() }; // MSS
     p.payload = Vec::new();
     if flags & PSH != 0 {
@@ -463,13 +463,13 @@ fn segment(rng: &mut Rng, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flag
     }
     if rng.chance(15) {
         let tpid = if rng.chance(50) { VLAN_8021Q } else { VLAN_8021AD };
-        p.vlan = Some((tpid, rng.next() as u16 & 0x0fff));
+        p.vlan = Some((tpid, rng.next_u64() as u16 & 0x0fff));
     }
     if src.is_ipv4() {
         if rng.chance(10) {
             p.ip_options = vec![1, 1, 1, 0];
         }
-        p.ip_id = rng.next() as u16;
+        p.ip_id = rng.next_u64() as u16;
     }
     p.frame()
 }
@@ -586,7 +586,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "ihl / version"
             }
             5 => {
-                let v = { let r = rng.next() as u16; rng.pick(&[0u16, 0x4000, 0x2000, 0x0001, 0x1fff, r]) };
+                let v = { let r = rng.next_u64() as u16; rng.pick(&[0u16, 0x4000, 0x2000, 0x0001, 0x1fff, r]) };
                 if f.v4 {
                     set(p, l3 + 6, (v >> 8) as u8);
                     set(p, l3 + 7, v as u8);
@@ -605,7 +605,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "ip protocol / next header"
             }
             8 => {
-                let port = if rng.chance(50) { rng.pick(&[80u16, 22, 8001, 8002, 8003, 40000, 40001]) } else { rng.next() as u16 };
+                let port = if rng.chance(50) { rng.pick(&[80u16, 22, 8001, 8002, 8003, 40000, 40001]) } else { rng.next_u64() as u16 };
                 let at = l4 + 2 * rng.below(2);
                 set(p, at, (port >> 8) as u8);
                 set(p, at + 1, port as u8);
@@ -622,7 +622,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "address"
             }
             10 => {
-                let v = { let r = rng.next() as u16; rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, r]) };
+                let v = { let r = rng.next_u64() as u16; rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, r]) };
                 let at = if rng.chance(70) { 12 } else { 16 };
                 set(p, at, (v >> 8) as u8);
                 set(p, at + 1, v as u8);

@@ -337,7 +337,7 @@ fn flapping_backend_honours_rise_fall_without_a_write_storm() {
         let mut failing = false;
         for _ in 0..phases {
             // A blip first, in half of the phases: two flips 80 ms apart.
-            if rng.next().is_multiple_of(2) {
+            if rng.next_u64().is_multiple_of(2) {
                 std::thread::sleep(Duration::from_millis(rng.between(300, 500)));
                 let t = Instant::now();
                 assert!(app.signal(Signal::SIGUSR1));
