@@ -29,47 +29,34 @@ use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
 use xlb_tests::{
     Rng,
     packet::{
-        self, ACK, CLIENT, CLIENT6, FIN, Frame, HOST, HOST6, Icmp, PSH, Parsed, Pkt, ROUTER, RST, SYN, TC_ACT_OK, Tcp, VIP, VIP6,
+        self, ACK, CLIENT, CLIENT6, FIN, Frame, HOST, HOST6, Icmp, PSH, Parsed, Pkt, ROUTER, RST, SERVICES, SYN, TC_ACT_OK, Tcp, VIP, VIP6,
         VLAN_8021AD, VLAN_8021Q, XDP_DROP, XDP_PASS, csum, icmp_error, parse, rd16, rd32, replace16, replace32, tcp_csum, word,
         wr16,
     },
 };
 
-/// Service 0: a VIP on its own address; 1: a VIP on the backends' address (port rewrite only);
-/// 2: IPv6; 3: every backend down (SYNs dropped).
-///
-/// Passive health is off (`max_fails = 0`): what it does depends on time (a SYN seen again
-/// 200 ms after the first is a retransmission), which a model run beside the kernel cannot
-/// know to the microsecond. With it off, the programs still track each flow's handshake, which
-/// the model follows; passive health itself has its own packet and scenario tests.
-const CONFIG: &str = r#"
-[dataplane]
-interfaces = ["lo"]
-[[service]]
-name = "vip"
-listen = "198.18.0.10:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-max_fails = 0
-[[service]]
-name = "same-address"
-listen = "198.18.0.1:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-max_fails = 0
-[[service]]
-name = "v6"
-listen = "[2001:2::10]:80"
-backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
-max_fails = 0
+/// Service 3 of the fuzzed configuration: every backend down (SYNs dropped).
+const DOWN_SERVICE: &str = r#"
 [[service]]
 name = "down"
 listen = "198.18.0.11:80"
 backends = ["198.18.0.1:8004"]
-max_fails = 0
 "#;
 
-/// The programs with `CONFIG` loaded (service 3 down), and its services as parsed.
+/// The programs loaded with `SERVICES` and `DOWN_SERVICE` (service 3, down), and those services
+/// as parsed, with passive health off (`max_fails = 0`).
+///
+/// What passive health does depends on time (a SYN seen again 200 ms after the first is a
+/// retransmission), which a model run beside the kernel cannot know to the microsecond. With it
+/// off, the programs still track each flow's handshake, which the model follows; passive health
+/// itself has its own packet and scenario tests.
 fn load(max_flows: u32) -> (Dataplane, Config) {
-    packet::load(CONFIG, max_flows, |s, _| if s == 3 { BackendState::Down } else { BackendState::Up })
+    let mut config = packet::config(&format!("{SERVICES}{DOWN_SERVICE}"));
+    for svc in &mut config.services {
+        svc.max_fails = 0;
+    }
+    let dp = packet::load(&config, max_flows, |s, _| if s == 3 { BackendState::Down } else { BackendState::Up });
+    (dp, config)
 }
 
 // ---------------------------------------------------------------------------------------------

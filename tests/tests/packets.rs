@@ -14,38 +14,19 @@ use xlb::{
     status::BackendState,
 };
 use xlb_tests::packet::{
-    ACK, CLIENT, CLIENT6, FIN, HOST, HOST6, PSH, Pkt, ROUTER, RST, SYN, TC_ACT_OK, TC_ACT_SHOT, VIP, VIP6, VLAN_8021Q, XDP_DROP,
+    ACK, CLIENT, CLIENT6, FIN, HOST, HOST6, PSH, Pkt, ROUTER, RST, SERVICES, SYN, TC_ACT_OK, TC_ACT_SHOT, VIP, VIP6, VLAN_8021Q, XDP_DROP,
     XDP_PASS, config, counter, icmp_error, ipv4_header_ok, live, load, rd16, set_live, tc, tcp_checksum_ok, v4, v6, xdp,
     xdp_bytes,
 };
 
-/// Service 0: a VIP on its own address (address and port rewritten); service 1: a VIP on the
-/// backends' address, as on a one-address VPS (port rewritten only); service 2: IPv6.
-const CONFIG: &str = r#"
-[dataplane]
-interfaces = ["lo"]
-[[service]]
-name = "vip"
-listen = "198.18.0.10:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-[[service]]
-name = "same-address"
-listen = "198.18.0.1:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-[[service]]
-name = "v6"
-listen = "[2001:2::10]:80"
-backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
-"#;
-
-/// The programs loaded with `CONFIG`'s services; `states[s][b]` where given, else up.
+/// The programs loaded with `SERVICES`; `states[s][b]` where given, else up.
 fn setup(states: &[&[BackendState]]) -> Dataplane {
-    setup_with(CONFIG, 4096, states)
+    setup_with(SERVICES, 4096, states)
 }
 
 /// The programs loaded with conntrack for `max_flows` and the services of `config_text`.
 fn setup_with(config_text: &str, max_flows: u32, states: &[&[BackendState]]) -> Dataplane {
-    load(config_text, max_flows, |s, b| states.get(s).and_then(|v| v.get(b)).copied().unwrap_or(BackendState::Up)).0
+    load(&config(config_text), max_flows, |s, b| states.get(s).and_then(|v| v.get(b)).copied().unwrap_or(BackendState::Up))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,7 +328,7 @@ fn selection_follows_counts_and_states() {
     let syn = v4(CLIENT, 42000, VIP, 80, SYN);
     let dp = {
         let mut dp = dp;
-        let config = config(CONFIG);
+        let config = config(SERVICES);
         let states: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![Down; s.backends.len()]).collect();
         dp.apply_services(&config.services, &states).unwrap();
         dp
@@ -472,7 +453,7 @@ fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
 
 #[test]
 fn ipv6_backends_are_failed_the_same_way() {
-    // `CONFIG`'s service 2 (IPv6) has the default max_fails = 1.
+    // `SERVICES`' service 2 (IPv6) has the default max_fails = 1.
     let mut dp = setup(&[]);
     set_live(&mut dp, 2, &[0, 3]);
     let syn = v6(CLIENT6, 46500, VIP6, 80, SYN);
@@ -480,7 +461,7 @@ fn ipv6_backends_are_failed_the_same_way() {
     let rst = v6(HOST6, 8001, CLIENT6, 46500, RST | ACK);
     assert_eq!(tc(&dp, &rst).0, TC_ACT_SHOT);
     assert!(dp.flow(&syn.key()).is_none());
-    let config = config(CONFIG);
+    let config = config(SERVICES);
     assert_eq!(dp.current_states(&config.services)[2][0], Some(BackendState::Failed));
     assert_eq!(dp.passive(2, 0).unwrap().refused, 1);
     // The client's retransmission goes to the other backend, however loaded.
@@ -628,7 +609,7 @@ fn slow_start_ramps_a_recovered_backends_share_linearly() {
 
 #[test]
 fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
-    let dp = setup_with(CONFIG, 1024, &[]);
+    let dp = setup_with(SERVICES, 1024, &[]);
     for port in 0..1024u16 {
         let (verdict, _) = xdp(&dp, &v4(CLIENT, 10000 + port, VIP, 80, SYN));
         assert_eq!(verdict, XDP_PASS);
@@ -693,7 +674,7 @@ fn icmp_errors_about_replies_reach_the_backend() {
 /// joined with its forward entry, across several batches.
 #[test]
 fn the_daemon_reads_every_tracked_flow() {
-    let dp = setup_with(CONFIG, 16384, &[]);
+    let dp = setup_with(SERVICES, 16384, &[]);
     const N: u16 = 10_000;
     for port in 0..N {
         xdp(&dp, &v4(CLIENT, 20000 + port, VIP, 80, SYN));

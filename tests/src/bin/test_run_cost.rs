@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use xlb_tests::packet::{ACK, CLIENT, HOST, PSH, SYN, VIP, XDP_PASS, counter, load, v4, xdp};
+use xlb_tests::packet::{ACK, CLIENT, HOST, PSH, SYN, VIP, XDP_PASS, config, counter, load, v4, xdp};
 
 /// Two services that are each other's backend. With repeat > 1, `BPF_PROG_TEST_RUN` runs every
 /// repetition on the packet the previous one left, so a rewritten packet would otherwise measure
@@ -27,7 +27,7 @@ backends = ["198.18.0.10:80"]
 
 /// The checks make sure that every figure is of the path it is named after.
 fn main() {
-    let (dp, _) = load(PING_PONG, lb_common::flow::DEFAULT_MAX_FLOWS, |_, _| xlb::status::BackendState::Up);
+    let dp = load(&config(PING_PONG), lb_common::flow::DEFAULT_MAX_FLOWS, |_, _| xlb::status::BackendState::Up);
     const REPEAT: u32 = 1_000_000;
     let a = v4(CLIENT, 45000, VIP, 80, SYN);
     let b = v4(CLIENT, 45000, HOST, 8001, SYN);

@@ -10,16 +10,15 @@ pub fn config(text: &str) -> Config {
     Config::parse("packets.toml".as_ref(), text).expect("test config parses")
 }
 
-/// The programs loaded with conntrack for `max_flows` and the services of `config_text`,
-/// backend `b` of service `s` in `state(s, b)`; and the configuration as parsed.
-pub fn load(config_text: &str, max_flows: u32, state: impl Fn(usize, usize) -> BackendState) -> (Dataplane, Config) {
+/// The programs loaded with conntrack for `max_flows` and the services of `config`, backend `b`
+/// of service `s` in `state(s, b)`.
+pub fn load(config: &Config, max_flows: u32, state: impl Fn(usize, usize) -> BackendState) -> Dataplane {
     assert!(nix::unistd::geteuid().is_root(), "packet tests load BPF programs: run them as root (`cargo xtask test`)");
-    let config = config(config_text);
     let mut dp = Dataplane::load_detached(max_flows).expect("programs load and pass the verifier");
     let states: Vec<Vec<BackendState>> =
         config.services.iter().enumerate().map(|(s, svc)| (0..svc.backends.len()).map(|b| state(s, b)).collect()).collect();
     dp.apply_services(&config.services, &states).expect("services written");
-    (dp, config)
+    dp
 }
 
 /// Presets the live connection counts of `service`'s backends.

@@ -40,3 +40,22 @@ pub const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 pub const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+
+/// Service 0: a VIP on its own address (address and port rewritten); service 1: a VIP on the
+/// backends' address, as on a one-address VPS (port rewritten only); service 2: IPv6.
+pub const SERVICES: &str = r#"
+[dataplane]
+interfaces = ["lo"]
+[[service]]
+name = "vip"
+listen = "198.18.0.10:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "same-address"
+listen = "198.18.0.1:80"
+backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
+[[service]]
+name = "v6"
+listen = "[2001:2::10]:80"
+backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
+"#;
