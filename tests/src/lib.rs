@@ -11,10 +11,14 @@ pub mod config;
 mod http;
 mod lb;
 mod load;
+/// Needs the data plane (lb-userspace), hence the feature: see Cargo.toml.
+#[cfg(feature = "packet")]
+pub mod packet;
 mod proc;
 pub mod root;
 mod syn;
 mod systemd;
+mod rng;
 mod topology;
 mod xdp;
 
@@ -25,6 +29,7 @@ pub use load::{Held, LOAD_LIMIT, Load, app_index, read_response, under_load};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
 pub use syn::{checksum, syn_packet};
+pub use rng::Rng;
 pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
 pub use topology::Topology;
 pub use xdp::NoopXdp;

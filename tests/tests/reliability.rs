@@ -293,21 +293,6 @@ fn syn_flood_of_ten_times_conntrack_during_keep_alive_load() {
 // ---------------------------------------------------------------------------------------------
 // R11: flapping.
 
-/// splitmix64, seeded from the clock and printed, for the flapping schedule.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 /// A backend whose health check flips every 0.7–2 s, with 80 ms blips in between (shorter than
 /// one probe interval, so they can fail at most one probe): its state must follow every long
 /// phase with exactly one transition, no sooner than `fall` failing (`rise` passing) probes can
@@ -321,7 +306,7 @@ fn flapping_backend_honours_rise_fall_without_a_write_storm() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     eprintln!("flapping: {phases} phases, seed {seed} (XLB_FLAP_SEED={seed} replays the schedule)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let lb = Lb::start("rflap", Family::V4);
     let app = lb.apps[0].as_ref().unwrap();
     let writes_before = counter(&lb.status(), "backend_state_writes");
@@ -350,7 +335,7 @@ fn flapping_backend_honours_rise_fall_without_a_write_storm() {
         let mut failing = false;
         for _ in 0..phases {
             // A blip first, in half of the phases: two flips 80 ms apart.
-            if rng.next().is_multiple_of(2) {
+            if rng.next_u64().is_multiple_of(2) {
                 std::thread::sleep(Duration::from_millis(rng.between(300, 500)));
                 let t = Instant::now();
                 assert!(app.signal(Signal::SIGUSR1));

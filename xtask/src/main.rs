@@ -215,7 +215,7 @@ fn test(args: &[String], reliability: bool) -> anyhow::Result<()> {
         ];
         let mut harness: Vec<String> = vec!["--nocapture".into()];
         harness.extend(harness_args.iter().cloned());
-        for selection in [&["-p", "lb-userspace", "--test", "fuzz_packets"][..], &["-p", "xlb-tests", "--test", "reliability"]] {
+        for selection in [&["-p", "xlb-tests", "--test", "fuzz_packets"][..], &["-p", "xlb-tests", "--test", "reliability"]] {
             let mut cmd = cargo_test(selection, &env, &harness);
             cmd.args(cargo_args.iter().filter(|a| *a != "--release"));
             results.push(run_counting(&mut cmd, &mut totals));

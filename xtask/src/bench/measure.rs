@@ -627,26 +627,24 @@ pub fn background_load() -> f64 {
     CpuDelta::busy_fraction(before.delta(&after).all)
 }
 
-/// xlb's own program cost (`BPF_PROG_TEST_RUN`), from the report test in
-/// lb-userspace/tests/packets.rs: `(packet, ns/packet)` in the order it prints them.
+/// xlb's own program cost (`BPF_PROG_TEST_RUN`), from `xlb-test-run-cost`
+/// (tests/src/bin/test_run_cost.rs): `(packet, ns/packet)` in the order it prints them.
 pub fn program_cost() -> Result<Vec<(String, String)>, String> {
     let mut cmd = crate::cargo();
     cmd.args([
-        "test",
+        "run",
         "--release",
         "-p",
-        "lb-userspace",
-        "--test",
-        "packets",
-        "report_test_run_cost",
-        "--",
-        "--exact",
-        "--nocapture",
+        "xlb-tests",
+        "--features",
+        "packet",
+        "--bin",
+        "xlb-test-run-cost",
     ]);
     println!("xtask: $ {}", crate::shown(&cmd));
     let out = cmd
         .output()
-        .map_err(|e| format!("running cargo test: {e}"))?;
+        .map_err(|e| format!("running cargo run: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     let tail = || {
         let lines: Vec<&str> = text.lines().collect();
@@ -654,7 +652,7 @@ pub fn program_cost() -> Result<Vec<(String, String)>, String> {
     };
     if !out.status.success() {
         return Err(format!(
-            "the report test failed ({}):\n{}",
+            "the cost measurement failed ({}):\n{}",
             out.status,
             tail()
         ));

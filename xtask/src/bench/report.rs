@@ -311,8 +311,8 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
 
     let _ = writeln!(
         w,
-        "\n## Program cost (`BPF_PROG_TEST_RUN`, lb-userspace/tests/packets.rs \
-         `report_test_run_cost`, release build)\n"
+        "\n## Program cost (`BPF_PROG_TEST_RUN`, `xlb-test-run-cost` \
+         (tests/src/bin/test_run_cost.rs), release build)\n"
     );
     match &ctx.cost {
         Ok(rows) => {

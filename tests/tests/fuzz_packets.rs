@@ -15,320 +15,48 @@
 //!   `max_flows`; every earlier flow must still be rewritten to its backend at each step, and past
 //!   capacity new flows pass unmodified and are counted. Nothing is ever evicted.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use lb_common::{
-    Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    Addr,
     flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey, HANDSHAKE_ANSWERED, HANDSHAKE_SYN_SENT},
     service::MAX_BACKENDS_PER_SERVICE,
 };
 use xlb::{config::Config, dataplane::Dataplane, status::BackendState};
+use xlb_tests::{
+    Rng,
+    packet::{
+        self, ACK, CLIENT, CLIENT6, FIN, Frame, HOST, HOST6, Icmp, PSH, Parsed, Pkt, ROUTER, RST, SERVICES, SYN, TC_ACT_OK, Tcp, VIP, VIP6,
+        VLAN_8021AD, VLAN_8021Q, XDP_DROP, XDP_PASS, csum, icmp_error, parse, rd16, rd32, replace16, replace32, tcp_csum, word,
+        wr16,
+    },
+};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
-
-/// Service 0: a VIP on its own address; 1: a VIP on the backends' address (port rewrite only);
-/// 2: IPv6; 3: every backend down (SYNs dropped).
-///
-/// Passive health is off (`max_fails = 0`): what it does depends on time (a SYN seen again
-/// 200 ms after the first is a retransmission), which a model run beside the kernel cannot
-/// know to the microsecond. With it off, the programs still track each flow's handshake, which
-/// the model follows; passive health itself has its own packet and scenario tests.
-const CONFIG: &str = r#"
-[dataplane]
-interfaces = ["lo"]
-[[service]]
-name = "vip"
-listen = "198.18.0.10:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-max_fails = 0
-[[service]]
-name = "same-address"
-listen = "198.18.0.1:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-max_fails = 0
-[[service]]
-name = "v6"
-listen = "[2001:2::10]:80"
-backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
-max_fails = 0
+/// Service 3 of the fuzzed configuration: every backend down (SYNs dropped).
+const DOWN_SERVICE: &str = r#"
 [[service]]
 name = "down"
 listen = "198.18.0.11:80"
 backends = ["198.18.0.1:8004"]
-max_fails = 0
 "#;
 
-fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "packet tests load BPF programs: run them as root (`cargo xtask test`)");
-}
-
-/// The programs with `CONFIG` loaded (service 3 down), and its services as parsed.
+/// The programs loaded with `SERVICES` and `DOWN_SERVICE` (service 3, down), and those services
+/// as parsed, with passive health off (`max_fails = 0`).
+///
+/// What passive health does depends on time (a SYN seen again 200 ms after the first is a
+/// retransmission), which a model run beside the kernel cannot know to the microsecond. With it
+/// off, the programs still track each flow's handshake, which the model follows; passive health
+/// itself has its own packet and scenario tests.
 fn load(max_flows: u32) -> (Dataplane, Config) {
-    require_root();
-    let config = Config::parse("fuzz.toml".as_ref(), CONFIG).expect("test config parses");
-    let mut dp = Dataplane::load_detached(max_flows).expect("programs load and pass the verifier");
-    let states: Vec<Vec<BackendState>> = config
-        .services
-        .iter()
-        .enumerate()
-        .map(|(s, svc)| vec![if s == 3 { BackendState::Down } else { BackendState::Up }; svc.backends.len()])
-        .collect();
-    dp.apply_services(&config.services, &states).expect("services written");
+    let mut config = packet::config(&format!("{SERVICES}{DOWN_SERVICE}"));
+    for svc in &mut config.services {
+        svc.max_fails = 0;
+    }
+    let dp = packet::load(&config, max_flows, |s, _| if s == 3 { BackendState::Down } else { BackendState::Up });
     (dp, config)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Randomness: splitmix64, seeded, so that every run can be replayed from its seed.
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checksums.
-
-/// One's-complement sum of big-endian 16-bit words (odd tail padded), not yet folded.
-fn sum_words(data: &[u8]) -> u32 {
-    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn csum(chunks: &[&[u8]]) -> u16 {
-    !fold(chunks.iter().map(|c| sum_words(c)).sum())
-}
-
-/// RFC 1624 eqn. 3 for one 16-bit word, on big-endian values (the sum is byte-order independent).
-fn replace16(check: u16, old: u16, new: u16) -> u16 {
-    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
-}
-
-fn replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let w = |b: [u8; 4], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
-    !fold(
-        u32::from(!check) + u32::from(!w(old, 0)) + u32::from(!w(old, 2)) + u32::from(w(new, 0)) + u32::from(w(new, 2)),
-    )
-}
-
-fn rd16(p: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([p[at], p[at + 1]])
-}
-fn wr16(p: &mut [u8], at: usize, v: u16) {
-    p[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-/// Word `i` of an address (IPv4: word 0).
-fn word(a: &Addr, i: usize) -> [u8; 4] {
-    a.0[i * 4..i * 4 + 4].try_into().unwrap()
-}
-fn rd32(p: &[u8], at: usize) -> [u8; 4] {
-    p[at..at + 4].try_into().unwrap()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Parsing, as the programs parse (lb-ebpf/src/parse.rs): the same classes, offsets and keys.
-
-#[derive(Clone, Debug)]
-struct Tcp {
-    ip: usize,
-    tcp: usize,
-    v4: bool,
-    flags: u8,
-    key: FlowKey,
-    ip_options: bool,
-}
-
-#[derive(Clone, Debug)]
-struct Icmp {
-    ip: usize,
-    icmp: usize,
-    inner_ip: usize,
-    inner_tcp: usize,
-    v4: bool,
-    fwd: FlowKey,
-}
-
-#[derive(Clone, Debug)]
-enum Parsed {
-    Tcp(Tcp),
-    Other,
-    Malformed,
-    Fragment,
-    Ipv6Ext,
-    Icmp(Icmp),
-}
-
-fn key(src: Addr, dst: Addr, sport: [u8; 2], dport: [u8; 2], family: u8) -> FlowKey {
-    FlowKey {
-        src_addr: src,
-        dst_addr: dst,
-        src_port: u16::from_ne_bytes(sport),
-        dst_port: u16::from_ne_bytes(dport),
-        family,
-        proto: PROTO_TCP,
-        _pad: [0; 2],
-    }
-}
-
-fn addr_at(p: &[u8], at: usize, v4: bool) -> Addr {
-    if v4 { Addr::v4(rd32(p, at)) } else { Addr(p[at..at + 16].try_into().unwrap()) }
-}
-
-fn ports_at(p: &[u8], at: usize) -> ([u8; 2], [u8; 2]) {
-    ([p[at], p[at + 1]], [p[at + 2], p[at + 3]])
-}
-
-fn parse_icmp(p: &[u8], ip: usize, icmp: usize, v4: bool) -> Parsed {
-    let end = p.len();
-    let inner = icmp + 8;
-    let inner_l4;
-    let (src, dst);
-    if v4 {
-        if inner + 20 > end {
-            return Parsed::Malformed;
-        }
-        if p[inner + 9] != PROTO_TCP {
-            return Parsed::Other;
-        }
-        let ihl = usize::from(p[inner] & 0xf);
-        if p[inner] >> 4 != 4 || ihl < 5 {
-            return Parsed::Malformed;
-        }
-        inner_l4 = inner + ihl * 4;
-        (src, dst) = (addr_at(p, inner + 12, true), addr_at(p, inner + 16, true));
-    } else {
-        if inner + 40 > end {
-            return Parsed::Malformed;
-        }
-        if p[inner + 6] != PROTO_TCP {
-            return Parsed::Other;
-        }
-        inner_l4 = inner + 40;
-        (src, dst) = (addr_at(p, inner + 8, false), addr_at(p, inner + 24, false));
-    }
-    if inner_l4 + 8 > end {
-        return Parsed::Malformed;
-    }
-    let (sport, dport) = ports_at(p, inner_l4);
-    // The quoted segment went VIP → client; the flow's forward key is its reverse.
-    let fwd = key(dst, src, dport, sport, if v4 { FAMILY_V4 } else { FAMILY_V6 });
-    Parsed::Icmp(Icmp { ip, icmp, inner_ip: inner, inner_tcp: inner_l4, v4, fwd })
-}
-
-fn parse(p: &[u8]) -> Parsed {
-    let end = p.len();
-    if 14 > end {
-        return Parsed::Malformed;
-    }
-    let mut l3 = 14;
-    let mut proto = rd16(p, 12);
-    if proto == 0x8100 || proto == 0x88a8 {
-        if l3 + 4 > end {
-            return Parsed::Malformed;
-        }
-        proto = rd16(p, l3 + 2);
-        l3 += 4;
-    }
-    let (l4, v4, ip_options);
-    if proto == 0x0800 {
-        if l3 + 20 > end {
-            return Parsed::Malformed;
-        }
-        let (ver_ihl, ip_proto) = (p[l3], p[l3 + 9]);
-        if ip_proto != 6 && ip_proto != 1 {
-            return Parsed::Other;
-        }
-        let ihl = usize::from(ver_ihl & 0xf);
-        if ver_ihl >> 4 != 4 || ihl < 5 {
-            return Parsed::Malformed;
-        }
-        if rd16(p, l3 + 6) & 0x3fff != 0 {
-            return if ip_proto == 6 { Parsed::Fragment } else { Parsed::Other };
-        }
-        if ip_proto == 1 {
-            let icmp = l3 + ihl * 4;
-            if icmp + 8 > end {
-                return Parsed::Malformed;
-            }
-            return match p[icmp] {
-                3 | 11 | 12 => parse_icmp(p, l3, icmp, true),
-                _ => Parsed::Other,
-            };
-        }
-        ip_options = ihl > 5;
-        l4 = l3 + ihl * 4;
-        v4 = true;
-    } else if proto == 0x86dd {
-        if l3 + 40 > end {
-            return Parsed::Malformed;
-        }
-        let next = p[l3 + 6];
-        if next == 58 {
-            let icmp = l3 + 40;
-            if icmp + 8 > end {
-                return Parsed::Malformed;
-            }
-            return match p[icmp] {
-                1..=4 => parse_icmp(p, l3, icmp, false),
-                _ => Parsed::Other,
-            };
-        }
-        if next != 6 {
-            return if matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254) {
-                Parsed::Ipv6Ext
-            } else {
-                Parsed::Other
-            };
-        }
-        l4 = l3 + 40;
-        v4 = false;
-        ip_options = false;
-    } else {
-        return Parsed::Other;
-    }
-    if l4 + 20 > end {
-        return Parsed::Malformed;
-    }
-    let doff = usize::from(p[l4 + 12] >> 4);
-    if doff < 5 || l4 + doff * 4 > end {
-        return Parsed::Malformed;
-    }
-    let (sa, da) = if v4 { (l3 + 12, l3 + 16) } else { (l3 + 8, l3 + 24) };
-    let (sport, dport) = ports_at(p, l4);
-    let key = key(addr_at(p, sa, v4), addr_at(p, da, v4), sport, dport, if v4 { FAMILY_V4 } else { FAMILY_V6 });
-    Parsed::Tcp(Tcp { ip: l3, tcp: l4, v4, flags: p[l4 + 13], key, ip_options })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,120 +427,44 @@ fn rewrite_dst(pkt: &Tcp, p: &mut [u8], addr: &Addr, port_be: u16, csums: &mut V
 // ---------------------------------------------------------------------------------------------
 // Packets: valid segments to start from, and mutations of them.
 
-const CLIENTS4: [[u8; 4]; 2] = [[198, 18, 0, 2], [198, 18, 0, 3]];
-const CLIENT6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const HOST4: [u8; 4] = [198, 18, 0, 1];
-const HOST6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const VIP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const CLIENTS4: [Ipv4Addr; 2] = [CLIENT, Ipv4Addr::new(198, 18, 0, 3)];
+/// Service 3's VIP, whose only backend is down.
+const DOWN_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 /// Destinations of client segments: the VIPs, and addresses/ports that are not VIPs.
-const DSTS4: [([u8; 4], u16); 6] = [
-    ([198, 18, 0, 10], 80),
-    ([198, 18, 0, 1], 80),
-    ([198, 18, 0, 11], 80),
-    ([198, 18, 0, 1], 22),
-    ([198, 18, 0, 10], 81),
-    ([198, 18, 0, 1], 8001),
-];
-const DSTS6: [([u8; 16], u16); 3] = [(VIP6, 80), (HOST6, 8001), (VIP6, 443)];
+const DSTS4: [(Ipv4Addr, u16); 6] = [(VIP, 80), (HOST, 80), (DOWN_VIP, 80), (HOST, 22), (VIP, 81), (HOST, 8001)];
+const DSTS6: [(Ipv6Addr, u16); 3] = [(VIP6, 80), (HOST6, 8001), (VIP6, 443)];
 const CLIENT_PORTS: [u16; 6] = [40000, 40001, 40002, 40003, 40004, 40005];
 const FLAG_SETS: [u8; 9] = [SYN, SYN, SYN | ACK, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, ACK];
 
-/// A frame: the bytes and where its headers start (for field mutations).
-struct Frame {
-    bytes: Vec<u8>,
-    l3: usize,
-    l4: usize,
-    v4: bool,
-}
-
-/// Ethernet (+ VLAN) + IPv4 (+ options) or IPv6 + TCP with correct checksums.
-fn segment(rng: &mut Rng, src: &[u8], sport: u16, dst: &[u8], dport: u16, flags: u8) -> Frame {
-    let v4 = src.len() == 4;
-    let mut tcp = Vec::with_capacity(40);
-    tcp.extend(sport.to_be_bytes());
-    tcp.extend(dport.to_be_bytes());
-    tcp.extend((rng.next() as u32).to_be_bytes());
-    tcp.extend(if flags & ACK != 0 { rng.next() as u32 } else { 0 }.to_be_bytes());
-    let tcp_opts = if rng.chance(30) { vec![2, 4, 0x05, 0xb4] } else { Vec::new() }; // MSS
-    tcp.push(((5 + tcp_opts.len() / 4) as u8) << 4);
-    tcp.push(flags);
-    tcp.extend(64240u16.to_be_bytes());
-    tcp.extend([0, 0, 0, 0]);
-    tcp.extend(tcp_opts);
+/// A segment with correct checksums and random sequence numbers, payload, and sometimes an MSS
+/// option, a VLAN tag or IPv4 options. (The draws keep their order: a seed replays a run.)
+fn segment(rng: &mut Rng, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Frame {
+    let mut p = Pkt::new(src, sport, dst, dport, flags);
+    p.seq = rng.next_u64() as u32;
+    p.ack = if flags & ACK != 0 { rng.next_u64() as u32 } else { 0 };
+    p.tcp_options = if rng.chance(30) { vec![2, 4, 0x05, 0xb4] } else { Vec::new() }; // MSS
+    p.payload = Vec::new();
     if flags & PSH != 0 {
         let n = rng.below(64);
-        tcp.extend((0..n).map(|_| rng.byte()));
+        p.payload.extend((0..n).map(|_| rng.byte()));
     }
-    let len = (tcp.len() as u16).to_be_bytes();
-    let check = if v4 { csum(&[src, dst, &[0, 6], &len, &tcp]) } else { csum(&[src, dst, &[0, 0], &len, &[0, 0, 0, 6], &tcp]) };
-    tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     if rng.chance(15) {
-        out.extend(if rng.chance(50) { [0x81, 0x00] } else { [0x88, 0xa8] });
-        out.extend((rng.next() as u16 & 0x0fff).to_be_bytes());
+        let tpid = if rng.chance(50) { VLAN_8021Q } else { VLAN_8021AD };
+        p.vlan = Some((tpid, rng.next_u64() as u16 & 0x0fff));
     }
-    let l3 = out.len() + 2;
-    if v4 {
-        out.extend([0x08, 0x00]);
-        let opts: &[u8] = if rng.chance(10) { &[1, 1, 1, 0] } else { &[] };
-        let ihl = 5 + opts.len() / 4;
-        let mut ip = vec![0x40 | ihl as u8, 0];
-        ip.extend(((ihl * 4 + tcp.len()) as u16).to_be_bytes());
-        ip.extend((rng.next() as u16).to_be_bytes());
-        ip.extend(0x4000u16.to_be_bytes());
-        ip.extend([64, 6, 0, 0]);
-        ip.extend(src);
-        ip.extend(dst);
-        ip.extend(opts);
-        let c = csum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        out.extend(ip);
-    } else {
-        out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
-        out.extend(len);
-        out.extend([6, 64]);
-        out.extend(src);
-        out.extend(dst);
+    if src.is_ipv4() {
+        if rng.chance(10) {
+            p.ip_options = vec![1, 1, 1, 0];
+        }
+        p.ip_id = rng.next_u64() as u16;
     }
-    let l4 = out.len();
-    out.extend(tcp);
-    Frame { bytes: out, l3, l4, v4 }
+    p.frame()
 }
 
-/// An ICMP error ("fragmentation needed" / "packet too big") quoting `quoted` (a frame).
-fn icmp_error(rng: &mut Rng, from: &[u8], to: &[u8], quoted: &Frame) -> Frame {
-    let v4 = from.len() == 4;
-    let ip_len = if v4 { 20 } else { 40 };
-    let quote = quoted.bytes.len().min(quoted.l3 + rng.pick(&[ip_len + 8, ip_len + 20, ip_len + 40]));
-    let mut icmp = if v4 { vec![3, 4, 0, 0, 0, 0, 0x05, 0x00] } else { vec![2, 0, 0, 0, 0, 0, 0x05, 0x00] };
-    icmp.extend(&quoted.bytes[quoted.l3..quote]);
-    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    let l3 = 14;
-    if v4 {
-        let c = csum(&[&icmp]);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        out.extend([0x08, 0x00]);
-        let mut ip = vec![0x45, 0];
-        ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-        ip.extend([0, 1, 0, 0, 64, 1, 0, 0]);
-        ip.extend(from);
-        ip.extend(to);
-        let c = csum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        out.extend(ip);
-    } else {
-        let len = (icmp.len() as u16).to_be_bytes();
-        let c = csum(&[from, to, &[0, 0], &len, &[0, 0, 0, 58], &icmp]);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
-        out.extend(len);
-        out.extend([58, 64]);
-        out.extend(from);
-        out.extend(to);
-    }
-    let l4 = out.len();
-    out.extend(icmp);
-    Frame { bytes: out, l3, l4, v4 }
+/// An ICMP error about `quoted` (a frame), quoting 8, 20 or 40 bytes of its TCP header.
+fn icmp_error_about(rng: &mut Rng, from: IpAddr, to: IpAddr, quoted: &Frame) -> Frame {
+    let ip_len = if from.is_ipv4() { 20 } else { 40 };
+    icmp_error(from, to, quoted, rng.pick(&[ip_len + 8, ip_len + 20, ip_len + 40]))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -832,33 +484,33 @@ fn base(rng: &mut Rng) -> (Hook, Frame) {
         0..65 => {
             let f = if v6 {
                 let (dst, dport) = rng.pick(&DSTS6);
-                segment(rng, &CLIENT6, cport, &dst, dport, flags)
+                segment(rng, CLIENT6.into(), cport, dst.into(), dport, flags)
             } else {
                 let (dst, dport) = rng.pick(&DSTS4);
                 let client = rng.pick(&CLIENTS4);
-                segment(rng, &client, cport, &dst, dport, flags)
+                segment(rng, client.into(), cport, dst.into(), dport, flags)
             };
             (Hook::Xdp, f)
         }
         65..92 => {
             let f = if v6 {
-                segment(rng, &HOST6, bport, &CLIENT6, cport, flags)
+                segment(rng, HOST6.into(), bport, CLIENT6.into(), cport, flags)
             } else {
                 let client = rng.pick(&CLIENTS4);
-                segment(rng, &HOST4, bport, &client, cport, flags)
+                segment(rng, HOST.into(), bport, client.into(), cport, flags)
             };
             (Hook::Tc, f)
         }
         _ => {
             // The reply as the client saw it (from the VIP), quoted by a router or the client.
             let f = if v6 {
-                let seen = segment(rng, &VIP6, 80, &CLIENT6, cport, ACK | PSH);
-                icmp_error(rng, &CLIENT6, &VIP6, &seen)
+                let seen = segment(rng, VIP6.into(), 80, CLIENT6.into(), cport, ACK | PSH);
+                icmp_error_about(rng, CLIENT6.into(), VIP6.into(), &seen)
             } else {
                 let (vip, _) = rng.pick(&DSTS4[..3]);
                 let client = rng.pick(&CLIENTS4);
-                let seen = segment(rng, &vip, 80, &client, cport, ACK | PSH);
-                icmp_error(rng, &[198, 18, 0, 254], &vip, &seen)
+                let seen = segment(rng, vip.into(), 80, client.into(), cport, ACK | PSH);
+                icmp_error_about(rng, ROUTER.into(), vip.into(), &seen)
             };
             (Hook::Xdp, f)
         }
@@ -878,17 +530,6 @@ fn fix_checksums(p: &mut [u8]) {
     wr16(p, t.tcp + 16, 0);
     let c = tcp_csum(p, &t);
     wr16(p, t.tcp + 16, c);
-}
-
-/// The TCP checksum over the segment from its header to the end of the frame.
-fn tcp_csum(p: &[u8], t: &Tcp) -> u16 {
-    let seg = &p[t.tcp..];
-    let len = (seg.len() as u16).to_be_bytes();
-    if t.v4 {
-        csum(&[&p[t.ip + 12..t.ip + 20], &[0, 6], &len, seg])
-    } else {
-        csum(&[&p[t.ip + 8..t.ip + 40], &[0, 0], &len, &[0, 0, 0, 6], seg])
-    }
 }
 
 fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
@@ -932,7 +573,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "ihl / version"
             }
             5 => {
-                let v = { let r = rng.next() as u16; rng.pick(&[0u16, 0x4000, 0x2000, 0x0001, 0x1fff, r]) };
+                let v = { let r = rng.next_u64() as u16; rng.pick(&[0u16, 0x4000, 0x2000, 0x0001, 0x1fff, r]) };
                 if f.v4 {
                     set(p, l3 + 6, (v >> 8) as u8);
                     set(p, l3 + 7, v as u8);
@@ -951,7 +592,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "ip protocol / next header"
             }
             8 => {
-                let port = if rng.chance(50) { rng.pick(&[80u16, 22, 8001, 8002, 8003, 40000, 40001]) } else { rng.next() as u16 };
+                let port = if rng.chance(50) { rng.pick(&[80u16, 22, 8001, 8002, 8003, 40000, 40001]) } else { rng.next_u64() as u16 };
                 let at = l4 + 2 * rng.below(2);
                 set(p, at, (port >> 8) as u8);
                 set(p, at + 1, port as u8);
@@ -968,7 +609,7 @@ fn mutate(rng: &mut Rng, f: &mut Frame) -> Vec<&'static str> {
                 "address"
             }
             10 => {
-                let v = { let r = rng.next() as u16; rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, r]) };
+                let v = { let r = rng.next_u64() as u16; rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, r]) };
                 let at = if rng.chance(70) { 12 } else { 16 };
                 set(p, at, (v >> 8) as u8);
                 set(p, at + 1, v as u8);
@@ -1142,7 +783,7 @@ fn mutated_packets_match_the_model() {
     eprintln!("fuzz: {n} packets, seed {seed} (XLB_FUZZ_SEED={seed} XLB_FUZZ_PACKETS={n} replays this run)");
     let (dp, config) = load(1 << 20);
     let mut model = Model::new(&config, 3);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut classes: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut verdicts: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
     let started = std::time::Instant::now();
@@ -1251,11 +892,11 @@ fn mutated_packets_match_the_model() {
 
 /// Flow `i` of the capacity test: a distinct client address and port towards the VIP on its own
 /// address (service 0) or the one on the backends' address (service 1).
-fn capacity_flow(rng: &mut Rng, i: u32, flags: u8) -> (Frame, [u8; 4], u16) {
-    let client = [198, 18, 1 + (i / 30_000) as u8, (i % 200) as u8];
+fn capacity_flow(rng: &mut Rng, i: u32, flags: u8) -> (Frame, Ipv4Addr, u16) {
+    let client = Ipv4Addr::new(198, 18, 1 + (i / 30_000) as u8, (i % 200) as u8);
     let port = 10_000 + (i % 30_000) as u16 / 200 * 200 + (i % 200) as u16;
-    let dst = if i.is_multiple_of(2) { [198, 18, 0, 10] } else { [198, 18, 0, 1] };
-    (segment(rng, &client, port, &dst, 80, flags), client, port)
+    let dst = if i.is_multiple_of(2) { VIP } else { HOST };
+    (segment(rng, client.into(), port, dst.into(), 80, flags), client, port)
 }
 
 /// Whether the XDP program rewrites an ACK of flow `i` to `backend_port` on 198.18.0.1 with
@@ -1264,17 +905,17 @@ fn still_translated(dp: &Dataplane, rng: &mut Rng, i: u32, backend_port: u16) ->
     let (ack, client, port) = capacity_flow(rng, i, ACK | PSH);
     let out = dp.test_run_xdp(&ack.bytes, 1).map_err(|e| e.to_string())?;
     let Parsed::Tcp(t) = parse(&out.data) else { return Err("unparsable output".into()) };
-    if out.verdict != XDP_PASS || rd16(&out.data, t.tcp + 2) != backend_port || rd32(&out.data, t.ip + 16) != HOST4 {
+    if out.verdict != XDP_PASS || rd16(&out.data, t.tcp + 2) != backend_port || rd32(&out.data, t.ip + 16) != HOST.octets() {
         return Err(format!("ACK of flow {i} not rewritten to its backend {backend_port}: {}", hex(&out.data)));
     }
     if tcp_csum(&out.data, &t) != 0 || csum(&[&out.data[t.ip..t.tcp]]) != 0 {
         return Err(format!("flow {i}: bad checksum after rewriting"));
     }
-    let reply = segment(rng, &HOST4, backend_port, &client, port, ACK);
+    let reply = segment(rng, HOST.into(), backend_port, client.into(), port, ACK);
     let out = dp.test_run_tc(&reply.bytes, 1).map_err(|e| e.to_string())?;
-    let vip = if i.is_multiple_of(2) { [198, 18, 0, 10] } else { HOST4 };
+    let vip = if i.is_multiple_of(2) { VIP } else { HOST };
     let Parsed::Tcp(t) = parse(&out.data) else { return Err("unparsable reply".into()) };
-    if rd16(&out.data, t.tcp) != 80 || rd32(&out.data, t.ip + 12) != vip {
+    if rd16(&out.data, t.tcp) != 80 || rd32(&out.data, t.ip + 12) != vip.octets() {
         return Err(format!("reply of flow {i} not rewritten to come from the VIP: {}", hex(&out.data)));
     }
     Ok(())
@@ -1288,7 +929,7 @@ fn still_translated(dp: &Dataplane, rng: &mut Rng, i: u32, backend_port: u16) ->
 fn conntrack_keeps_every_flow_up_to_capacity() {
     const MAX: u32 = 8192;
     let (dp, _) = load(MAX);
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     let mut backend_of: Vec<u16> = Vec::new();
     let open = |dp: &Dataplane, rng: &mut Rng, backend_of: &mut Vec<u16>, upto: u32| {
         while (backend_of.len() as u32) < upto {

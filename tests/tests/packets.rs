@@ -2,280 +2,33 @@
 //! loaded in the kernel (`BPF_PROG_TEST_RUN`), with maps preset through the daemon's own
 //! `Dataplane` API. Also backend selection and conntrack capacity. Needs root (CAP_BPF).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP,
-    backend::{BackendConns, Passive},
+    Addr,
+    backend::Passive,
     flow::{FLOW_CLOSED, FLOW_OPEN, FlowKey, HANDSHAKE_ANSWERED, HANDSHAKE_SYN_SENT},
 };
 use xlb::{
-    config::Config,
-    backends::Maps as _,
+    backends::{Maps as _, monotonic_ns},
     dataplane::Dataplane,
     layout::Layout,
     status::BackendState,
 };
+use xlb_tests::packet::{
+    ACK, CLIENT, CLIENT6, FIN, HOST, HOST6, PSH, Pkt, ROUTER, RST, SERVICES, SYN, TC_ACT_OK, TC_ACT_SHOT, VIP, VIP6, VLAN_8021Q, XDP_DROP,
+    XDP_PASS, config, counter, icmp_error, ipv4_header_ok, live, load, rd16, set_live, tc, tcp_checksum_ok, v4, v6, xdp,
+    xdp_bytes,
+};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
-const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
-
-/// Service 0: a VIP on its own address (address and port rewritten); service 1: a VIP on the
-/// backends' address, as on a one-address VPS (port rewritten only); service 2: IPv6.
-const CONFIG: &str = r#"
-[dataplane]
-interfaces = ["lo"]
-[[service]]
-name = "vip"
-listen = "198.18.0.10:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-[[service]]
-name = "same-address"
-listen = "198.18.0.1:80"
-backends = ["198.18.0.1:8001", "198.18.0.1:8002", "198.18.0.1:8003"]
-[[service]]
-name = "v6"
-listen = "[2001:2::10]:80"
-backends = ["[2001:2::1]:8001", "[2001:2::1]:8002"]
-"#;
-
-// ---------------------------------------------------------------------------------------------
-// A small packet builder with correct checksums, and variations for the malformed classes.
-
-#[derive(Clone, Debug)]
-struct Pkt {
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
-    flags: u8,
-    payload: Vec<u8>,
-    vlan: Option<u16>,
-    /// IPv4 options (a multiple of 4 bytes).
-    ip_options: Vec<u8>,
-    /// IPv4 flags + fragment offset field.
-    frag: u16,
-    /// An IPv6 hop-by-hop header before TCP.
-    hop_by_hop: bool,
-    /// Overrides the TCP data offset (in 32-bit words).
-    doff: Option<u8>,
-    /// Added to the TCP checksum after computing it (0: valid).
-    bad_csum: u16,
-}
-
-fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Pkt {
-    Pkt {
-        src,
-        dst,
-        sport,
-        dport,
-        flags,
-        payload: if flags & PSH != 0 { b"GET / HTTP/1.1\r\n\r\n".to_vec() } else { Vec::new() },
-        vlan: None,
-        ip_options: Vec::new(),
-        frag: 0x4000, // DF
-        hop_by_hop: false,
-        doff: None,
-        bad_csum: 0,
-    }
-}
-
-fn v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Pkt {
-    tcp(src.into(), sport, dst.into(), dport, flags)
-}
-
-fn v6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Pkt {
-    tcp(src.into(), sport, dst.into(), dport, flags)
-}
-
-fn csum(chunks: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in chunks {
-        for pair in chunk.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-impl Pkt {
-    fn bytes(&self) -> Vec<u8> {
-        let mut tcp = Vec::new();
-        tcp.extend(self.sport.to_be_bytes());
-        tcp.extend(self.dport.to_be_bytes());
-        tcp.extend(1000u32.to_be_bytes());
-        tcp.extend(if self.flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
-        tcp.push(self.doff.unwrap_or(5) << 4);
-        tcp.push(self.flags);
-        tcp.extend(64240u16.to_be_bytes());
-        tcp.extend([0, 0, 0, 0]); // checksum, urgent pointer
-        tcp.extend(&self.payload);
-        let tcp_len = (tcp.len() as u16).to_be_bytes();
-        let check = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => csum(&[&s.octets(), &d.octets(), &[0, 6], &tcp_len, &tcp]),
-            (IpAddr::V6(s), IpAddr::V6(d)) => csum(&[&s.octets(), &d.octets(), &[0, 0], &tcp_len, &[0, 0, 0, 6], &tcp]),
-            _ => unreachable!(),
-        };
-        tcp[16..18].copy_from_slice(&check.wrapping_add(self.bad_csum).to_be_bytes());
-
-        let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-        if let Some(vid) = self.vlan {
-            out.extend([0x81, 0x00]);
-            out.extend(vid.to_be_bytes());
-        }
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                out.extend([0x08, 0x00]);
-                let ihl = 5 + self.ip_options.len() / 4;
-                let mut ip = vec![0x40 | ihl as u8, 0];
-                ip.extend(((ihl * 4 + tcp.len()) as u16).to_be_bytes());
-                ip.extend([0x12, 0x34]);
-                ip.extend(self.frag.to_be_bytes());
-                ip.extend([64, 6, 0, 0]);
-                ip.extend(s.octets());
-                ip.extend(d.octets());
-                ip.extend(&self.ip_options);
-                let c = csum(&[&ip]);
-                ip[10..12].copy_from_slice(&c.to_be_bytes());
-                out.extend(ip);
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                out.extend([0x86, 0xdd]);
-                let ext_len = if self.hop_by_hop { 8 } else { 0 };
-                out.extend([0x60, 0, 0, 0]);
-                out.extend(((tcp.len() + ext_len) as u16).to_be_bytes());
-                out.push(if self.hop_by_hop { 0 } else { 6 });
-                out.push(64);
-                out.extend(s.octets());
-                out.extend(d.octets());
-                if self.hop_by_hop {
-                    out.extend([6, 0, 1, 4, 0, 0, 0, 0]); // next=TCP, len 0, PadN
-                }
-            }
-            _ => unreachable!(),
-        }
-        out.extend(tcp);
-        out
-    }
-
-    fn with_dst(&self, dst: IpAddr, dport: u16) -> Pkt {
-        Pkt { dst, dport, ..self.clone() }
-    }
-
-    fn with_src(&self, src: IpAddr, sport: u16) -> Pkt {
-        Pkt { src, sport, ..self.clone() }
-    }
-
-    fn key(&self) -> FlowKey {
-        let map = |ip: IpAddr| match ip {
-            IpAddr::V4(a) => (Addr::v4(a.octets()), FAMILY_V4),
-            IpAddr::V6(a) => (Addr(a.octets()), FAMILY_V6),
-        };
-        let ((src_addr, family), (dst_addr, _)) = (map(self.src), map(self.dst));
-        FlowKey {
-            src_addr,
-            dst_addr,
-            src_port: self.sport.to_be(),
-            dst_port: self.dport.to_be(),
-            family,
-            proto: PROTO_TCP,
-            _pad: [0; 2],
-        }
-    }
-}
-
-/// Does the TCP checksum of a built IPv4/IPv6 packet (no VLAN, no options) verify?
-fn tcp_checksum_ok(bytes: &[u8]) -> bool {
-    let ethertype = u16::from_be_bytes([bytes[12], bytes[13]]);
-    let (l3, l4) = if ethertype == 0x0800 { (14, 14 + usize::from(bytes[14] & 0xf) * 4) } else { (14, 54) };
-    let seg = &bytes[l4..];
-    let len = (seg.len() as u16).to_be_bytes();
-    let sum = if ethertype == 0x0800 {
-        csum(&[&bytes[l3 + 12..l3 + 20], &[0, 6], &len, seg])
-    } else {
-        csum(&[&bytes[l3 + 8..l3 + 40], &[0, 0], &len, &[0, 0, 0, 6], seg])
-    };
-    sum == 0
-}
-
-fn ipv4_header_ok(bytes: &[u8]) -> bool {
-    let ihl = usize::from(bytes[14] & 0xf) * 4;
-    csum(&[&bytes[14..14 + ihl]]) == 0
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// The programs loaded with `CONFIG`'s services; `states[s][b]` where given, else up.
+/// The programs loaded with `SERVICES`; `states[s][b]` where given, else up.
 fn setup(states: &[&[BackendState]]) -> Dataplane {
-    setup_with(CONFIG, 4096, states)
+    setup_with(SERVICES, 4096, states)
 }
 
 /// The programs loaded with conntrack for `max_flows` and the services of `config_text`.
 fn setup_with(config_text: &str, max_flows: u32, states: &[&[BackendState]]) -> Dataplane {
-    xlb_require_root();
-    let config = Config::parse("packets.toml".as_ref(), config_text).expect("test config parses");
-    let mut dp = Dataplane::load_detached(max_flows).expect("programs load and pass the verifier");
-    let states: Vec<Vec<BackendState>> = config
-        .services
-        .iter()
-        .enumerate()
-        .map(|(s, svc)| (0..svc.backends.len()).map(|b| states.get(s).and_then(|v| v.get(b)).copied().unwrap_or(BackendState::Up)).collect())
-        .collect();
-    dp.apply_services(&config.services, &states).expect("services written");
-    dp
-}
-
-fn xlb_require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "packet tests load BPF programs: run them as root (`cargo xtask test`)");
-}
-
-fn set_live(dp: &mut Dataplane, service: usize, live: &[i64]) {
-    for (b, &l) in live.iter().enumerate() {
-        let c = dp.conns(service, b).unwrap();
-        dp.set_conns(service, b, BackendConns { live: l, ..c }).unwrap();
-    }
-}
-
-fn live(dp: &Dataplane, service: usize, backend: usize) -> i64 {
-    dp.conns(service, backend).unwrap().live
-}
-
-fn counter(dp: &Dataplane, name: &str) -> u64 {
-    dp.counters().unwrap()[name]
-}
-
-fn xdp(dp: &Dataplane, p: &Pkt) -> (u32, Vec<u8>) {
-    xdp_bytes(dp, &p.bytes())
-}
-
-fn xdp_bytes(dp: &Dataplane, bytes: &[u8]) -> (u32, Vec<u8>) {
-    let out = dp.test_run_xdp(bytes, 1).expect("XDP test run");
-    assert!(out.verdict == XDP_PASS || out.verdict == XDP_DROP, "verdict {} for {bytes:?}: never XDP_ABORTED", out.verdict);
-    (out.verdict, out.data)
-}
-
-fn tc(dp: &Dataplane, p: &Pkt) -> (u32, Vec<u8>) {
-    let out = dp.test_run_tc(&p.bytes(), 1).expect("TC test run");
-    (out.verdict, out.data)
+    load(&config(config_text), max_flows, |s, b| states.get(s).and_then(|v| v.get(b)).copied().unwrap_or(BackendState::Up))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -521,10 +274,10 @@ fn non_vip_and_malformed_packets_pass_untouched_and_are_counted() {
 fn vlan_tags_and_ipv4_options_are_handled() {
     let mut dp = setup(&[]);
     set_live(&mut dp, 0, &[1, 0, 1]);
-    let tagged = Pkt { vlan: Some(42), ..v4(CLIENT, 40200, VIP, 80, SYN) };
+    let tagged = Pkt { vlan: Some((VLAN_8021Q, 42)), ..v4(CLIENT, 40200, VIP, 80, SYN) };
     let (_, out) = xdp(&dp, &tagged);
     assert_eq!(out, tagged.with_dst(HOST.into(), 8002).bytes(), "VLAN tag kept, inner packet rewritten");
-    let reply = Pkt { vlan: Some(42), ..v4(HOST, 8002, CLIENT, 40200, SYN | ACK) };
+    let reply = Pkt { vlan: Some((VLAN_8021Q, 42)), ..v4(HOST, 8002, CLIENT, 40200, SYN | ACK) };
     assert_eq!(tc(&dp, &reply).1, reply.with_src(VIP.into(), 80).bytes());
 
     set_live(&mut dp, 0, &[1, 1, 0]);
@@ -577,7 +330,7 @@ fn selection_follows_counts_and_states() {
     let syn = v4(CLIENT, 42000, VIP, 80, SYN);
     let dp = {
         let mut dp = dp;
-        let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+        let config = config(SERVICES);
         let states: Vec<Vec<BackendState>> = config.services.iter().map(|s| vec![Down; s.backends.len()]).collect();
         dp.apply_services(&config.services, &states).unwrap();
         dp
@@ -600,7 +353,7 @@ fn ties_are_broken_evenly() {
         set_live(&mut dp, 0, &[7, 7, 7]);
         let syn = v4(CLIENT, 20000 + port, VIP, 80, SYN);
         let (_, out) = xdp(&dp, &syn);
-        let dport = u16::from_be_bytes([out[36], out[37]]);
+        let dport = rd16(&out, 36);
         hits[usize::from(dport - 8001)] += 1;
     }
     // Round-robin among equals: exactly even.
@@ -633,22 +386,14 @@ backends = ["198.18.0.1:8001", "198.18.0.1:8002"]
 slow_start = "100s"
 "#;
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) }, 0);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-fn state(dp: &Dataplane, config: &str, service: usize, backend: usize) -> BackendState {
-    let config = Config::parse("packets.toml".as_ref(), config).unwrap();
+fn state(dp: &Dataplane, config_text: &str, service: usize, backend: usize) -> BackendState {
+    let config = config(config_text);
     dp.current_states(&config.services)[service][backend].expect("a known state")
 }
 
 /// The backend port a SYN was sent to.
 fn dport(out: &[u8]) -> u16 {
-    u16::from_be_bytes([out[36], out[37]])
+    rd16(out, 36)
 }
 
 #[test]
@@ -702,7 +447,7 @@ fn a_backend_refusing_max_fails_new_flows_is_failed_at_once() {
 
 #[test]
 fn ipv6_backends_are_failed_the_same_way() {
-    // `CONFIG`'s service 2 (IPv6) has the default max_fails = 1.
+    // `SERVICES`' service 2 (IPv6) has the default max_fails = 1.
     let mut dp = setup(&[]);
     set_live(&mut dp, 2, &[0, 3]);
     let syn = v6(CLIENT6, 46500, VIP6, 80, SYN);
@@ -710,7 +455,7 @@ fn ipv6_backends_are_failed_the_same_way() {
     let rst = v6(HOST6, 8001, CLIENT6, 46500, RST | ACK);
     assert_eq!(tc(&dp, &rst).0, TC_ACT_SHOT);
     assert!(dp.flow(&syn.key()).is_none());
-    let config = Config::parse("packets.toml".as_ref(), CONFIG).unwrap();
+    let config = config(SERVICES);
     assert_eq!(dp.current_states(&config.services)[2][0], Some(BackendState::Failed));
     assert_eq!(dp.passive(2, 0).unwrap().refused, 1);
     // The client's retransmission goes to the other backend, however loaded.
@@ -858,7 +603,7 @@ fn slow_start_ramps_a_recovered_backends_share_linearly() {
 
 #[test]
 fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
-    let dp = setup_with(CONFIG, 1024, &[]);
+    let dp = setup_with(SERVICES, 1024, &[]);
     for port in 0..1024u16 {
         let (verdict, _) = xdp(&dp, &v4(CLIENT, 10000 + port, VIP, 80, SYN));
         assert_eq!(verdict, XDP_PASS);
@@ -881,117 +626,7 @@ fn a_full_conntrack_passes_new_flows_and_keeps_existing_ones() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Program cost, printed for the record (targets are checked by `cargo xtask bench`, not here).
-
-/// Two services that are each other's backend. With repeat > 1, `BPF_PROG_TEST_RUN` runs every
-/// repetition on the packet the previous one left, so a rewritten packet would otherwise measure
-/// the non-VIP path from the second run on. Here the rewrite of flow A yields a packet of flow
-/// B and back: every repetition is a real established-flow (or reply) rewrite of address, port
-/// and both checksums.
-const PING_PONG: &str = r#"
-[dataplane]
-interfaces = ["lo"]
-[[service]]
-name = "a"
-listen = "198.18.0.10:80"
-backends = ["198.18.0.1:8001"]
-[[service]]
-name = "b"
-listen = "198.18.0.1:8001"
-backends = ["198.18.0.10:80"]
-"#;
-
-#[test]
-fn report_test_run_cost() {
-    let dp = setup_with(PING_PONG, lb_common::flow::DEFAULT_MAX_FLOWS, &[]);
-    const REPEAT: u32 = 1_000_000;
-    let a = v4(CLIENT, 45000, VIP, 80, SYN);
-    let b = v4(CLIENT, 45000, HOST, 8001, SYN);
-    assert_eq!(xdp(&dp, &a).1, a.with_dst(HOST.into(), 8001).bytes());
-    assert_eq!(xdp(&dp, &b).1, b.with_dst(VIP.into(), 80).bytes());
-    let ack = v4(CLIENT, 45000, VIP, 80, ACK | PSH);
-
-    let noop = dp.test_run_noop(&ack.bytes(), REPEAT).unwrap();
-    assert_eq!(noop.verdict, XDP_PASS);
-    let est = dp.test_run_xdp(&ack.bytes(), REPEAT).unwrap();
-    // An even number of rewrites brings the packet back to where it started.
-    assert_eq!(est.data, ack.bytes(), "every repetition rewrote the packet");
-    let reply = v4(HOST, 8001, CLIENT, 45000, ACK | PSH);
-    let rep = dp.test_run_tc(&reply.bytes(), REPEAT).unwrap();
-    assert_eq!(rep.data, reply.bytes(), "every repetition rewrote the reply");
-    let non_vip = v4(CLIENT, 45000, HOST, 22, ACK);
-    let other = dp.test_run_xdp(&non_vip.bytes(), REPEAT).unwrap();
-    assert_eq!(other.data, non_vip.bytes());
-    // A new flow each time: distinct source ports, one run each, averaged. One run per call
-    // carries a fixed cost of its own (the kernel's timer around a single run); the no-op
-    // program measured the same way is the baseline for the new-flow figure.
-    let n = 4_000u32;
-    let (mut total, mut noop_single) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    for i in 0..n {
-        let syn = v4(CLIENT, 1024 + i as u16, VIP, 80, SYN);
-        let out = dp.test_run_xdp(&syn.bytes(), 1).unwrap();
-        assert_eq!(out.data, syn.with_dst(HOST.into(), 8001).bytes());
-        total += out.duration;
-        noop_single += dp.test_run_noop(&syn.bytes(), 1).unwrap().duration;
-    }
-    let ns = |d: std::time::Duration| d.as_nanos();
-    eprintln!(
-        "test_run cost (ns/packet): no-op XDP {} | new-flow SYN {} (no-op run the same way: {}) | established {} | non-VIP {} | TC reply {}",
-        ns(noop.duration),
-        ns(total / n),
-        ns(noop_single / n),
-        ns(est.duration),
-        ns(other.duration),
-        ns(rep.duration)
-    );
-    assert_eq!(counter(&dp, "new_flows"), u64::from(n) + 2);
-    let verified = dp.verified_instructions().unwrap();
-    eprintln!("verified instructions: {verified:?}");
-    assert!(verified.iter().all(|&(_, n)| n > 0), "the kernel reports verified_insns: {verified:?}");
-}
-
-// ---------------------------------------------------------------------------------------------
 // ICMP errors about replies of tracked flows.
-
-/// An ICMP error from `from` to `to` quoting the first `quote` bytes of `offending` (an
-/// Ethernet frame as built above); IPv4 "fragmentation needed" or ICMPv6 "packet too big".
-fn icmp_error(from: IpAddr, to: IpAddr, offending: &[u8], quote: usize) -> Vec<u8> {
-    let quoted = &offending[14..(14 + quote).min(offending.len())];
-    let mut icmp = match to {
-        IpAddr::V4(_) => vec![3, 4, 0, 0, 0, 0, 0x05, 0x00], // frag needed, MTU 1280
-        IpAddr::V6(_) => vec![2, 0, 0, 0, 0, 0, 0x05, 0x00], // packet too big, MTU 1280
-    };
-    icmp.extend(quoted);
-    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    match (from, to) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let c = csum(&[&icmp]);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            out.extend([0x08, 0x00]);
-            let mut ip = vec![0x45, 0];
-            ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
-            ip.extend([0, 1, 0, 0, 64, 1, 0, 0]);
-            ip.extend(s.octets());
-            ip.extend(d.octets());
-            let c = csum(&[&ip]);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            out.extend(ip);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let len = (icmp.len() as u16).to_be_bytes();
-            let c = csum(&[&s.octets(), &d.octets(), &[0, 0], &len, &[0, 0, 0, 58], &icmp]);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            out.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
-            out.extend(len);
-            out.extend([58, 64]);
-            out.extend(s.octets());
-            out.extend(d.octets());
-        }
-        _ => unreachable!(),
-    }
-    out.extend(icmp);
-    out
-}
 
 #[test]
 fn icmp_errors_about_replies_reach_the_backend() {
@@ -999,11 +634,10 @@ fn icmp_errors_about_replies_reach_the_backend() {
     set_live(&mut dp, 0, &[0, 5, 5]);
     set_live(&mut dp, 1, &[5, 0, 5]);
     set_live(&mut dp, 2, &[0, 5]);
-    let router = Ipv4Addr::new(198, 18, 0, 254);
     // (flow's SYN, the reply as the client saw it, the same reply as the backend sent it)
     let cases = [
-        (v4(CLIENT, 46000, VIP, 80, SYN), v4(VIP, 80, CLIENT, 46000, ACK | PSH), v4(HOST, 8001, CLIENT, 46000, ACK | PSH), IpAddr::from(router)),
-        (v4(CLIENT, 46001, HOST, 80, SYN), v4(HOST, 80, CLIENT, 46001, ACK | PSH), v4(HOST, 8002, CLIENT, 46001, ACK | PSH), IpAddr::from(router)),
+        (v4(CLIENT, 46000, VIP, 80, SYN), v4(VIP, 80, CLIENT, 46000, ACK | PSH), v4(HOST, 8001, CLIENT, 46000, ACK | PSH), IpAddr::from(ROUTER)),
+        (v4(CLIENT, 46001, HOST, 80, SYN), v4(HOST, 80, CLIENT, 46001, ACK | PSH), v4(HOST, 8002, CLIENT, 46001, ACK | PSH), IpAddr::from(ROUTER)),
         (v6(CLIENT6, 46002, VIP6, 80, SYN), v6(VIP6, 80, CLIENT6, 46002, ACK | PSH), v6(HOST6, 8001, CLIENT6, 46002, ACK | PSH), IpAddr::from(CLIENT6)),
     ];
     for (syn, seen, sent, from) in cases {
@@ -1012,17 +646,17 @@ fn icmp_errors_about_replies_reach_the_backend() {
         let ip_len = if seen.src.is_ipv4() { 20 } else { 40 };
         for quote in [ip_len + 20 + 18, ip_len + 8] {
             let before = counter(&dp, "icmp_errors");
-            let err = icmp_error(from, seen.src, &seen.bytes(), quote);
+            let err = icmp_error(from, seen.src, &seen.frame(), quote).bytes;
             let (verdict, out) = xdp_bytes(&dp, &err);
             assert_eq!(verdict, XDP_PASS);
-            let expected = icmp_error(from, sent.src, &sent.bytes(), quote);
+            let expected = icmp_error(from, sent.src, &sent.frame(), quote).bytes;
             assert_eq!(out, expected, "ICMP error about {seen:?} (quote {quote}) names the backend's segment and goes to the backend");
             assert_eq!(counter(&dp, "icmp_errors"), before + 1);
         }
     }
     // Errors about anything else pass untouched and uncounted.
     let stranger = v4(HOST, 22, CLIENT, 46100, ACK);
-    let err = icmp_error(router.into(), HOST.into(), &stranger.bytes(), 48);
+    let err = icmp_error(ROUTER.into(), HOST.into(), &stranger.frame(), 48).bytes;
     let before = counter(&dp, "icmp_errors");
     assert_eq!(xdp_bytes(&dp, &err), (XDP_PASS, err.clone()));
     assert_eq!(counter(&dp, "icmp_errors"), before);
@@ -1034,7 +668,7 @@ fn icmp_errors_about_replies_reach_the_backend() {
 /// joined with its forward entry, across several batches.
 #[test]
 fn the_daemon_reads_every_tracked_flow() {
-    let dp = setup_with(CONFIG, 16384, &[]);
+    let dp = setup_with(SERVICES, 16384, &[]);
     const N: u16 = 10_000;
     for port in 0..N {
         xdp(&dp, &v4(CLIENT, 20000 + port, VIP, 80, SYN));
