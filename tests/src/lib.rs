@@ -28,7 +28,7 @@ pub use lb::*;
 pub use load::{Held, LOAD_LIMIT, Load, app_index, read_response, under_load};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
-pub use syn::{checksum, syn_packet};
+pub use syn::{csum, syn_packet};
 pub use rng::Rng;
 pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
 pub use topology::Topology;

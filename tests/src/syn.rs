@@ -1,5 +1,5 @@
 //! A hand-made TCP SYN, for the flows no real client can make (spoofed sources that never
-//! answer the SYN-ACK).
+//! answer the SYN-ACK), and the Internet checksum (RFC 1071) every test packet uses.
 use std::net::SocketAddrV4;
 
 /// An IPv4 TCP SYN with correct IP and TCP checksums and no options.
@@ -13,7 +13,7 @@ pub fn syn_packet(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
     p[9] = 6; // TCP
     p[12..16].copy_from_slice(&src.ip().octets());
     p[16..20].copy_from_slice(&dst.ip().octets());
-    let ip_check = checksum(&p[..20]);
+    let ip_check = csum(&[&p[..20]]);
     p[10..12].copy_from_slice(&ip_check.to_be_bytes());
     {
         let tcp = &mut p[20..];
@@ -29,19 +29,24 @@ pub fn syn_packet(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
     pseudo.extend_from_slice(&dst.ip().octets());
     pseudo.extend_from_slice(&[0, 6, 0, 20]);
     pseudo.extend_from_slice(&p[20..]);
-    let tcp_check = checksum(&pseudo);
+    let tcp_check = csum(&[&pseudo]);
     p[36..38].copy_from_slice(&tcp_check.to_be_bytes());
     p
 }
 
-/// The Internet checksum (RFC 1071) of `data`, with the checksum field zeroed.
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
+/// One's-complement sum of big-endian 16-bit words (odd tail padded), not yet folded.
+fn sum_words(data: &[u8]) -> u32 {
+    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+}
+
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The checksum over `chunks` as one sequence of words (each chunk but the last of even length).
+pub fn csum(chunks: &[&[u8]]) -> u16 {
+    !fold(chunks.iter().map(|c| sum_words(c)).sum())
 }

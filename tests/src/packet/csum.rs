@@ -2,22 +2,8 @@
 
 use lb_common::Addr;
 
-/// One's-complement sum of big-endian 16-bit words (odd tail padded), not yet folded.
-fn sum_words(data: &[u8]) -> u32 {
-    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// The checksum over `chunks` as one sequence of words (each chunk but the last of even length).
-pub fn csum(chunks: &[&[u8]]) -> u16 {
-    !fold(chunks.iter().map(|c| sum_words(c)).sum())
-}
+pub use crate::syn::csum;
+use crate::syn::fold;
 
 /// RFC 1624 eqn. 3 for one 16-bit word, on big-endian values (the sum is byte-order independent).
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
