@@ -20,7 +20,7 @@ use super::{
     AcmeSettings, AttemptError, ChallengeKind, ManagerHandle, OnCert, Shared, Step,
     challenge::{Published, tls_alpn01_key},
     client::{AcmeHttp, http_client},
-    fail, next_attempt,
+    fail, failed, next_attempt,
     store::{Issued, load_pair, parse_pair, read_account, same_names, write_account, write_pair},
 };
 use crate::challenges::Challenges;
@@ -121,15 +121,21 @@ impl Manager {
         }
     }
 
+    /// When to attempt next, from what the manager holds; a certificate for other names counts
+    /// as none.
+    fn next_attempt(&self) -> SystemTime {
+        next_attempt(
+            self.validity.filter(|_| !self.names_changed),
+            self.settings.renew_before,
+            self.last_failure,
+            self.settings.retry_min,
+            self.settings.retry_max,
+        )
+    }
+
     async fn run(mut self) {
         loop {
-            let next = next_attempt(
-                self.validity.filter(|_| !self.names_changed),
-                self.settings.renew_before,
-                self.last_failure,
-                self.settings.retry_min,
-                self.settings.retry_max,
-            );
+            let next = self.next_attempt();
             self.shared.status.lock().unwrap().next_attempt = Some(next);
             // Sleeps in bounded slices until `next`, or until asked to renew now.
             let forced = loop {
@@ -190,13 +196,7 @@ impl Manager {
                 Err(e) => {
                     let failures = self.last_failure.map_or(0, |(_, n)| n) + 1;
                     self.last_failure = Some((now, failures));
-                    let retry = next_attempt(
-                        self.validity.filter(|_| !self.names_changed),
-                        self.settings.renew_before,
-                        self.last_failure,
-                        self.settings.retry_min,
-                        self.settings.retry_max,
-                    );
+                    let retry = self.next_attempt();
                     let keeping = match self.validity {
                         Some((_, not_after)) => format!(
                             "keeping the current certificate (valid until {})",
@@ -246,9 +246,9 @@ impl Manager {
                 account
                     .new_order(&NewOrder::new(&identifiers))
                     .await
-                    .map_err(|e| fail(Step::Order)(&e))?
+                    .map_err(fail(Step::Order))?
             }
-            Err(e) => return Err(fail(Step::Order)(&e)),
+            Err(e) => return Err(fail(Step::Order)(e)),
         };
 
         // Withdrawn when this attempt ends, whichever way.
@@ -256,7 +256,7 @@ impl Manager {
         let kind = self.settings.challenge;
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| fail(Step::Order)(&e))?;
+            let mut authz = authz.map_err(fail(Step::Order))?;
             let domain = authz.identifier().to_string();
             match authz.status {
                 AuthorizationStatus::Pending => {}
@@ -282,17 +282,14 @@ impl Manager {
                 }
                 ChallengeKind::TlsAlpn01 => {
                     let key = tls_alpn01_key(&domain, key_authorization.digest().as_ref())
-                        .map_err(|message| AttemptError {
-                            step: Step::Challenge,
-                            message,
-                        })?;
+                        .map_err(failed(Step::Challenge))?;
                     published.tls_alpn01(&domain, key);
                 }
             }
             challenge
                 .set_ready()
                 .await
-                .map_err(|e| fail(Step::Validation)(&e))?;
+                .map_err(fail(Step::Validation))?;
         }
 
         let polling = RetryPolicy::new()
@@ -302,7 +299,7 @@ impl Manager {
         let status = order
             .poll_ready(&polling)
             .await
-            .map_err(|e| fail(Step::Validation)(&e))?;
+            .map_err(fail(Step::Validation))?;
         if status != OrderStatus::Ready {
             return Err(AttemptError {
                 step: Step::Validation,
@@ -311,55 +308,43 @@ impl Manager {
         }
         drop(published);
 
-        let key = rcgen::KeyPair::generate().map_err(|e| fail(Step::Finalize)(&e))?;
+        let key = rcgen::KeyPair::generate().map_err(fail(Step::Finalize))?;
         let mut params = rcgen::CertificateParams::new(self.settings.domains.clone())
-            .map_err(|e| fail(Step::Finalize)(&e))?;
+            .map_err(fail(Step::Finalize))?;
         params.distinguished_name = rcgen::DistinguishedName::new();
         let csr = params
             .serialize_request(&key)
-            .map_err(|e| fail(Step::Finalize)(&e))?;
+            .map_err(fail(Step::Finalize))?;
         order
             .finalize_csr(csr.der())
             .await
-            .map_err(|e| fail(Step::Finalize)(&e))?;
+            .map_err(fail(Step::Finalize))?;
         let chain_pem = order
             .poll_certificate(&polling)
             .await
-            .map_err(|e| fail(Step::Certificate)(&e))?;
+            .map_err(fail(Step::Certificate))?;
         let key_pem = key.serialize_pem();
-        let issued = parse_pair(chain_pem.as_bytes(), key_pem.as_bytes()).map_err(|message| {
-            AttemptError {
-                step: Step::Certificate,
-                message,
-            }
-        })?;
+        let issued = parse_pair(chain_pem.as_bytes(), key_pem.as_bytes()).map_err(failed(Step::Certificate))?;
         write_pair(&self.settings, chain_pem.as_bytes(), key_pem.as_bytes())
-            .map_err(|message| AttemptError {
-                step: Step::Store,
-                message,
-            })?;
+            .map_err(failed(Step::Store))?;
         Ok(issued)
     }
 
     /// The account for the directory: the one held, the stored one, or a new one (stored at
     /// once). `fresh` skips the first two.
     async fn account(&mut self, fresh: bool) -> Result<Account, AttemptError> {
-        let err = |message: String| AttemptError {
-            step: Step::Account,
-            message,
-        };
         if !fresh {
             if let Some(account) = &self.account {
                 return Ok(account.clone());
             }
             if let Some(credentials) =
                 read_account(&self.settings.account_path(), &self.settings.directory)
-                    .map_err(err)?
+                    .map_err(failed(Step::Account))?
             {
                 let account = Account::builder_with_http(Box::new(self.http.clone()))
                     .from_credentials(credentials)
                     .await
-                    .map_err(|e| fail(Step::Account)(&e))?;
+                    .map_err(fail(Step::Account))?;
                 self.account = Some(account.clone());
                 return Ok(account);
             }
@@ -376,13 +361,13 @@ impl Manager {
                 None,
             )
             .await
-            .map_err(|e| fail(Step::Account)(&e))?;
+            .map_err(fail(Step::Account))?;
         write_account(
             &self.settings.state_dir,
             &self.settings.directory,
             &credentials,
         )
-        .map_err(err)?;
+        .map_err(failed(Step::Account))?;
         info!(
             service = self.settings.service,
             account = account.id(),

@@ -281,11 +281,16 @@ impl fmt::Display for AttemptError {
     }
 }
 
-fn fail(step: Step) -> impl Fn(&dyn std::error::Error) -> AttemptError {
+fn fail<E: std::error::Error>(step: Step) -> impl Fn(E) -> AttemptError {
     move |e| AttemptError {
         step,
-        message: error_chain(e),
+        message: error_chain(&e),
     }
+}
+
+/// For a failure that is described by our own message rather than by an error value.
+fn failed(step: Step) -> impl Fn(String) -> AttemptError {
+    move |message| AttemptError { step, message }
 }
 
 /// `e` and its sources: hyper's own message ("client error (Connect)") says little without them.

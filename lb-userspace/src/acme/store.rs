@@ -119,14 +119,13 @@ pub(super) fn write_account(
 
 /// Stores a new pair for the service, replacing the old one.
 pub(super) fn write_pair(settings: &AcmeSettings, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
-    let dir = settings.service_dir();
     private_dir(&settings.state_dir)?;
-    private_dir(&dir)?;
+    private_dir(&settings.service_dir())?;
     // Key first: a crash between the two renames leaves a new key beside the old
     // certificate, which the next start detects (keys do not match) and re-orders, rather
     // than a certificate whose key was never written.
-    write_private(&dir.join(KEY_FILE), key_pem)?;
-    write_private(&dir.join(CERT_FILE), chain_pem)
+    write_private(&settings.key_path(), key_pem)?;
+    write_private(&settings.cert_path(), chain_pem)
 }
 
 /// Creates `dir` if needed and makes it 0700: it holds private keys.
