@@ -19,7 +19,7 @@ impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ms = self.0.as_millis();
         assert_eq!(Duration::from_millis(ms as u64), self.0, "xlb durations are whole milliseconds: {:?}", self.0);
-        if ms % 1000 == 0 { s.serialize_str(&format!("{}s", ms / 1000)) } else { s.serialize_str(&format!("{ms}ms")) }
+        if ms.is_multiple_of(1000) { s.serialize_str(&format!("{}s", ms / 1000)) } else { s.serialize_str(&format!("{ms}ms")) }
     }
 }
 
