@@ -762,7 +762,7 @@ fn failing_requests_take_backends_out() {
     let before: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
     let answer = site.request(false, "POST", "/abort", &[]).unwrap();
     assert_eq!(answer.status, 502, "{answer:?}");
-    let after: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "POST")).collect();
+    let after = logged_aborts(&site, "POST", &before, 1);
     let reached: usize = after.iter().zip(&before).map(|(a, b)| a - b).sum();
     assert_eq!(reached, 1, "the POST reached {reached} backends: {before:?} -> {after:?}");
     const MARK: &str = "backend failed (passive): requests to it failed";
@@ -785,7 +785,7 @@ fn failing_requests_take_backends_out() {
     // Every backend fails a GET: each is tried once and taken out, the client gets 502.
     let answer = site.request(false, "GET", "/abort", &[]).unwrap();
     assert_eq!(answer.status, 502, "{answer:?}");
-    let gets: Vec<usize> = site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), "GET")).collect();
+    let gets = logged_aborts(&site, "GET", &[0; BACKENDS], BACKENDS);
     println!("GET /abort reached the backends {gets:?} times");
     assert_eq!(gets, [1; BACKENDS], "each backend should get the GET exactly once");
     site.lb.poll(Duration::from_secs(2), "every backend taken out", |_| {
@@ -795,6 +795,20 @@ fn failing_requests_take_backends_out() {
     all_up("the backends back after their probes");
     assert!(site.get() < BACKENDS);
     site.lb.finish();
+}
+
+/// The `/abort` requests with `method` each backend has logged, read once `expected` more than
+/// `before` have arrived (or after 2 s): a backend's log line can reach the test after the
+/// proxy's answer does. A little longer is waited so that a surplus would show too.
+fn logged_aborts(site: &Site, method: &str, before: &[usize], expected: usize) -> Vec<usize> {
+    let counts = || -> Vec<usize> { site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), method)).collect() };
+    let arrived = |now: &[usize]| now.iter().zip(before).map(|(a, b)| a - b).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while arrived(&counts()) < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    counts()
 }
 
 /// How many `/abort` requests with `method` a demo backend has logged.
