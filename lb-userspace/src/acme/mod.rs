@@ -407,28 +407,17 @@ mod tests {
     #[test]
     fn a_failure_delays_a_due_renewal_but_not_a_later_one() {
         let validity = Some((at(100), at(190)));
+        let attempt = |failed| next_attempt(validity, DEFAULT_RENEW_BEFORE, failed, DEFAULT_RETRY_MIN, DEFAULT_RETRY_MAX);
         // Due at day 160; failed at day 170 for the third time: 4 minutes later.
         let failed = Some((at(170), 3));
         assert_eq!(
-            next_attempt(
-                validity,
-                DEFAULT_RENEW_BEFORE,
-                failed,
-                DEFAULT_RETRY_MIN,
-                DEFAULT_RETRY_MAX
-            ),
+            attempt(failed),
             at(170) + Duration::from_secs(240)
         );
         // A forced renewal failed on day 120: the schedule stays at day 160.
         let failed = Some((at(120), 1));
         assert_eq!(
-            next_attempt(
-                validity,
-                DEFAULT_RENEW_BEFORE,
-                failed,
-                DEFAULT_RETRY_MIN,
-                DEFAULT_RETRY_MAX
-            ),
+            attempt(failed),
             at(160)
         );
     }
