@@ -798,15 +798,15 @@ fn failing_requests_take_backends_out() {
 }
 
 /// The `/abort` requests with `method` each backend has logged, read once `expected` more than
-/// `before` have arrived (or after 2 s): a backend's log line can reach the test after the
-/// proxy's answer does. A little longer is waited so that a surplus would show too.
+/// `before` have arrived: a backend's log line can reach the test after the proxy's answer
+/// does. A little longer is waited so that a surplus would show too.
 fn logged_aborts(site: &Site, method: &str, before: &[usize], expected: usize) -> Vec<usize> {
     let counts = || -> Vec<usize> { site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), method)).collect() };
-    let arrived = |now: &[usize]| now.iter().zip(before).map(|(a, b)| a - b).sum::<usize>();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while arrived(&counts()) < expected && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    site.lb.poll(Duration::from_secs(2), &format!("{expected} {method} /abort in the backends' logs"), |_| {
+        let now = counts();
+        let arrived: usize = now.iter().zip(before).map(|(a, b)| a - b).sum();
+        (arrived >= expected).then_some(()).ok_or_else(|| format!("{before:?} -> {now:?}"))
+    });
     std::thread::sleep(Duration::from_millis(200));
     counts()
 }
