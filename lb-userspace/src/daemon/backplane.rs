@@ -29,6 +29,12 @@ use crate::{
 /// write per burst of requests rather than two per request.
 const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(2);
 
+/// How old the data path's live counts may be when the proxy picks a backend. Reading them is
+/// one map lookup (a system call) per L4 slot: done for every request, that was the largest
+/// cost of a keep-alive request after TLS itself. Flows come and go far slower than requests,
+/// so the proxy reads a snapshot, and whichever request finds it older than this refreshes it.
+const L4_SNAPSHOT_MAX_AGE_NS: u64 = 5_000_000;
+
 /// A failed request: (service, backend).
 pub(super) type Failures = mpsc::UnboundedReceiver<(usize, usize)>;
 
@@ -40,6 +46,10 @@ pub(super) struct Backplane {
     /// where the in-flight requests are published for it. Replaced by a reload.
     l4_slots: RwLock<HashMap<SocketAddr, Vec<u32>>>,
     conns: ConnsReader,
+    /// The data path's live connections per `https` backend address, as last read, and when
+    /// (monotonic ns; 0: never, or invalidated by a reload).
+    l4_snapshot: HashMap<SocketAddr, AtomicI64>,
+    l4_read_at: AtomicU64,
     /// Fires when an in-flight count changes.
     changed: Notify,
     failures: mpsc::UnboundedSender<(usize, usize)>,
@@ -54,9 +64,12 @@ impl Backplane {
             }
         }
         let (failures, failed) = mpsc::unbounded_channel();
+        let l4_snapshot = in_flight.keys().map(|&addr| (addr, AtomicI64::new(0))).collect();
         let backplane = Backplane {
             view,
             in_flight,
+            l4_snapshot,
+            l4_read_at: AtomicU64::new(0),
             l4_slots: RwLock::new(Self::l4_slots(config, layout)),
             conns,
             changed: Notify::new(),
@@ -78,12 +91,30 @@ impl Backplane {
     /// After a reload: the L4 slots of the new layout (the `https` services are unchanged).
     pub(super) fn relayout(&self, config: &Config, layout: &Layout) {
         *self.l4_slots.write().unwrap() = Self::l4_slots(config, layout);
+        self.l4_read_at.store(0, Ordering::Relaxed);
         self.changed.notify_one();
     }
 
     /// The proxy's requests to `addr`: in flight now, and sent in all.
     pub(super) fn requests(&self, addr: SocketAddr) -> (u64, u64) {
         self.in_flight.get(&addr).map_or((0, 0), |(n, t)| (n.load(Ordering::Relaxed).max(0) as u64, t.load(Ordering::Relaxed)))
+    }
+
+    /// Reads the data path's live counts of every `https` backend address into the snapshot
+    /// if it is older than `L4_SNAPSHOT_MAX_AGE_NS`; one caller at a time does the reading.
+    fn refresh_l4_snapshot(&self) {
+        let now = monotonic_ns();
+        let read_at = self.l4_read_at.load(Ordering::Relaxed);
+        if now.saturating_sub(read_at) < L4_SNAPSHOT_MAX_AGE_NS
+            || self.l4_read_at.compare_exchange(read_at, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let slots = self.l4_slots.read().unwrap();
+        for (addr, live) in &self.l4_snapshot {
+            let n = slots.get(addr).map_or(0, |slots| slots.iter().map(|&s| self.conns.live(s).max(0)).sum());
+            live.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Writes every address's in-flight count into the `PROXIED` entry of each L4 slot with
@@ -105,7 +136,8 @@ impl https::Backplane for Backplane {
     }
 
     fn l4_live(&self, addr: SocketAddr) -> i64 {
-        self.l4_slots.read().unwrap().get(&addr).map_or(0, |slots| slots.iter().map(|&s| self.conns.live(s).max(0)).sum())
+        self.refresh_l4_snapshot();
+        self.l4_snapshot.get(&addr).map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     fn in_flight(&self, addr: SocketAddr) -> i64 {

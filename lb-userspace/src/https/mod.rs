@@ -32,7 +32,7 @@ pub trait Backplane: Send + Sync + 'static {
     /// and passive health) and not drained.
     fn usable(&self, service: usize, backend: usize) -> bool;
     /// Connections open to `addr` through the data path (every L4 backend slot with that
-    /// address).
+    /// address), as read at most a few milliseconds ago.
     fn l4_live(&self, addr: SocketAddr) -> i64;
     /// Requests of the HTTPS path in flight to `addr` now.
     fn in_flight(&self, addr: SocketAddr) -> i64;

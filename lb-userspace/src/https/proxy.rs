@@ -403,13 +403,13 @@ impl Proxy {
                 }
                 return Ok(Response::from_parts(parts, BoxBody::new(Empty::new().map_err(|e| match e {}))));
             }
-            self.pool.give_back_when_ready(addr, sender);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
             if self.options.http.backend_header {
                 parts.headers.insert(X_BACKEND_SERVER.clone(), header_value(addr));
             }
-            let body = Guarded { inner: body.map_err(BoxError::from), _guard: Box::new(guard) };
+            let returned = GiveBack { pool: self.pool.clone(), addr, sender: Some(sender) };
+            let body = Guarded { inner: body.map_err(BoxError::from), _guard: Box::new((returned, guard)) };
             return Ok(Response::from_parts(parts, BoxBody::new(body)));
         }
     }
@@ -615,18 +615,43 @@ impl Pool {
         None
     }
 
-    /// Puts the connection back once its response has been read to the end (an HTTP/1.1
-    /// connection carries one request at a time).
+    fn put(&self, addr: SocketAddr, sender: client_http1::SendRequest<ProxyBody>) {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.entry(addr).or_default();
+        if list.len() < POOL_MAX_IDLE {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// Puts the connection back once it can take the next request (an HTTP/1.1 connection
+    /// carries one request at a time).
     fn give_back_when_ready(self: &Arc<Pool>, addr: SocketAddr, mut sender: client_http1::SendRequest<ProxyBody>) {
         let pool = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                let mut idle = pool.idle.lock().unwrap();
-                let list = idle.entry(addr).or_default();
-                if list.len() < POOL_MAX_IDLE {
-                    list.push((sender, Instant::now()));
-                }
+                pool.put(addr, sender);
             }
         });
+    }
+}
+
+/// Returns a backend connection to the pool when the response body it carried is dropped
+/// (read to the end, or abandoned). A connection whose response was read to the end is
+/// usually ready at once and goes straight back; only one that is not yet (or never will be:
+/// an abandoned body closes it) gets a task that waits for it.
+struct GiveBack {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    sender: Option<client_http1::SendRequest<ProxyBody>>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        let Some(sender) = self.sender.take() else { return };
+        if sender.is_ready() {
+            self.pool.put(self.addr, sender);
+        } else if !sender.is_closed() {
+            self.pool.give_back_when_ready(self.addr, sender);
+        }
     }
 }
