@@ -101,6 +101,9 @@ enum Task {
         /// Seconds per run (default 10, or 3 with --quick).
         #[arg(long, value_name = "S")]
         seconds: Option<u64>,
+        /// Only the HTTPS arms (nginx and xlb terminating TLS); writes <date>-https.*.
+        #[arg(long)]
+        https: bool,
     },
 }
 
@@ -127,8 +130,10 @@ fn main() -> anyhow::Result<()> {
             quick,
             rounds,
             seconds,
+            https,
         } => bench::run(bench::Options {
             quick,
+            https_only: https,
             rounds,
             seconds,
         }),

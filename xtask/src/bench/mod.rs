@@ -14,6 +14,7 @@
 //! Arms are a list (`ARMS`); a new arm is an entry there plus whatever starts its server.
 mod measure;
 mod peers;
+mod profile;
 mod report;
 mod tls;
 
@@ -158,6 +159,8 @@ pub const TARGETS: &[(&str, &str, Mode, f64)] = &[
 
 pub struct Options {
     pub quick: bool,
+    /// Only the HTTPS arms (D, E): the L4 rounds and the latency rounds are left out.
+    pub https_only: bool,
     pub rounds: Option<usize>,
     pub seconds: Option<u64>,
 }
@@ -178,6 +181,9 @@ pub struct Context {
     pub cost: Result<Vec<(String, String)>, String>,
     /// Per HTTPS arm: the server's memory and idle CPU.
     pub memory: Vec<tls::Memory>,
+    /// Per HTTPS arm: its server's system calls and context switches per request.
+    pub profiles: Vec<profile::Profile>,
+    pub https_only: bool,
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -257,7 +263,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
     // One short unrecorded run per arm: caches, allocators and the proxies' pools warm up, and
     // every arm is shown to answer before anything is recorded.
-    for arm in ARMS {
+    let l4_arms: &[Arm] = if options.https_only { &[] } else { ARMS };
+    for arm in l4_arms {
         xdp.set(arm.tax)?;
         peers::check_answers(&topology, arm)?;
         let warm = measure::wrk(&topology, arm, Mode::KeepAlive, 1, &stop)?;
@@ -281,7 +288,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     println!("bench: measuring; about {} left", minutes(progress.planned));
 
     let mut samples: Vec<Run> = Vec::new();
-    for round in 0..rounds {
+    for round in (0..rounds).filter(|_| !options.https_only) {
         for arm in rotated(round) {
             xdp.set(arm.tax)?;
             // The two modes alternate their order too.
@@ -304,8 +311,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .map(|arm| report::median(&report::values(&samples, arm.id, Mode::KeepAlive)))
         .fold(f64::INFINITY, f64::min);
     let fixed_rate = ((slowest * 0.5) / 100.0).floor().max(1.0) * 100.0;
-    println!("bench: latency at a fixed {fixed_rate} req/s (50 % of the slowest arm's maximum)");
-    for round in 0..latency_rounds {
+    if !options.https_only {
+        println!("bench: latency at a fixed {fixed_rate} req/s (50 % of the slowest arm's maximum)");
+    }
+    for round in (0..latency_rounds).filter(|_| !options.https_only) {
         for arm in rotated(round) {
             xdp.set(arm.tax)?;
             let run = measure::fixed_rate(&topology, &bins, arm, fixed_rate, seconds, &stop)?;
@@ -345,6 +354,21 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         );
         memory.push(m);
     }
+    // System calls and context switches per request, in runs of their own (see `profile`).
+    let mut profiles = Vec::new();
+    for arm in TLS_ARMS {
+        xdp.set(arm.tax)?;
+        match profile::profile(&topology, arm, seconds, &stop) {
+            Ok(p) => {
+                println!(
+                    "bench: {} per keep-alive HTTPS request: {:.1} system calls, {:.2} context switches",
+                    p.arm, p.syscalls, p.context_switches
+                );
+                profiles.push(p);
+            }
+            Err(e) => println!("bench: {}: system calls not counted: {e:#}", arm.id),
+        }
+    }
     xdp.set_none()?;
     let background_after = measure::background_load();
 
@@ -364,6 +388,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         background_after,
         cost,
         memory,
+        profiles,
+        https_only: options.https_only,
     };
     let written = report::write(&context, &samples)?;
     println!(

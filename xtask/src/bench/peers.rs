@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "nginx"),
     ("haproxy", "haproxy"),
     ("wrk", "wrk"),
+    // `perf stat`: system calls and context switches per request of the HTTPS servers.
+    ("linux-perf", "perf"),
 ];
 /// Debian starts a service on install unless this says no (exit 101: "action forbidden").
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -35,9 +35,10 @@ pub fn write(ctx: &Context, runs: &[Run]) -> anyhow::Result<Vec<PathBuf>> {
 /// `2026-11-28`, or `2026-11-28-quick` for a smoke run (which then never replaces a real one).
 fn file_stem(ctx: &Context) -> String {
     let date = ctx.started.get(..10).unwrap_or("undated");
+    let part = if ctx.https_only { "-https" } else { "" };
     match ctx.quick {
-        true => format!("{date}-quick"),
-        false => date.to_owned(),
+        true => format!("{date}{part}-quick"),
+        false => format!("{date}{part}"),
     }
 }
 
@@ -165,6 +166,103 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
             ""
         },
     );
+    if !ctx.https_only {
+        l4_sections(w, ctx, runs, chart);
+    }
+    https_section(w, ctx, runs);
+
+    let _ = writeln!(
+        w,
+        "\n## Program cost (`BPF_PROG_TEST_RUN`, `xlb-test-run-cost` \
+         (tests/src/bin/test_run_cost.rs), release build)\n"
+    );
+    match &ctx.cost {
+        Ok(rows) => {
+            let _ = writeln!(w, "| packet | ns/packet |\n|---|---:|");
+            for (k, v) in rows {
+                let _ = writeln!(w, "| {k} | {v} |");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(w, "Not measured: {}", e.lines().next().unwrap_or_default());
+        }
+    }
+
+    let flagged: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.errors > 0 || r.syn_retrans > 0 || r.other_busy > OTHERS_NOTED)
+        .collect();
+    if !flagged.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n## Disturbed runs (errors, SYN retransmits, or other processes above {:.0} %)\n\n\
+             | round | arm | mode | req/s | errors | SYN retransmits | other processes |\n\
+             |---|---|---|---:|---:|---:|---:|",
+            OTHERS_NOTED * 100.0
+        );
+        for r in flagged {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {:.1} % |",
+                r.round + 1,
+                r.arm,
+                r.mode.name(),
+                thousands(r.rps),
+                r.errors,
+                r.syn_retrans,
+                r.other_busy * 100.0
+            );
+        }
+    }
+
+    let _ = writeln!(
+        w,
+        "\n## Method\n\n\
+         - Topology: two private network namespaces joined by a veth pair (2 queues each end, TX \
+         checksum offload off on the client end); 198.18.0.1 is the lb side, 198.18.0.2 the \
+         client. Three `xlb-demo-backend` instances on :8001–:8003 serve every arm.\n\
+         - Pinning: backends, nginx, HAProxy and the xlb daemon on CPU 0; wrk and the fixed-rate \
+         client on CPU 1. A veth processes a received packet in the *sender's* softirq, so \
+         the lb side's receive path (including XDP, hence xlb's DNAT) runs on CPU 1 and the \
+         client's receive path on CPU 0; the CPU columns show where the time went. When CPU 1 \
+         is near 100 % the load generator is the limit and a ratio near 1 means \
+         \"as fast as the client can go\", not more.\n\
+         - TIME_WAIT sockets of a new-connection run stay 60 s and are still there for the next \
+         arms (the rotation spreads this over all of them; xlb's reconcile reads them too).\n\
+         - XDP tax: one XDP program in driver mode on the lb end of the veth in every arm: a \
+         no-op (`r0 = XDP_PASS; exit`, the same code as the object's `xlb_noop`) for A1, B and \
+         B2; xlb's own for C. xlb is not left attached during the other arms (its TC egress \
+         program would then run on their replies too): the daemon is started for C's turn and \
+         stopped with SIGTERM + `xlb detach` afterwards, so each round of C starts with empty \
+         conntrack maps.\n\
+         - A1 targets one backend (app-1) with the same single wrk process (-t1 -c{conns}) as \
+         every other arm: the load generator owns half the machine, so it is kept identical \
+         (one server process on one core serves about as fast as three sharing it: measured \
+         within noise of 3 wrk groups of 11+11+10 connections to the three). A1 uses app-1's \
+         second port, {direct}: xlb rewrites C's flows to :8001, so direct connections there \
+         would share 4-tuples with C's and hit C's TIME_WAIT sockets (SYNs answered by an ACK, \
+         1 s retransmits).\n\
+         - Interleaving: every round runs every arm once, rotating the order by one per round \
+         and alternating which mode goes first; ratios are taken within a round, then \
+         summarised. Spread (IQR / median) above {noisy:.0} % is flagged ⚠.\n\
+         - Keep-alive: `wrk -t1 -c{conns} -d{secs}s --latency`; new connections: the same with \
+         `-H 'Connection: close'`. Both namespaces use ephemeral ports 10000–65535; the \
+         client's may reuse its own TIME_WAIT ports (`tcp_tw_reuse = 1`, load generator only).\n\
+         - nginx: `keepalive_requests` raised to 10⁶ towards clients and backends (the default \
+         1000 would close every keep-alive connection after 1000 requests, which no other arm \
+         does). HAProxy: `maxconn 4096`, timeouts 5 s connect / 30 s idle, no logging.\n\
+         - Raw runs: `{name}.csv`.\n",
+        conns = super::CONNECTIONS,
+        direct = super::DIRECT_PORT,
+        secs = ctx.seconds,
+        noisy = NOISY * 100.0,
+        name = file_stem(ctx),
+    );
+    s
+}
+
+/// The L4 arms: throughput, ratios, targets, CPU, program cost in traffic, latency.
+fn l4_sections(w: &mut String, ctx: &Context, runs: &[Run], chart: &str) {
     let _ = writeln!(w, "![median req/s per arm, whiskers: IQR]({chart})\n");
 
     let _ = writeln!(w, "## Arms\n\n| Arm | Path | Port |\n|---|---|---|");
@@ -307,96 +405,6 @@ fn markdown(ctx: &Context, runs: &[Run], chart: &str) -> String {
         );
     }
 
-    https_section(w, ctx, runs);
-
-    let _ = writeln!(
-        w,
-        "\n## Program cost (`BPF_PROG_TEST_RUN`, `xlb-test-run-cost` \
-         (tests/src/bin/test_run_cost.rs), release build)\n"
-    );
-    match &ctx.cost {
-        Ok(rows) => {
-            let _ = writeln!(w, "| packet | ns/packet |\n|---|---:|");
-            for (k, v) in rows {
-                let _ = writeln!(w, "| {k} | {v} |");
-            }
-        }
-        Err(e) => {
-            let _ = writeln!(w, "Not measured: {}", e.lines().next().unwrap_or_default());
-        }
-    }
-
-    let flagged: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.errors > 0 || r.syn_retrans > 0 || r.other_busy > OTHERS_NOTED)
-        .collect();
-    if !flagged.is_empty() {
-        let _ = writeln!(
-            w,
-            "\n## Disturbed runs (errors, SYN retransmits, or other processes above {:.0} %)\n\n\
-             | round | arm | mode | req/s | errors | SYN retransmits | other processes |\n\
-             |---|---|---|---:|---:|---:|---:|",
-            OTHERS_NOTED * 100.0
-        );
-        for r in flagged {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} % |",
-                r.round + 1,
-                r.arm,
-                r.mode.name(),
-                thousands(r.rps),
-                r.errors,
-                r.syn_retrans,
-                r.other_busy * 100.0
-            );
-        }
-    }
-
-    let _ = writeln!(
-        w,
-        "\n## Method\n\n\
-         - Topology: two private network namespaces joined by a veth pair (2 queues each end, TX \
-         checksum offload off on the client end); 198.18.0.1 is the lb side, 198.18.0.2 the \
-         client. Three `xlb-demo-backend` instances on :8001–:8003 serve every arm.\n\
-         - Pinning: backends, nginx, HAProxy and the xlb daemon on CPU 0; wrk and the fixed-rate \
-         client on CPU 1. A veth processes a received packet in the *sender's* softirq, so \
-         the lb side's receive path (including XDP, hence xlb's DNAT) runs on CPU 1 and the \
-         client's receive path on CPU 0; the CPU columns show where the time went. When CPU 1 \
-         is near 100 % the load generator is the limit and a ratio near 1 means \
-         \"as fast as the client can go\", not more.\n\
-         - TIME_WAIT sockets of a new-connection run stay 60 s and are still there for the next \
-         arms (the rotation spreads this over all of them; xlb's reconcile reads them too).\n\
-         - XDP tax: one XDP program in driver mode on the lb end of the veth in every arm: a \
-         no-op (`r0 = XDP_PASS; exit`, the same code as the object's `xlb_noop`) for A1, B and \
-         B2; xlb's own for C. xlb is not left attached during the other arms (its TC egress \
-         program would then run on their replies too): the daemon is started for C's turn and \
-         stopped with SIGTERM + `xlb detach` afterwards, so each round of C starts with empty \
-         conntrack maps.\n\
-         - A1 targets one backend (app-1) with the same single wrk process (-t1 -c{conns}) as \
-         every other arm: the load generator owns half the machine, so it is kept identical \
-         (one server process on one core serves about as fast as three sharing it: measured \
-         within noise of 3 wrk groups of 11+11+10 connections to the three). A1 uses app-1's \
-         second port, {direct}: xlb rewrites C's flows to :8001, so direct connections there \
-         would share 4-tuples with C's and hit C's TIME_WAIT sockets (SYNs answered by an ACK, \
-         1 s retransmits).\n\
-         - Interleaving: every round runs every arm once, rotating the order by one per round \
-         and alternating which mode goes first; ratios are taken within a round, then \
-         summarised. Spread (IQR / median) above {noisy:.0} % is flagged ⚠.\n\
-         - Keep-alive: `wrk -t1 -c{conns} -d{secs}s --latency`; new connections: the same with \
-         `-H 'Connection: close'`. Both namespaces use ephemeral ports 10000–65535; the \
-         client's may reuse its own TIME_WAIT ports (`tcp_tw_reuse = 1`, load generator only).\n\
-         - nginx: `keepalive_requests` raised to 10⁶ towards clients and backends (the default \
-         1000 would close every keep-alive connection after 1000 requests, which no other arm \
-         does). HAProxy: `maxconn 4096`, timeouts 5 s connect / 30 s idle, no logging.\n\
-         - Raw runs: `{name}.csv`.\n",
-        conns = super::CONNECTIONS,
-        direct = super::DIRECT_PORT,
-        secs = ctx.seconds,
-        noisy = NOISY * 100.0,
-        name = file_stem(ctx),
-    );
-    s
 }
 
 /// Server CPU time per handshake (µs), less what the server uses when idle.
@@ -517,6 +525,31 @@ fn https_section(w: &mut String, ctx: &Context, runs: &[Run]) {
             (m.held_kib as f64 - m.idle_kib as f64) / f64::from(super::tls::HELD),
             m.idle_busy * 100.0
         );
+    }
+    if !ctx.profiles.is_empty() {
+        let calls = super::profile::CALLS;
+        let _ = writeln!(
+            w,
+            "\nPer keep-alive HTTPS request, counted by `perf stat` on the server's threads \
+             (tracepoints `raw_syscalls:sys_enter`, `syscalls:sys_enter_*`, software event \
+             `context-switches`) in one run per arm of its own, after the rounds above; calls \
+             not listed are in the total only.\n\n\
+             | Server | req/s (counted run) | system calls | context switches | {} |\n|---|---:|---:|---:|{}",
+            calls.join(" | "),
+            "---:|".repeat(calls.len())
+        );
+        for p in &ctx.profiles {
+            let cells: Vec<String> = p.by_call.iter().map(|n| format!("{n:.2}")).collect();
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.2} | {:.2} | {} |",
+                p.arm,
+                thousands(p.rps),
+                p.syscalls,
+                p.context_switches,
+                cells.join(" | ")
+            );
+        }
     }
     let _ = writeln!(
         w,
