@@ -9,7 +9,6 @@
 //! gets a 502 (or 504). Each failure counts against the backend's passive health.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -69,6 +68,8 @@ pub struct Proxy {
     pub service: usize,
     pub name: String,
     backends: Vec<SocketAddr>,
+    /// `X-Backend-Server` of each backend, written once.
+    backend_header: Vec<HeaderValue>,
     options: config::Https,
     backplane: Arc<dyn Backplane>,
     pub stats: Arc<Stats>,
@@ -92,10 +93,11 @@ impl Proxy {
             service,
             name: svc.name.clone(),
             backends: svc.backends.clone(),
+            backend_header: svc.backends.iter().map(|&a| header_value(a)).collect(),
             options: svc.https.clone().expect("an https service has https options"),
             backplane,
             stats,
-            pool: Arc::default(),
+            pool: Arc::new(Pool::new(svc.backends.len())),
             next: AtomicUsize::new(0),
         })
     }
@@ -204,10 +206,13 @@ impl Proxy {
             .max_local_error_reset_streams(Some(1024));
         let proxy = self.clone();
         let act = activity.clone();
+        // The client's address as a header value, written once per connection.
+        let peer_ip = peer_header(peer);
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let act = act.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, act).await) }
+            let peer_ip = peer_ip.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer_ip, act).await) }
         });
         let conn = builder.serve_connection_with_upgrades(io, service);
         let mut conn = std::pin::pin!(conn);
@@ -245,7 +250,7 @@ impl Proxy {
         !activity.upgraded.load(Ordering::Relaxed)
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr, activity: Arc<Activity>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: HeaderValue, activity: Arc<Activity>) -> Response<ProxyBody> {
         activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.served.store(true, Ordering::Relaxed);
         let done = RequestDone(activity);
@@ -276,7 +281,7 @@ impl Proxy {
         response.map(|body| BoxBody::new(Guarded { inner: body, _guard: Box::new(done) }))
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, (StatusCode, &'static str)> {
+    async fn forward(&self, mut req: Request<Incoming>, peer: HeaderValue) -> Result<Response<ProxyBody>, (StatusCode, &'static str)> {
         let host = req
             .uri()
             .authority()
@@ -320,7 +325,7 @@ impl Proxy {
             let addr = self.backends[b];
             let guard = InFlight::new(self.backplane.clone(), addr);
             let t = &self.options.timeouts;
-            let (mut sender, pooled) = match self.pool.take(addr) {
+            let (mut sender, pooled) = match self.pool.take(b) {
                 Some(s) => (s, true),
                 None => match connect(addr, t.backend_connect).await {
                     Ok(s) => (s, false),
@@ -399,16 +404,16 @@ impl Proxy {
                 let (mut parts, _) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, true);
                 if self.options.http.backend_header {
-                    parts.headers.insert(X_BACKEND_SERVER.clone(), header_value(addr));
+                    parts.headers.insert(X_BACKEND_SERVER.clone(), self.backend_header[b].clone());
                 }
                 return Ok(Response::from_parts(parts, BoxBody::new(Empty::new().map_err(|e| match e {}))));
             }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
             if self.options.http.backend_header {
-                parts.headers.insert(X_BACKEND_SERVER.clone(), header_value(addr));
+                parts.headers.insert(X_BACKEND_SERVER.clone(), self.backend_header[b].clone());
             }
-            let returned = GiveBack { pool: self.pool.clone(), addr, sender: Some(sender) };
+            let returned = GiveBack { pool: self.pool.clone(), backend: b, sender: Some(sender) };
             let body = Guarded { inner: body.map_err(BoxError::from), _guard: Box::new((returned, guard)) };
             return Ok(Response::from_parts(parts, BoxBody::new(body)));
         }
@@ -496,6 +501,12 @@ fn local(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
     r
 }
 
+/// The client's IP address (an IPv4 client of a dual-stack socket as IPv4), for X-Real-IP and
+/// X-Forwarded-For.
+fn peer_header(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_canonical().to_string()).expect("an IP is a valid header value")
+}
+
 fn header_value(addr: SocketAddr) -> HeaderValue {
     HeaderValue::from_str(&addr.to_string()).expect("an address is a valid header value")
 }
@@ -543,7 +554,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// The request head sent to a backend: origin-form target, HTTP/1.1 headers, and the
 /// forwarding headers.
-fn backend_head(parts: &hyper::http::request::Parts, peer: SocketAddr, host: HeaderValue, upgrade: bool) -> hyper::http::request::Parts {
+fn backend_head(parts: &hyper::http::request::Parts, peer: HeaderValue, host: HeaderValue, upgrade: bool) -> hyper::http::request::Parts {
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = parts.method.clone();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -561,15 +572,14 @@ fn backend_head(parts: &hyper::http::request::Parts, peer: SocketAddr, host: Hea
             headers.insert(header::COOKIE, v);
         }
     }
-    let ip = peer.ip().to_canonical();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {ip}"),
-        None => ip.to_string(),
+        Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", peer.to_str().unwrap_or_default())).ok(),
+        None => Some(peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert(X_REAL_IP.clone(), HeaderValue::from_str(&ip.to_string()).expect("an IP is a valid header value"));
+    headers.insert(X_REAL_IP.clone(), peer);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     headers.insert(header::HOST, host);
@@ -597,16 +607,18 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<client_http1::Se
 /// A kept-alive backend connection and when it went idle.
 type Idle = (client_http1::SendRequest<ProxyBody>, Instant);
 
-/// Idle kept-alive connections to the backends.
-#[derive(Default)]
+/// Idle kept-alive connections to the backends, by backend index.
 struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Vec<Mutex<Vec<Idle>>>,
 }
 
 impl Pool {
-    fn take(&self, addr: SocketAddr) -> Option<client_http1::SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().unwrap();
-        let list = idle.get_mut(&addr)?;
+    fn new(backends: usize) -> Pool {
+        Pool { idle: (0..backends).map(|_| Mutex::default()).collect() }
+    }
+
+    fn take(&self, backend: usize) -> Option<client_http1::SendRequest<ProxyBody>> {
+        let mut list = self.idle[backend].lock().unwrap();
         while let Some((sender, since)) = list.pop() {
             if sender.is_ready() && !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(sender);
@@ -615,9 +627,8 @@ impl Pool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, sender: client_http1::SendRequest<ProxyBody>) {
-        let mut idle = self.idle.lock().unwrap();
-        let list = idle.entry(addr).or_default();
+    fn put(&self, backend: usize, sender: client_http1::SendRequest<ProxyBody>) {
+        let mut list = self.idle[backend].lock().unwrap();
         if list.len() < POOL_MAX_IDLE {
             list.push((sender, Instant::now()));
         }
@@ -625,11 +636,11 @@ impl Pool {
 
     /// Puts the connection back once it can take the next request (an HTTP/1.1 connection
     /// carries one request at a time).
-    fn give_back_when_ready(self: &Arc<Pool>, addr: SocketAddr, mut sender: client_http1::SendRequest<ProxyBody>) {
+    fn give_back_when_ready(self: &Arc<Pool>, backend: usize, mut sender: client_http1::SendRequest<ProxyBody>) {
         let pool = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                pool.put(addr, sender);
+                pool.put(backend, sender);
             }
         });
     }
@@ -641,7 +652,7 @@ impl Pool {
 /// an abandoned body closes it) gets a task that waits for it.
 struct GiveBack {
     pool: Arc<Pool>,
-    addr: SocketAddr,
+    backend: usize,
     sender: Option<client_http1::SendRequest<ProxyBody>>,
 }
 
@@ -649,9 +660,9 @@ impl Drop for GiveBack {
     fn drop(&mut self) {
         let Some(sender) = self.sender.take() else { return };
         if sender.is_ready() {
-            self.pool.put(self.addr, sender);
+            self.pool.put(self.backend, sender);
         } else if !sender.is_closed() {
-            self.pool.give_back_when_ready(self.addr, sender);
+            self.pool.give_back_when_ready(self.backend, sender);
         }
     }
 }
