@@ -1,9 +1,5 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-/// See lb-userspace/Cargo.toml: the HTTPS proxy's many small allocations.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use xlb::{
