@@ -19,6 +19,7 @@ pub mod root;
 mod syn;
 mod systemd;
 mod rng;
+mod tls;
 mod topology;
 mod xdp;
 
@@ -31,6 +32,7 @@ pub use proc::Proc;
 pub use syn::{csum, syn_packet};
 pub use rng::Rng;
 pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
+pub use tls::{Answer, Conn, Pki, client_config};
 pub use topology::Topology;
 pub use xdp::NoopXdp;
 

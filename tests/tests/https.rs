@@ -7,7 +7,6 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
     process::Command,
     sync::{
         Arc,
@@ -17,9 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{Request, Version};
-use hyper_util::rt::TokioIo;
+use hyper::Version;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
 use xlb_tests::{
@@ -39,75 +36,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_BODY: usize = 1 << 20;
 const HSTS: &str = "max-age=31536000; includeSubDomains";
 
-/// A CA made for one test, and certificates it signs.
-struct Pki {
-    dir: PathBuf,
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "xlb test CA");
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        Pki { dir: dir.to_owned(), ca }
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// A leaf certificate for `SITE` (and the lb address) with subject CN `cn`: (cert PEM,
-    /// key PEM, cert DER).
-    fn leaf(&self, cn: &str) -> (String, String, Vec<u8>) {
-        let mut params = rcgen::CertificateParams::new(vec![SITE.to_string(), "198.18.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        // Like a certificate from a public CA: valid for 90 days from yesterday, with a CRL
-        // to check it against (testssl.sh rates longer lives and no revocation info HIGH).
-        let (y, m, d) = civil_date(-1);
-        params.not_before = rcgen::date_time_ymd(y, m, d);
-        let (y, m, d) = civil_date(89);
-        params.not_after = rcgen::date_time_ymd(y, m, d);
-        params.crl_distribution_points =
-            vec![rcgen::CrlDistributionPoint { uris: vec!["http://198.18.0.1/test-ca.crl".into()] }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-
-    /// Writes a leaf as `site.crt`/`site.key` the way a renewal tool does: new files renamed
-    /// over the old ones, key first. Returns the certificate's DER.
-    fn install(&self, cn: &str) -> Vec<u8> {
-        let (cert, key, der) = self.leaf(cn);
-        for (name, text) in [("site.key", key), ("site.crt", cert)] {
-            let tmp = self.dir.join(format!("{name}.new"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, self.dir.join(name)).unwrap();
-        }
-        der
-    }
-}
-
-/// The date `offset_days` from today (UTC) as (year, month, day): Howard Hinnant's
-/// `civil_from_days`.
-fn civil_date(offset_days: i64) -> (i32, u8, u8) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    let z = now / 86_400 + offset_days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
-}
-
 /// The topology, the daemon with an L4, an HTTPS and a redirect service, and a TLS client
 /// trusting the test CA.
 struct Site {
@@ -116,20 +44,6 @@ struct Site {
     ip: IpAddr,
     tls: Arc<rustls::ClientConfig>,
     rt: tokio::runtime::Runtime,
-}
-
-fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
 }
 
 impl Site {
@@ -142,7 +56,7 @@ impl Site {
         let mut lb = Lb::prepare(tag, Family::V4);
         let ip: IpAddr = lb.topo.lb_v4.into();
         lb.vip = SocketAddr::new(ip, L4_PORT);
-        let pki = Pki::new(&lb.dir);
+        let pki = Pki::new(&lb.dir, &[SITE, "198.18.0.1"]);
         pki.install("first");
         write_config_with(&lb, &pki, http);
         for i in 0..BACKENDS {
@@ -188,7 +102,7 @@ impl Site {
     /// A new HTTPS connection (HTTP/2 when `h2`, else HTTP/1.1, by ALPN).
     fn connect(&self, h2: bool) -> Result<Conn, String> {
         let tcp = self.tcp(self.https());
-        self.rt.block_on(Conn::open(tcp, self.tls.clone(), h2))
+        self.rt.block_on(Conn::open(tcp, self.tls.clone(), SITE, h2))
     }
 
     /// One request on a new connection.
@@ -281,108 +195,6 @@ fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
         )
         .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)));
     lb.write(&config);
-}
-
-/// A response, read to the end.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    version: Version,
-    headers: hyper::HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
-}
-
-/// A client connection over TLS, kept open between requests.
-struct Conn {
-    sender: Sender,
-    /// The leaf certificate the server sent.
-    peer_cert: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, h2: bool) -> Result<Conn, String> {
-        tcp.set_nonblocking(true).unwrap();
-        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-        let mut config = (*tls).clone();
-        config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let name = ServerName::try_from(SITE).unwrap();
-        let stream = tokio::time::timeout(IO_TIMEOUT, connector.connect(name, tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let (_, session) = stream.get_ref();
-        let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
-        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-        let io = TokioIo::new(stream);
-        let sender = if h2 {
-            assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "the server did not agree to h2 by ALPN");
-            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .map_err(|e| format!("h2 handshake: {e}"))?;
-            tokio::spawn(conn);
-            Sender::H2(sender)
-        } else {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("http/1.1 handshake: {e}"))?;
-            tokio::spawn(conn);
-            Sender::H1(sender)
-        };
-        Ok(Conn { sender, peer_cert })
-    }
-
-    async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Answer, String> {
-        let uri = match self.sender {
-            Sender::H1(_) => path.to_string(),
-            Sender::H2(_) => format!("https://{SITE}{path}"),
-        };
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Sender::H1(_) = self.sender {
-            req = req.header("host", SITE);
-        }
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let req = req.body(Full::new(body)).unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(15), async {
-            match &mut self.sender {
-                Sender::H1(s) => {
-                    s.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
-                    s.send_request(req).await
-                }
-                Sender::H2(s) => {
-                    s.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
-                    s.send_request(req).await
-                }
-            }
-            .map_err(|e| format!("request failed: {e}"))
-        })
-        .await
-        .map_err(|_| "no response in 15 s".to_string())??;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.map_err(|e| format!("reading the body: {e}"))?.to_bytes();
-        Ok(Answer {
-            status: parts.status.as_u16(),
-            version: parts.version,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
-    }
 }
 
 /// Test 1: HTTPS through the VIP over HTTP/1.1 and HTTP/2: every backend answers, with every
@@ -633,7 +445,7 @@ fn both_paths_balance_one_load() {
                     let rt = runtime();
                     let tcp = site.tcp(site.https());
                     rt.block_on(async {
-                        let mut conn = Conn::open(tcp, site.tls.clone(), false).await.unwrap();
+                        let mut conn = Conn::open(tcp, site.tls.clone(), SITE, false).await.unwrap();
                         conn.send("GET", "/slow?ms=3000", &[], Bytes::new()).await.unwrap()
                     })
                 });
@@ -681,7 +493,7 @@ fn backend_killed_mid_stream() {
                 while !stop.load(Ordering::Relaxed) {
                     if conn.is_none() || n % 10 == 0 {
                         let tcp = site.tcp(site.https());
-                        conn = Some(rt.block_on(Conn::open(tcp, site.tls.clone(), n % 20 == 0)).unwrap());
+                        conn = Some(rt.block_on(Conn::open(tcp, site.tls.clone(), SITE, n % 20 == 0)).unwrap());
                     }
                     n += 1;
                     match rt.block_on(conn.as_mut().unwrap().send("GET", "/", &[], Bytes::new())) {
@@ -724,7 +536,7 @@ fn backend_killed_mid_stream() {
             let rt = runtime();
             let tcp = site.tcp(site.https());
             rt.block_on(async {
-                let mut conn = Conn::open(tcp, site.tls.clone(), false).await.unwrap();
+                let mut conn = Conn::open(tcp, site.tls.clone(), SITE, false).await.unwrap();
                 conn.send("POST", "/slow?ms=5000", &[("content-type", "text/plain")], Bytes::from_static(b"order #1")).await
             })
         });
@@ -1097,7 +909,7 @@ fn https_listener_handover_across_20_restarts() {
     let mut lb = Lb::prepare("handover", Family::V4);
     let ip: IpAddr = lb.topo.lb_v4.into();
     lb.vip = SocketAddr::new(ip, L4_PORT);
-    let pki = Pki::new(&lb.dir);
+    let pki = Pki::new(&lb.dir, &[SITE, "198.18.0.1"]);
     pki.install("first");
     write_config_with(&lb, &pki, "");
     for i in 0..BACKENDS {
@@ -1137,7 +949,7 @@ fn https_listener_handover_across_20_restarts() {
                         .and_then(|tcp| {
                             tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
                             rt.block_on(async {
-                                let mut conn = Conn::open(tcp, tls.clone(), false).await?;
+                                let mut conn = Conn::open(tcp, tls.clone(), SITE, false).await?;
                                 conn.send("GET", "/", &[], Bytes::new()).await
                             })
                         });
@@ -1214,7 +1026,7 @@ fn rollout_restarts_https_backends_without_a_failed_request() {
                 while !stop.load(Ordering::Relaxed) {
                     if conn.is_none() || n % 10 == 0 {
                         let tcp = site.tcp(site.https());
-                        match rt.block_on(Conn::open(tcp, site.tls.clone(), h2)) {
+                        match rt.block_on(Conn::open(tcp, site.tls.clone(), SITE, h2)) {
                             Ok(c) => conn = Some(c),
                             Err(e) => {
                                 errors.lock().unwrap().push(format!("connecting: {e}"));
