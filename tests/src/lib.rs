@@ -8,6 +8,7 @@
 //! A test file takes it all with `use xlb_tests::*;`.
 mod cmd;
 pub mod config;
+pub mod demo;
 mod http;
 mod lb;
 mod load;

@@ -61,14 +61,17 @@ enum Task {
         #[arg(long, value_name = "N", default_value_t = 60)]
         minutes: u64,
     },
-    /// With arguments: build and run `xlb run <args>` (e.g. `-- --config xlb.toml`).
-    /// Without: a self-contained demo in private network namespaces.
+    /// Without arguments after `--`: a self-contained demo in private network namespaces (root),
+    /// L4 and HTTPS, until Ctrl-C or `--demo-seconds N`. With arguments after `--`: build and
+    /// run the daemon, `xlb run <args>` (e.g. `cargo xtask run -- --config /etc/xlb/xlb.toml`).
     Run {
-        /// Stop the demo by itself after this many seconds (default: at Ctrl-C).
+        /// The demo's only flag (before any `--`): stop by itself after N seconds, e.g.
+        /// `cargo xtask run --demo-seconds 20`.
         #[arg(long, value_name = "N")]
         demo_seconds: Option<u64>,
-        /// Arguments for `xlb run`.
-        #[arg(last = true)]
+        /// Everything after `--` goes to `xlb run` (see `xlb run --help`), and runs the daemon
+        /// instead of the demo.
+        #[arg(last = true, value_name = "XLB_RUN_ARGS")]
         args: Vec<String>,
     },
     /// Install the release binary to <prefix>/bin/xlb, the systemd units (xlb.service,
@@ -144,7 +147,16 @@ fn main() -> anyhow::Result<()> {
             demo_seconds: Some(_),
             ..
         } => {
-            bail!("--demo-seconds is for the demo (`cargo xtask run` without arguments)")
+            bail!(
+                "--demo-seconds is for the demo, and arguments after `--` run the daemon instead: \
+                 use `cargo xtask run --demo-seconds N` alone for the demo"
+            )
+        }
+        Task::Run { args, .. } if args.iter().any(|a| a == "--demo-seconds" || a.starts_with("--demo-seconds=")) => {
+            bail!(
+                "--demo-seconds is a flag of the demo, not of `xlb run`: put it before `--`, \
+                 as in `cargo xtask run --demo-seconds 8` (everything after `--` goes to the daemon)"
+            )
         }
         Task::Run { args, .. } => {
             build(false)?;
