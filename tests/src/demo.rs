@@ -15,16 +15,16 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    Conn, IO_TIMEOUT, Pki, Proc, Topology, client_config,
-    config::{Health, Service, Tls, XlbConfig},
+    Answer, Conn, IO_TIMEOUT, Pki, Proc, Topology, client_config,
+    config::{Health, Service, XlbConfig},
     demo_backend_bin, http_get, wait_until, xlb_bin,
 };
 
 /// The L4 service's port: plain HTTP, placed and DNATed by the XDP program.
-pub const L4_PORT: u16 = 8080;
+const L4_PORT: u16 = 8080;
 /// The HTTPS service's port, and the redirect's, as a site would have them.
-pub const HTTPS_PORT: u16 = 443;
-pub const HTTP_PORT: u16 = 80;
+const HTTPS_PORT: u16 = 443;
+const HTTP_PORT: u16 = 80;
 pub const BACKEND_PORTS: [u16; 3] = [8001, 8002, 8003];
 /// The site's name, on its certificate; the client sends it as SNI and Host.
 pub const SITE: &str = "demo.xlb.test";
@@ -67,7 +67,7 @@ pub fn run(out: &mut dyn Write, done: &(dyn Fn() -> bool + Sync)) -> anyhow::Res
         writeln!(out, "  https https://{SITE}/ ({lb}:{HTTPS_PORT})   TLS terminated by the daemon, certificate made for this run")?;
         writeln!(out, "  redirect http://{lb}:{HTTP_PORT}/   to https\n")?;
         out.write_all(l4_traffic(&topology, done).as_bytes())?;
-        out.write_all(https_traffic(&topology, &files.ca, done).as_bytes())?;
+        out.write_all(https_traffic(&topology, &files.pki.ca_path(), done).as_bytes())?;
         // Time to read the above before the status view clears the screen.
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -118,8 +118,8 @@ fn l4_traffic(topology: &Topology, done: &(dyn Fn() -> bool + Sync)) -> String {
 }
 
 /// HTTPS requests over HTTP/1.1 and HTTP/2, each on a new connection, printing which backend
-/// served each, the response headers the proxy added and the request headers the backend saw;
-/// then a plain-HTTP request to the redirect.
+/// served each (and, for the first of each protocol, the headers the proxy added); then a
+/// plain-HTTP request to the redirect.
 fn https_traffic(topology: &Topology, ca: &Path, done: &(dyn Fn() -> bool + Sync)) -> String {
     let https = SocketAddr::from((topology.lb_v4, HTTPS_PORT));
     let tls = client_config(ca);
@@ -137,34 +137,11 @@ fn https_traffic(topology: &Topology, ca: &Path, done: &(dyn Fn() -> bool + Sync
                             conn.send("GET", "/echo", &[], bytes::Bytes::new()).await
                         })
                     });
-                let answer = match answer {
-                    Ok(a) => a,
-                    Err(e) => {
-                        text += &format!("GET https://{SITE}/echo {proto} #{i} → error: {e}\n");
-                        continue;
-                    }
-                };
-                let by = answer.header("x-backend-server").unwrap_or("(no X-Backend-Server header)");
-                text += &format!("GET https://{SITE}/echo {proto} #{i} → {} {:?}, X-Backend-Server: {by}\n", answer.status, answer.version);
-                if i > 1 {
-                    continue;
+                text += &format!("GET https://{SITE}/echo {proto} #{i} → ");
+                match answer {
+                    Ok(answer) => text += &describe(&answer, i == 1),
+                    Err(e) => text += &format!("error: {e}\n"),
                 }
-                text += "    added to the response:";
-                for name in ["strict-transport-security", "x-frame-options", "x-content-type-options", "referrer-policy"] {
-                    text += &format!(" {name}: {};", answer.header(name).unwrap_or("(missing)"));
-                }
-                text += "\n    the backend saw:";
-                let echo = serde_json::from_str::<serde_json::Value>(&answer.body).unwrap_or_default();
-                let seen = echo["headers"].as_array().cloned().unwrap_or_default();
-                for name in ["x-forwarded-for", "x-real-ip", "x-forwarded-proto", "host"] {
-                    let values: Vec<&str> = seen
-                        .iter()
-                        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-                        .filter_map(|h| h[1].as_str())
-                        .collect();
-                    text += &format!(" {name}: {};", if values.is_empty() { "(missing)".into() } else { values.join(", ") });
-                }
-                text += "\n";
             }
         }
         let http = SocketAddr::from((topology.lb_v4, HTTP_PORT));
@@ -180,32 +157,53 @@ fn https_traffic(topology: &Topology, ca: &Path, done: &(dyn Fn() -> bool + Sync
     text
 }
 
+/// An HTTPS answer from `/echo`: its status, protocol and `X-Backend-Server`; with `headers`,
+/// also the response headers the proxy added and the forwarding headers the backend saw.
+fn describe(answer: &Answer, headers: bool) -> String {
+    let by = answer.header("x-backend-server").unwrap_or("(no X-Backend-Server header)");
+    let mut text = format!("{} {:?}, X-Backend-Server: {by}\n", answer.status, answer.version);
+    if !headers {
+        return text;
+    }
+    text += "    added to the response:";
+    for name in ["strict-transport-security", "x-frame-options", "x-content-type-options", "referrer-policy"] {
+        text += &format!(" {name}: {};", answer.header(name).unwrap_or("(missing)"));
+    }
+    text += "\n    the backend saw:";
+    // The demo backend's `/echo` lists the request's headers as [name, value] pairs.
+    let echo = serde_json::from_str::<serde_json::Value>(&answer.body).unwrap_or_default();
+    let seen = echo["headers"].as_array().cloned().unwrap_or_default();
+    for name in ["x-forwarded-for", "x-real-ip", "x-forwarded-proto", "host"] {
+        let values: Vec<&str> = seen
+            .iter()
+            .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+            .filter_map(|h| h[1].as_str())
+            .collect();
+        text += &format!(" {name}: {};", if values.is_empty() { "(missing)".into() } else { values.join(", ") });
+    }
+    text + "\n"
+}
+
 /// The demo's config file, CA and certificate, in a directory of their own removed on drop.
 struct DemoFiles {
-    dir: PathBuf,
     config: PathBuf,
-    ca: PathBuf,
+    pki: Pki,
 }
 
 impl DemoFiles {
     fn write(topology: &Topology) -> anyhow::Result<DemoFiles> {
         let dir = std::env::temp_dir().join(format!("xlb-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let files = DemoFiles { config: dir.join("xlb.toml"), ca: dir.join("ca.pem"), dir };
-        let pki = Pki::new(&files.dir, &[SITE, &topology.lb_v4.to_string()]);
+        let pki = Pki::new(&dir, &[SITE, &topology.lb_v4.to_string()]);
         pki.install("demo");
+        let files = DemoFiles { config: dir.join("xlb.toml"), pki };
         let lb = topology.lb_v4;
         let backends: Vec<String> = BACKEND_PORTS.iter().map(|p| format!("{lb}:{p}")).collect();
         let health = Health::http("/health").interval(Duration::from_secs(1));
         let config = XlbConfig::new([&topology.lb_if], &topology.pin_path)
             .admin(ADMIN)
             .service(Service::l4("demo", format!("{lb}:{L4_PORT}")).backends(&backends).health(health.clone()))
-            .service(
-                Service::https("site", format!("{lb}:{HTTPS_PORT}"))
-                    .backends(&backends)
-                    .tls(Tls::files(files.dir.join("site.crt"), files.dir.join("site.key")))
-                    .health(health),
-            )
+            .service(Service::https("site", format!("{lb}:{HTTPS_PORT}")).backends(&backends).tls(files.pki.tls()).health(health))
             .service(Service::redirect("site-http", format!("{lb}:{HTTP_PORT}")));
         let text = format!("# Written by `cargo xtask run` for its demo; removed when it ends.\n{}", config.render());
         std::fs::write(&files.config, text).with_context(|| format!("writing {}", files.config.display()))?;
@@ -215,7 +213,7 @@ impl DemoFiles {
 
 impl Drop for DemoFiles {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.pki.dir);
     }
 }
 

@@ -33,7 +33,7 @@ pub use proc::Proc;
 pub use syn::{csum, syn_packet};
 pub use rng::Rng;
 pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
-pub use tls::{Answer, Conn, Pki, client_config};
+pub use tls::{Answer, Conn, Pki, client_config, replace_file};
 pub use topology::Topology;
 pub use xdp::NoopXdp;
 

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
 
-use crate::IO_TIMEOUT;
+use crate::{IO_TIMEOUT, config::Tls};
 
 /// A CA made at run time, and certificates it signs for `names` (DNS names or addresses).
 pub struct Pki {
@@ -57,17 +57,36 @@ impl Pki {
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
 
-    /// Writes a leaf as `site.crt`/`site.key` the way a renewal tool does: new files renamed
+    /// Writes a leaf to `cert_path`/`key_path` the way a renewal tool does: new files renamed
     /// over the old ones, key first. Returns the certificate's DER.
     pub fn install(&self, cn: &str) -> Vec<u8> {
         let (cert, key, der) = self.leaf(cn);
-        for (name, text) in [("site.key", key), ("site.crt", cert)] {
-            let tmp = self.dir.join(format!("{name}.new"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, self.dir.join(name)).unwrap();
-        }
+        replace_file(&self.key_path(), key);
+        replace_file(&self.cert_path(), cert);
         der
     }
+
+    /// Where `install` puts the certificate.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("site.crt")
+    }
+
+    /// Where `install` puts the private key.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("site.key")
+    }
+
+    /// A service's `[service.tls]` naming the installed certificate and key.
+    pub fn tls(&self) -> Tls {
+        Tls::files(self.cert_path(), self.key_path())
+    }
+}
+
+/// Replaces `path` with `text` as a renewal tool does: written to `<path>.new`, renamed over it.
+pub fn replace_file(path: &Path, text: impl AsRef<[u8]>) {
+    let tmp = PathBuf::from(format!("{}.new", path.display()));
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
 }
 
 /// The date `offset_days` from today (UTC) as (year, month, day): Howard Hinnant's

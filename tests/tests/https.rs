@@ -20,7 +20,7 @@ use hyper::Version;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
 use xlb_tests::{
-    config::{Dur, Limits, Service, Timeouts, Tls, XlbConfig},
+    config::{Dur, Limits, Service, Timeouts, XlbConfig},
     *,
 };
 
@@ -181,7 +181,7 @@ fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
                 .backends(&lb.backends)
                 .max_fails(1)
                 .fail_timeout(Duration::from_secs(10))
-                .tls(Tls::files(pki.dir.join("site.crt"), pki.dir.join("site.key")))
+                .tls(pki.tls())
                 .timeouts(Timeouts {
                     handshake: Some(Dur(HANDSHAKE_TIMEOUT)),
                     request_header: Some(Dur(HEADER_TIMEOUT)),
@@ -819,7 +819,7 @@ fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 fn certificate_reload_keeps_connections() {
     xlb_tests::root_or_skip!();
     let site = Site::start("https4");
-    let first = std::fs::read(site.pki.dir.join("site.crt")).unwrap();
+    let first = std::fs::read(site.pki.cert_path()).unwrap();
     let first_der = CertificateDer::from_pem_slice(&first).unwrap().to_vec();
     let mut old = site.connect(false).unwrap();
     assert_eq!(old.peer_cert, first_der);
@@ -840,8 +840,7 @@ fn certificate_reload_keeps_connections() {
     }
     // A broken replacement (key of another certificate) is refused; the second stays.
     let (_, other_key, _) = site.pki.leaf("third");
-    std::fs::write(site.pki.dir.join("site.key.new"), other_key).unwrap();
-    std::fs::rename(site.pki.dir.join("site.key.new"), site.pki.dir.join("site.key")).unwrap();
+    replace_file(&site.pki.key_path(), other_key);
     std::thread::sleep(Duration::from_secs(2));
     let conn = site.connect(false).unwrap();
     assert_eq!(conn.peer_cert, second, "a mismatched key must not replace the working certificate");
