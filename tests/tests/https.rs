@@ -609,6 +609,76 @@ fn failing_requests_take_backends_out() {
     site.lb.finish();
 }
 
+/// Request buffering: an idempotent request whose body fits `limits.request_buffer_bytes`
+/// (64 KiB by default) goes, body and all, to another backend when one fails before answering;
+/// a larger body is streamed and sent once, and a POST is never sent twice, over HTTP/1.1 and
+/// HTTP/2 alike.
+#[test]
+fn buffered_bodies_go_to_another_backend() {
+    xlb_tests::root_or_skip!();
+    let site = Site::start("https-buffer");
+    let send = |h2: bool, method: &str, path: &str, len: usize| {
+        let mut conn = site.connect(h2).unwrap();
+        site.rt.block_on(conn.send(method, path, &[], Bytes::from(vec![b'x'; len]))).unwrap()
+    };
+    let total = |method: &str| -> usize { site.lb.apps.iter().map(|a| aborts(a.as_ref().unwrap(), method)).sum() };
+    // The backends' log lines can reach the test after the answer: wait for `at_least`, then a
+    // little longer so that a surplus would show too.
+    let reached = |method: &str, before: usize, at_least: usize| -> usize {
+        site.lb.poll(Duration::from_secs(2), &format!("{at_least} {method} /abort in the logs"), |_| {
+            (total(method) - before >= at_least).then_some(()).ok_or_else(|| format!("{}", total(method) - before))
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        total(method) - before
+    };
+    let all_up = || {
+        site.lb.poll(Duration::from_secs(5), "the failed backends back after their probes", |lb| {
+            let s = lb.status();
+            let b = s["services"][1]["backends"].as_array().unwrap().clone();
+            b.iter().all(|b| b["state"] == "up").then_some(()).ok_or_else(|| format!("{b:?}"))
+        });
+    };
+    let spared = BACKENDS - 1;
+    let except = format!("/abort?except=app-{}", spared + 1);
+    for h2 in [false, true] {
+        // Only the last backend answers: a PUT reaches it whichever backend it went to first.
+        // Round-robin among equals moves the first choice on, so within a few PUTs one goes
+        // to a failing backend first and is sent again.
+        let mut sent_again = 0;
+        for _ in 0..BACKENDS + 1 {
+            let (before, retries) = (total("PUT"), site.site_status()["https"]["retries"].as_u64().unwrap());
+            let answer = send(h2, "PUT", &except, 1000);
+            assert_eq!(answer.status, 200, "h2={h2}: {answer:?}");
+            assert_eq!(site.backend_of(&answer), spared, "{answer:?}");
+            assert_eq!(answer.json()["body_length"].as_u64(), Some(1000), "the body sent again was not whole: {answer:?}");
+            let retried = site.site_status()["https"]["retries"].as_u64().unwrap() - retries;
+            let n = reached("PUT", before, 1 + retried as usize);
+            assert_eq!(n, 1 + retried as usize, "h2={h2}: the PUT reached {n} backends, {retried} retries counted");
+            sent_again += retried;
+            all_up();
+        }
+        println!("h2={h2}: {} buffered PUTs, {sent_again} sent again to another backend", BACKENDS + 1);
+        assert!(sent_again >= 1, "h2={h2}: no PUT went to a failing backend first");
+
+        // Over the buffer: streamed, sent once, 502.
+        let before = total("PUT");
+        let answer = send(h2, "PUT", "/abort", 100 * 1024);
+        assert_eq!(answer.status, 502, "h2={h2}: {answer:?}");
+        assert_eq!(reached("PUT", before, 1), 1, "h2={h2}: a streamed PUT body was sent more than once");
+        all_up();
+
+        // A POST with a small body is buffered, but not idempotent: sent once.
+        for _ in 0..BACKENDS {
+            let before = total("POST");
+            let answer = send(h2, "POST", &except, 1000);
+            assert!(answer.status == 502 || (answer.status == 200 && site.backend_of(&answer) == spared), "h2={h2}: {answer:?}");
+            assert_eq!(reached("POST", before, 1), 1, "h2={h2}: a POST was sent more than once");
+            all_up();
+        }
+    }
+    site.lb.finish();
+}
+
 /// The `/abort` requests with `method` each backend has logged, read once `expected` more than
 /// `before` have arrived: a backend's log line can reach the test after the proxy's answer
 /// does. A little longer is waited so that a surplus would show too.

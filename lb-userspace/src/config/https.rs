@@ -269,6 +269,12 @@ pub struct Limits {
     /// Bytes of one request body; more is answered 413. `None`: unlimited.
     #[serde(deserialize_with = "max_body_bytes")]
     pub max_body_bytes: Option<u64>,
+    /// Request bodies of at most this many bytes are read whole before the request is sent,
+    /// so that an idempotent request whose backend fails before answering can go to another
+    /// backend (nginx's `proxy_request_buffering`); larger ones are streamed and never sent
+    /// twice. 0: every body is streamed.
+    #[serde(deserialize_with = "request_buffer_bytes")]
+    pub request_buffer_bytes: usize,
     /// Client connections open at once; more wait in the listen backlog.
     #[serde(deserialize_with = "max_connections")]
     pub max_connections: usize,
@@ -283,6 +289,7 @@ impl Default for Limits {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_body_bytes: None,
+            request_buffer_bytes: 64 * 1024,
             max_connections: 10_000,
             h2_max_streams: 128,
         }
@@ -362,6 +369,9 @@ fn max_headers<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
 }
 fn max_body_bytes<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
     Ok(Some(limit(de, "max_body_bytes", 0..=i64::MAX, "bytes")? as u64))
+}
+fn request_buffer_bytes<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
+    Ok(limit(de, "request_buffer_bytes", 0..=16 << 20, "bytes")? as usize)
 }
 fn max_connections<'de, D: Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
     Ok(limit(de, "max_connections", 1..=1_000_000, "connections")? as usize)
@@ -457,7 +467,7 @@ mod tests {
             .replace(
                 "[service.http]\n",
                 "[service.timeouts]\nhandshake = \"2s\"\nidle = \"5s\"\n\
-                 [service.limits]\nmax_headers = 50\nmax_body_bytes = 1000\n[service.http]\nframe_options = \"\"\n",
+                 [service.limits]\nmax_headers = 50\nmax_body_bytes = 1000\nrequest_buffer_bytes = 0\n[service.http]\nframe_options = \"\"\n",
             );
         let config = parse(&text).unwrap();
         let h = config.services[0].https.as_ref().unwrap();
@@ -466,6 +476,7 @@ mod tests {
         assert_eq!(h.timeouts.idle, Duration::from_secs(5));
         assert_eq!(h.timeouts.backend_connect, Timeouts::default().backend_connect);
         assert_eq!((h.limits.max_headers, h.limits.max_body_bytes), (50, Some(1000)));
+        assert_eq!(h.limits.request_buffer_bytes, 0);
         assert_eq!(h.http.frame_options, None);
         assert_eq!(h.http.hsts, HttpHeaders::default().hsts);
 

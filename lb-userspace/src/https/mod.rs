@@ -1,12 +1,14 @@
 //! The HTTPS path: the daemon itself listens on an `https` service's address, terminates TLS
 //! (`tls`), and proxies HTTP/1.1 and HTTP/2 requests to the backends over kept-alive HTTP/1.1
-//! connections (`proxy`); a `redirect` service answers plain HTTP with a 301 to https and serves
+//! connections (`proxy`), small request bodies read whole so that they can be sent again
+//! (`body`); a `redirect` service answers plain HTTP with a 301 to https and serves
 //! ACME HTTP-01 challenges (`redirect`).
 //!
 //! Both paths balance as one: the proxy picks the backend with the fewest live connections
 //! counting the data path's flows to that address, and the daemon publishes the proxy's
 //! requests in flight to the data path (see `Backplane`).
 
+pub mod body;
 pub mod proxy;
 pub mod redirect;
 pub mod tls;

@@ -4,9 +4,10 @@
 //!
 //! Failures are handled as nginx's `proxy_next_upstream error timeout`: a backend that cannot
 //! be connected to is skipped for any request (nothing was sent); a backend that fails or times
-//! out before the response head is skipped for idempotent requests without a body, which can be
-//! sent again as they were; any other request that reached a backend is never sent twice and
-//! gets a 502 (or 504). Each failure counts against the backend's passive health.
+//! out before the response head is skipped for idempotent requests whose body was read whole
+//! (none, or at most `limits.request_buffer_bytes`), which can be sent again as they were; any
+//! other request that reached a backend is never sent twice and gets a 502 (or 504). Each
+//! failure counts against the backend's passive health.
 
 use std::{
     convert::Infallible,
@@ -40,7 +41,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::{Activity, Backplane, InFlight, Stats, Tracked};
+use super::{
+    Activity, Backplane, InFlight, Stats, Tracked,
+    body::{self, RequestBody},
+};
 use crate::{challenges::ACME_TLS_ALPN, config};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -299,11 +303,22 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let head = backend_head(&parts, peer, host_value, upgrade);
-        let replayable = is_idempotent(&parts.method) && body.is_end_stream() && !upgrade;
-        let mut body = Some(match self.options.limits.max_body_bytes {
+        let limits = &self.options.limits;
+        let buffer = !upgrade && (body.is_end_stream() || length.is_none_or(|len| len <= limits.request_buffer_bytes as u64));
+        let body: ProxyBody = match limits.max_body_bytes {
             Some(max) => BoxBody::new(Limited::new(body, max as usize)),
             None => BoxBody::new(body.map_err(BoxError::from)),
-        });
+        };
+        let mut body = if buffer {
+            match tokio::time::timeout(self.options.timeouts.request_header, body::read(body, limits.request_buffer_bytes)).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => return Err(body_error(&*e)),
+                Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")),
+            }
+        } else {
+            RequestBody::Streamed(Some(body))
+        };
+        let replayable = is_idempotent(&parts.method) && body.is_buffered();
         let mut tried = vec![false; self.backends.len()];
         let mut stale_retries = 0;
         let mut failed_backends = 0;
@@ -337,11 +352,7 @@ impl Proxy {
                     }
                 },
             };
-            let request_body = match body.take() {
-                Some(b) => b,
-                None => BoxBody::new(Empty::new().map_err(|e| match e {})),
-            };
-            let mut request = Request::from_parts(head.clone(), request_body);
+            let mut request = Request::from_parts(head.clone(), body.for_attempt());
             *request.version_mut() = Version::HTTP_11;
             let sent = tokio::time::timeout(t.backend_response, sender.try_send_request(request)).await;
             let mut response = match sent {
@@ -350,7 +361,7 @@ impl Proxy {
                     if let Some(unsent) = e.take_message() {
                         // The connection was gone before the request went out (a pooled
                         // connection the backend had just closed): the request is intact.
-                        body = Some(unsent.into_body());
+                        body.unsent(unsent.into_body());
                         if pooled && stale_retries < POOL_MAX_IDLE {
                             stale_retries += 1;
                             continue;
@@ -484,14 +495,28 @@ impl<B: Body + Unpin> Body for Guarded<B> {
 /// The answer when a request failed because of its own body: past `max_body_bytes` (a body
 /// without Content-Length is only measured as it streams), or the client stopped sending it.
 fn client_side(e: &hyper::Error) -> Option<(StatusCode, &'static str)> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    (too_large(e) || e.is_user()).then(|| body_error(e))
+}
+
+/// The answer to a request whose body could not be read.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
+    if too_large(e) {
+        (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+    } else {
+        (StatusCode::BAD_REQUEST, "the request body broke off\n")
+    }
+}
+
+/// Whether `e` is (caused by) a body past `max_body_bytes`.
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
-            return Some((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"));
+            return true;
         }
         source = cause.source();
     }
-    e.is_user().then_some((StatusCode::BAD_REQUEST, "the request body broke off\n"))
+    false
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<ProxyBody> {

@@ -5,7 +5,8 @@
 //! (503 while failing, toggled by SIGUSR1); `/health/detailed` → counters; `/slow?ms=N` waits
 //! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
 //! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
-//! the connection without an answer, as a crashing handler would; `/upgrade` with `Upgrade:
+//! the connection without an answer, as a crashing handler would (`/abort?except=<name>`: the
+//! instance named answers as `/echo` instead); `/upgrade` with `Upgrade:
 //! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them.
 use std::{
     net::SocketAddr,
@@ -180,11 +181,11 @@ async fn handle(
         .iter()
         .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let slow_ms = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("ms="))
-            .and_then(|ms| ms.parse::<u64>().ok())
-    });
+    let param = |name: &str| -> Option<String> {
+        req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_owned)
+    };
+    let slow_ms = param("ms").and_then(|ms| ms.parse::<u64>().ok());
+    let spared = param("except").is_some_and(|name| name == state.name);
     // Read the whole body (POSTs from the tests) so that the connection stays reusable.
     let body_len = req
         .into_body()
@@ -194,8 +195,8 @@ async fn handle(
     let response = match path.as_str() {
         "/" => served_by(&state),
         // hyper closes the connection when the service fails.
-        "/abort" => return Err(Aborted),
-        "/echo" => respond(
+        "/abort" if !spared => return Err(Aborted),
+        "/echo" | "/abort" => respond(
             &state,
             StatusCode::OK,
             "application/json",
