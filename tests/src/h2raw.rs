@@ -178,6 +178,8 @@ pub struct H2 {
     pub timeout: Duration,
     /// Set once the server closed the connection.
     pub closed: bool,
+    /// The first write that failed; nothing is written after it.
+    pub write_error: Option<std::io::Error>,
 }
 
 impl H2 {
@@ -188,6 +190,10 @@ impl H2 {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let name = ServerName::try_from(host.to_string()).map_err(|e| format!("server name {host:?}: {e}"))?;
         let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| format!("TLS client: {e}"))?;
+        // Each frame leaves when written, as h2spec's do (Go sets TCP_NODELAY): with Nagle's
+        // algorithm a frame after a HEADERS would wait for the server's ACK, i.e. often until
+        // after the response, and a test of what the server does with it would test a race.
+        tcp.set_nodelay(true).map_err(|e| format!("setting TCP_NODELAY: {e}"))?;
         tcp.set_read_timeout(Some(timeout)).map_err(|e| format!("setting a read timeout: {e}"))?;
         tcp.set_write_timeout(Some(timeout)).map_err(|e| format!("setting a write timeout: {e}"))?;
         let mut tls = StreamOwned::new(conn, tcp);
@@ -205,14 +211,17 @@ impl H2 {
             server_settings: HashMap::new(),
             timeout,
             closed: false,
+            write_error: None,
         })
     }
 
     /// Sends the preface and SETTINGS (INITIAL_WINDOW_SIZE 65535, as h2spec does), and
     /// exchanges SETTINGS acknowledgements with the server.
     pub fn handshake(&mut self) -> Result<(), String> {
-        self.send(PREFACE).map_err(|e| format!("sending the preface: {e}"))?;
-        self.settings(&[(setting::INITIAL_WINDOW_SIZE, 65_535)]).map_err(|e| format!("sending SETTINGS: {e}"))?;
+        self.send(PREFACE).settings(&[(setting::INITIAL_WINDOW_SIZE, 65_535)]);
+        if let Some(e) = &self.write_error {
+            return Err(format!("sending the preface and SETTINGS: {e}"));
+        }
         let (mut acked, mut theirs) = (false, false);
         let deadline = Instant::now() + self.timeout;
         while !(acked && theirs) {
@@ -223,7 +232,7 @@ impl H2 {
                 Event::Frame(f) if f.kind == kind::SETTINGS && f.has(flag::ACK) => acked = true,
                 Event::Frame(f) if f.kind == kind::SETTINGS => {
                     theirs = true;
-                    self.settings_ack().map_err(|e| format!("acknowledging SETTINGS: {e}"))?;
+                    self.settings_ack();
                 }
                 Event::Frame(_) => {}
                 other => return Err(format!("handshake: {other} before the SETTINGS exchange")),
@@ -232,63 +241,70 @@ impl H2 {
         Ok(())
     }
 
-    /// Writes `bytes` as they are.
-    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.tls.write_all(bytes)?;
-        self.tls.flush()
+    /// Writes `bytes` as they are. After a failed write nothing more is sent: the error is
+    /// kept (`write_error`), as the server closing the connection while a test is still
+    /// sending is often what the test expects.
+    pub fn send(&mut self, bytes: &[u8]) -> &mut H2 {
+        if self.write_error.is_none() {
+            let _ = self.tls.sock.set_nonblocking(false);
+            if let Err(e) = self.tls.write_all(bytes).and_then(|()| self.tls.flush()) {
+                self.write_error = Some(e);
+            }
+        }
+        self
     }
 
     /// Writes one frame.
-    pub fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> std::io::Result<()> {
+    pub fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> &mut H2 {
         self.send(&frame_bytes(kind, flags, stream, payload))
     }
 
     /// A HEADERS frame carrying `block`.
-    pub fn headers(&mut self, stream: u32, flags: u8, block: &[u8]) -> std::io::Result<()> {
+    pub fn headers(&mut self, stream: u32, flags: u8, block: &[u8]) -> &mut H2 {
         self.frame(kind::HEADERS, flags, stream, block)
     }
 
     /// A complete request head on `stream` (END_HEADERS; END_STREAM when `end_stream`).
-    pub fn request(&mut self, stream: u32, fields: &[(&str, &str)], end_stream: bool) -> std::io::Result<()> {
+    pub fn request(&mut self, stream: u32, fields: &[(&str, &str)], end_stream: bool) -> &mut H2 {
         let flags = flag::END_HEADERS | if end_stream { flag::END_STREAM } else { 0 };
         self.headers(stream, flags, &encode(fields))
     }
 
-    pub fn continuation(&mut self, stream: u32, end_headers: bool, block: &[u8]) -> std::io::Result<()> {
+    pub fn continuation(&mut self, stream: u32, end_headers: bool, block: &[u8]) -> &mut H2 {
         self.frame(kind::CONTINUATION, if end_headers { flag::END_HEADERS } else { 0 }, stream, block)
     }
 
-    pub fn data(&mut self, stream: u32, end_stream: bool, data: &[u8]) -> std::io::Result<()> {
+    pub fn data(&mut self, stream: u32, end_stream: bool, data: &[u8]) -> &mut H2 {
         self.frame(kind::DATA, if end_stream { flag::END_STREAM } else { 0 }, stream, data)
     }
 
-    pub fn rst_stream(&mut self, stream: u32, code: u32) -> std::io::Result<()> {
+    pub fn rst_stream(&mut self, stream: u32, code: u32) -> &mut H2 {
         self.frame(kind::RST_STREAM, 0, stream, &code.to_be_bytes())
     }
 
-    pub fn settings(&mut self, settings: &[(u16, u32)]) -> std::io::Result<()> {
+    pub fn settings(&mut self, settings: &[(u16, u32)]) -> &mut H2 {
         let payload: Vec<u8> = settings.iter().flat_map(|(id, v)| id.to_be_bytes().into_iter().chain(v.to_be_bytes())).collect();
         self.frame(kind::SETTINGS, 0, 0, &payload)
     }
 
-    pub fn settings_ack(&mut self) -> std::io::Result<()> {
+    pub fn settings_ack(&mut self) -> &mut H2 {
         self.frame(kind::SETTINGS, flag::ACK, 0, &[])
     }
 
-    pub fn ping(&mut self, ack: bool, data: [u8; 8]) -> std::io::Result<()> {
+    pub fn ping(&mut self, ack: bool, data: [u8; 8]) -> &mut H2 {
         self.frame(kind::PING, if ack { flag::ACK } else { 0 }, 0, &data)
     }
 
-    pub fn goaway(&mut self, last_stream: u32, code: u32, debug: &[u8]) -> std::io::Result<()> {
+    pub fn goaway(&mut self, last_stream: u32, code: u32, debug: &[u8]) -> &mut H2 {
         let payload: Vec<u8> = last_stream.to_be_bytes().into_iter().chain(code.to_be_bytes()).chain(debug.iter().copied()).collect();
         self.frame(kind::GOAWAY, 0, 0, &payload)
     }
 
-    pub fn window_update(&mut self, stream: u32, increment: u32) -> std::io::Result<()> {
+    pub fn window_update(&mut self, stream: u32, increment: u32) -> &mut H2 {
         self.frame(kind::WINDOW_UPDATE, 0, stream, &increment.to_be_bytes())
     }
 
-    pub fn priority(&mut self, stream: u32, depends_on: u32, exclusive: bool, weight: u8) -> std::io::Result<()> {
+    pub fn priority(&mut self, stream: u32, depends_on: u32, exclusive: bool, weight: u8) -> &mut H2 {
         self.frame(kind::PRIORITY, 0, stream, &priority_fields(depends_on, exclusive, weight))
     }
 

@@ -218,7 +218,6 @@ pub fn write_config(lb: &Lb, pki: &Pki, https: impl FnOnce(Service) -> Service) 
             max_header_bytes: Some(MAX_HEADER_BYTES),
             max_headers: Some(50),
             max_body_bytes: Some(MAX_BODY as u64),
-            ..Limits::default()
         })
         .health(health.clone());
     let config = XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
