@@ -254,6 +254,31 @@ impl H2 {
         self
     }
 
+    /// Writes what the server takes of `bytes` within the write timeout: how many bytes it
+    /// took (0 when it takes nothing: its window or buffers are full), or the error that ended
+    /// the connection. For floods that go on while the server has stopped reading.
+    pub fn send_some(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let _ = self.tls.sock.set_nonblocking(false);
+        let mut done = 0;
+        while done < bytes.len() {
+            match self.tls.write(&bytes[done..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        match self.tls.flush() {
+            Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => Err(e),
+            _ => Ok(done),
+        }
+    }
+
+    /// How long a write waits for the server to take bytes.
+    pub fn set_write_timeout(&mut self, timeout: Duration) {
+        let _ = self.tls.sock.set_write_timeout(Some(timeout));
+    }
+
     /// Writes one frame.
     pub fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> &mut H2 {
         self.send(&frame_bytes(kind, flags, stream, payload))

@@ -16,6 +16,7 @@ mod load;
 /// Needs the data plane (lb-userspace), hence the feature: see Cargo.toml.
 #[cfg(feature = "packet")]
 pub mod packet;
+mod probe;
 mod proc;
 pub mod root;
 mod syn;
@@ -31,7 +32,8 @@ pub use http::{HttpResponse, http_get};
 pub use lb::*;
 pub use load::{Held, LOAD_LIMIT, Load, app_index, read_response, under_load};
 pub use nix::sys::signal::Signal;
-pub use proc::Proc;
+pub use probe::{Probe, ProbeResult};
+pub use proc::{Proc, cpu_time, rss_kib};
 pub use syn::{csum, syn_packet};
 pub use rng::Rng;
 pub use site::*;

@@ -6,7 +6,8 @@
 //! N ms (≤ 60 s) first, to hold a connection open; `/echo` → JSON of the request as it arrived
 //! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
 //! the connection without an answer, as a crashing handler would; `/upgrade` with `Upgrade:
-//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them.
+//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them;
+//! `/bytes?n=N` answers N bytes (≤ 64 MiB), a large response for flow-control tests.
 use std::{
     net::SocketAddr,
     sync::{
@@ -34,6 +35,7 @@ use tokio::{
 };
 
 const MAX_SLOW: Duration = Duration::from_secs(60);
+const MAX_BYTES: usize = 64 << 20;
 
 #[derive(Parser)]
 #[command(about = "Demo HTTP backend that names the instance answering")]
@@ -180,11 +182,15 @@ async fn handle(
         .iter()
         .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let slow_ms = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("ms="))
-            .and_then(|ms| ms.parse::<u64>().ok())
-    });
+    let query = |key: &str| {
+        req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+    };
+    let slow_ms = query("ms");
+    let bytes = query("n");
     // Read the whole body (POSTs from the tests) so that the connection stays reusable.
     let body_len = req
         .into_body()
@@ -211,6 +217,15 @@ async fn handle(
                 })
             ),
         ),
+        "/bytes" => {
+            // Slices of one buffer made once: many large answers at a time cost no copies.
+            static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+            let big = BIG.get_or_init(|| Bytes::from(vec![b'x'; MAX_BYTES]));
+            let n = (bytes.unwrap_or(0) as usize).min(MAX_BYTES);
+            let mut response = Response::new(Full::new(big.slice(..n)));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response
+        }
         "/slow" => {
             let wait = Duration::from_millis(slow_ms.unwrap_or(1000)).min(MAX_SLOW);
             tokio::time::sleep(wait).await;
