@@ -10,6 +10,7 @@
 pub mod proxy;
 pub mod redirect;
 pub mod tls;
+pub mod watch;
 
 use std::{
     net::SocketAddr,
@@ -204,7 +205,7 @@ impl Activity {
         })
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
