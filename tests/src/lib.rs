@@ -9,17 +9,20 @@
 mod cmd;
 pub mod config;
 pub mod demo;
+pub mod h2raw;
 mod http;
 mod lb;
 mod load;
 /// Needs the data plane (lb-userspace), hence the feature: see Cargo.toml.
 #[cfg(feature = "packet")]
 pub mod packet;
+mod probe;
 mod proc;
 pub mod root;
 mod syn;
 mod systemd;
 mod rng;
+mod site;
 mod tls;
 mod topology;
 mod xdp;
@@ -29,9 +32,11 @@ pub use http::{HttpResponse, http_get};
 pub use lb::*;
 pub use load::{Held, LOAD_LIMIT, Load, app_index, read_response, under_load};
 pub use nix::sys::signal::Signal;
-pub use proc::Proc;
+pub use probe::{Probe, ProbeResult};
+pub use proc::{Proc, cpu_time, rss_kib};
 pub use syn::{csum, syn_packet};
 pub use rng::Rng;
+pub use site::*;
 pub use systemd::{Restarted, app_pids, socket_activated, write_restart_script};
 pub use tls::{Answer, Conn, Pki, client_config, replace_file};
 pub use topology::Topology;

@@ -82,6 +82,16 @@ impl Proc {
         &self.label
     }
 
+    /// CPU time the process has used so far, user and system.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.pid)
+    }
+
+    /// Its resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid)
+    }
+
     /// Sends `signal` if the process has not exited yet; returns whether it was sent.
     pub fn signal(&self, signal: Signal) -> bool {
         let mut child = self.child.lock().unwrap();
@@ -265,4 +275,32 @@ fn capture(stream: Box<dyn Read + Send>, output: &Output, label: &str, echo: boo
 
 fn tail(text: &str, max: usize) -> &str {
     &text[text.ceil_char_boundary(text.len().saturating_sub(max))..]
+}
+
+/// Resident memory of a process, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// CPU time a process has used, user and system (`utime` + `stime` of /proc/<pid>/stat, in
+/// clock ticks).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')').unwrap_or_else(|| panic!("/proc/{pid}/stat without a command: {stat}")) + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or_else(|| panic!("/proc/{pid}/stat: no field {}: {stat}", i + 3)))
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
 }

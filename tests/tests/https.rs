@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::Command,
     sync::{
         Arc,
@@ -19,183 +19,9 @@ use bytes::Bytes;
 use hyper::Version;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
-use xlb_tests::{
-    config::{Dur, Limits, Service, Timeouts, XlbConfig},
-    *,
-};
+use xlb_tests::*;
 
-const SITE: &str = "site.test";
-const HTTPS_PORT: u16 = 443;
-const HTTP_PORT: u16 = 80;
-const L4_PORT: u16 = 8080;
-/// The HTTPS service's timeouts in these tests: short, so that the slow-client cases finish
-/// quickly.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-const MAX_BODY: usize = 1 << 20;
 const HSTS: &str = "max-age=31536000; includeSubDomains";
-
-/// The topology, the daemon with an L4, an HTTPS and a redirect service, and a TLS client
-/// trusting the test CA.
-struct Site {
-    lb: Lb,
-    pki: Pki,
-    ip: IpAddr,
-    tls: Arc<rustls::ClientConfig>,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Site {
-    fn start(tag: &str) -> Site {
-        Site::start_with(tag, "")
-    }
-
-    /// `start`, with `http` as the HTTPS service's `[service.http]` table body.
-    fn start_with(tag: &str, http: &str) -> Site {
-        let mut lb = Lb::prepare(tag, Family::V4);
-        let ip: IpAddr = lb.topo.lb_v4.into();
-        lb.vip = SocketAddr::new(ip, L4_PORT);
-        let pki = Pki::new(&lb.dir, &[SITE, "198.18.0.1"]);
-        pki.install("first");
-        write_config_with(&lb, &pki, http);
-        for i in 0..BACKENDS {
-            let app = spawn_app(&lb, i);
-            lb.apps.push(Some(app));
-        }
-        lb.start_daemon();
-        lb.wait_healthy();
-        let site = Site { tls: client_config(&pki.ca_path()), pki, ip, lb, rt: runtime() };
-        site.lb.poll(Duration::from_secs(10), "the HTTPS service's backends up and healthy", |lb| {
-            let status = lb.status();
-            let site = &status["services"][1];
-            let ok = site["name"] == "site"
-                && site["mode"] == "https"
-                && site["backends"].as_array().is_some_and(|b| {
-                    b.len() == BACKENDS && b.iter().all(|b| b["state"] == "up" && b["healthy"] == true)
-                });
-            ok.then_some(()).ok_or_else(|| format!("{site}"))
-        });
-        site
-    }
-
-    fn https(&self) -> SocketAddr {
-        SocketAddr::new(self.ip, HTTPS_PORT)
-    }
-
-    fn http(&self) -> SocketAddr {
-        SocketAddr::new(self.ip, HTTP_PORT)
-    }
-
-    /// A TCP connection from the client namespace.
-    fn tcp(&self, to: SocketAddr) -> TcpStream {
-        let stream = self
-            .lb
-            .topo
-            .in_client(|| TcpStream::connect_timeout(&to, IO_TIMEOUT))
-            .unwrap_or_else(|e| panic!("connecting to {to} from the client namespace: {e}"));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream
-    }
-
-    /// A new HTTPS connection (HTTP/2 when `h2`, else HTTP/1.1, by ALPN).
-    fn connect(&self, h2: bool) -> Result<Conn, String> {
-        let tcp = self.tcp(self.https());
-        self.rt.block_on(Conn::open(tcp, self.tls.clone(), SITE, h2))
-    }
-
-    /// One request on a new connection.
-    fn request(&self, h2: bool, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
-        let mut conn = self.connect(h2)?;
-        self.rt.block_on(conn.send(method, path, headers, Bytes::new()))
-    }
-
-    /// `GET /` on a new connection: the index of the backend that answered.
-    fn get(&self) -> usize {
-        let answer = self.request(false, "GET", "/", &[]).unwrap_or_else(|e| panic!("GET https://{SITE}/: {e}"));
-        assert_eq!(answer.status, 200, "{answer:?}");
-        self.backend_of(&answer)
-    }
-
-    /// Which backend answered, by `X-Backend-Server`, checked against the body.
-    fn backend_of(&self, answer: &Answer) -> usize {
-        let server = answer.header("x-backend-server").unwrap_or_else(|| panic!("no X-Backend-Server: {answer:?}"));
-        let b = self
-            .lb
-            .backends
-            .iter()
-            .position(|a| a.to_string() == server)
-            .unwrap_or_else(|| panic!("X-Backend-Server {server} is none of the backends {:?}", self.lb.backends));
-        if answer.body.starts_with("served by") {
-            assert_eq!(app_index(&answer.body), b, "X-Backend-Server {server} disagrees with the body {:?}", answer.body);
-        }
-        b
-    }
-
-    /// `/api/status`'s view of the HTTPS service.
-    fn site_status(&self) -> Value {
-        let status = self.lb.status();
-        let site = status["services"][1].clone();
-        assert_eq!(site["name"], "site", "{status:#}");
-        site
-    }
-
-    /// `curl` in the client namespace, resolving `SITE` to the lb address and trusting the CA.
-    fn curl(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
-        let mut cmd = self.lb.topo.client("curl");
-        cmd.args(["-sS", "--max-time", "10", "--cacert"])
-            .arg(self.pki.ca_path())
-            .args(["--resolve", &format!("{SITE}:{HTTPS_PORT}:{}", self.ip)])
-            .args(args);
-        run(cmd, "curl")
-    }
-
-    fn openssl(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
-        let mut cmd = self.lb.topo.client("openssl");
-        cmd.args(["s_client", "-connect", &self.https().to_string(), "-servername", SITE, "-CAfile"])
-            .arg(self.pki.ca_path())
-            .args(args);
-        run(cmd, "openssl s_client")
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-/// A demo backend that logs every request, which the tests count.
-fn spawn_app(lb: &Lb, i: usize) -> xlb_tests::Proc {
-    lb.spawn_app_with(i, &["--log-requests"])
-}
-
-/// The config, with `http` as the HTTPS service's `[service.http]` table body.
-fn write_config_with(lb: &Lb, pki: &Pki, http: &str) {
-    let health = probes(HEALTH_INTERVAL, HEALTH_TIMEOUT);
-    let ip = lb.vip.ip();
-    let config = XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
-        .admin(ADMIN)
-        .service(Service::l4("web", lb.vip).backends(&lb.backends).health(health.clone()))
-        .service(
-            Service::https("site", SocketAddr::new(ip, HTTPS_PORT))
-                .backends(&lb.backends)
-                .max_fails(1)
-                .fail_timeout(Duration::from_secs(10))
-                .tls(pki.tls())
-                .timeouts(Timeouts {
-                    handshake: Some(Dur(HANDSHAKE_TIMEOUT)),
-                    request_header: Some(Dur(HEADER_TIMEOUT)),
-                    idle: Some(Dur(IDLE_TIMEOUT)),
-                    backend_connect: Some(Dur(Duration::from_secs(1))),
-                    backend_response: Some(Dur(Duration::from_secs(10))),
-                })
-                .limits(Limits { max_header_bytes: Some(16384), max_headers: Some(50), max_body_bytes: Some(MAX_BODY as u64) })
-                .http(http)
-                .health(health),
-        )
-        .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)));
-    lb.write(&config);
-}
 
 /// Test 1: HTTPS through the VIP over HTTP/1.1 and HTTP/2: every backend answers, with every
 /// header the proxy adds, and the backend sees the client's address.
@@ -975,12 +801,10 @@ fn https_listener_handover_across_20_restarts() {
     xlb_tests::root_or_skip!();
     const RESTARTS: usize = 20;
     const CLIENTS: usize = 4;
-    let mut lb = Lb::prepare("handover", Family::V4);
-    let ip: IpAddr = lb.topo.lb_v4.into();
-    lb.vip = SocketAddr::new(ip, L4_PORT);
-    let pki = Pki::new(&lb.dir, &[SITE, "198.18.0.1"]);
-    pki.install("first");
-    write_config_with(&lb, &pki, "");
+    let mut lb = Site::prepare("handover");
+    let ip = lb.vip.ip();
+    let pki = Site::pki(&lb);
+    write_config(&lb, &pki, |s| s);
     for i in 0..BACKENDS {
         let app = spawn_app(&lb, i);
         lb.apps.push(Some(app));

@@ -28,17 +28,6 @@ fn full() -> bool {
     std::env::var("XLB_RELIABILITY").is_ok_and(|v| v == "full")
 }
 
-/// Resident memory of a process, in KiB (`VmRSS`).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
-}
-
 /// Open file descriptors of a process: the least of five reads 5 ms apart, so that the health
 /// probes' and the reconcile's short-lived sockets do not count as growth.
 fn fds(pid: u32) -> usize {

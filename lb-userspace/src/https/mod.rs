@@ -12,6 +12,7 @@ pub mod body;
 pub mod proxy;
 pub mod redirect;
 pub mod tls;
+pub mod watch;
 
 use std::{
     net::SocketAddr,
@@ -206,7 +207,7 @@ impl Activity {
         })
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 

@@ -44,6 +44,7 @@ use tracing::{debug, warn};
 use super::{
     Activity, Backplane, InFlight, Stats, Tracked,
     body::{self, RequestBody},
+    watch::{Misbehaviour, Watch},
 };
 use crate::{challenges::ACME_TLS_ALPN, config};
 
@@ -81,6 +82,14 @@ pub struct Proxy {
     /// Where the round-robin among equally loaded backends starts next.
     next: AtomicUsize,
 }
+
+/// The most response data queued per HTTP/2 stream before the client's flow-control window
+/// lets it go.
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+
+/// How long an HTTP/2 client has to answer the proxy's PING (at most; the idle timeout when
+/// that is shorter).
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a stopping daemon waits for the first request of a connection it has just
 /// accepted before closing it (see `Proxy::connection`).
@@ -149,19 +158,20 @@ impl Proxy {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let linger = super::linger_handle(&tcp);
-                let closed = proxy.connection(tcp, peer, acceptor, stop).await;
+                let lingering = proxy.connection(tcp, peer, acceptor, stop).await;
                 // Served: a lingering close neither counts against `max_connections` nor holds
                 // up a stopping daemon.
                 drop(permit);
-                if let (Some(fd), true) = (linger, closed) {
+                if let (Some(fd), true) = (linger, lingering) {
                     super::linger(fd).await;
                 }
             });
         }
     }
 
-    /// Serves one client connection; false when it ended by becoming a tunnel (an upgrade),
-    /// which lives on in its own task.
+    /// Serves one client connection; true when its socket is to be closed lingering: not when
+    /// it became a tunnel (an upgrade), which lives on in its own task, nor when the client
+    /// misbehaved or stopped answering.
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> bool {
         let _ = tcp.set_nodelay(true);
         let t = &self.options.timeouts;
@@ -183,6 +193,7 @@ impl Proxy {
             Some(rustls::HandshakeKind::Resumed) => self.stats.handshakes_resumed.fetch_add(1, Ordering::Relaxed),
             _ => self.stats.handshakes_full.fetch_add(1, Ordering::Relaxed),
         };
+        let h2 = session.alpn_protocol() == Some(b"h2");
         if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
             // A TLS-ALPN-01 validation: the handshake was the whole point.
             return true;
@@ -207,27 +218,59 @@ impl Proxy {
             // we had to reset, are bounded per connection; past either bound the connection
             // ends with GOAWAY. hyper's defaults, written out so that they cannot change unseen.
             .max_pending_accept_reset_streams(Some(20))
-            .max_local_error_reset_streams(Some(1024));
+            .max_local_error_reset_streams(Some(1024))
+            // A client that sends no request or body for longer than the idle timeout, yet
+            // keeps the connection from being idle, is sent a PING and closed if it does not
+            // answer: one that floods PINGs or SETTINGS and reads none of the answers is gone
+            // then, although the bytes it sends trickle in (and count as the connection
+            // moving). Later than the idle timeout, so that the PING and its answer never keep
+            // a quiet connection open.
+            .keep_alive_interval(Some(t.idle + Duration::from_secs(1)))
+            .keep_alive_timeout(t.idle.min(H2_PING_TIMEOUT))
+            // Response data queued per stream beyond the client's window: 128 streams of
+            // hyper's 400 KiB default would be 50 MiB for one connection that reads slowly.
+            .max_send_buf_size(H2_MAX_SEND_BUF);
         let proxy = self.clone();
         let act = activity.clone();
+        let watch = Watch::new();
+        let watching = watch.clone();
         // The client's address as a header value, written once per connection.
         let peer_ip = peer_header(peer);
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let act = act.clone();
             let peer_ip = peer_ip.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer_ip, act).await) }
+            let watch = watching.clone();
+            async move {
+                let served = watch.request();
+                let response = proxy.handle(req, peer_ip, act).await;
+                served.answered();
+                Ok::<_, Infallible>(response.map(|body| BoxBody::new(watch.response(body))))
+            }
         });
         let conn = builder.serve_connection_with_upgrades(io, service);
         let mut conn = std::pin::pin!(conn);
+        let mut misbehaved = false;
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(service = %self.name, %peer, "connection ended: {e}");
+                    if h2 && is_timeout(&*e) {
+                        // Its PING went unanswered: nothing is owed to a client that reads
+                        // nothing, not even a lingering close.
+                        return false;
+                    }
                 }
                 return !activity.upgraded.load(Ordering::Relaxed);
             }
             () = activity.idle(t.idle) => {}
+            m = watch.misbehaving(t.idle) => {
+                debug!(service = %self.name, %peer, "ending the connection: {}", match m {
+                    Misbehaviour::Resets => "the client reset too many requests before their response",
+                    Misbehaviour::Stalled => "the client took nothing of a response for the idle timeout",
+                });
+                misbehaved = true;
+            }
             _ = stop.changed() => {
                 // Stopping. A connection that has not sent its first request yet is about to:
                 // closing it now would fail that request, so it gets a moment first.
@@ -249,9 +292,18 @@ impl Proxy {
             }
         }
         conn.as_mut().graceful_shutdown();
-        // Requests in flight get to finish, within bounds.
-        let _ = tokio::time::timeout(t.backend_response, conn).await;
-        !activity.upgraded.load(Ordering::Relaxed)
+        // The GOAWAY gets a moment of its own before the wait below may count as idle.
+        activity.touch();
+        // Requests in flight get to finish, within bounds; a client that misbehaved gets no
+        // grace, and one with nothing in flight that takes nothing more (not even the GOAWAY:
+        // it stopped reading) is not waited for.
+        let grace = if misbehaved { super::LINGER } else { t.backend_response };
+        let taken = tokio::select! {
+            _ = tokio::time::timeout(grace, conn) => true,
+            () = activity.idle(super::LINGER) => false,
+        };
+        // Nor does such a client, or one that misbehaved, get a lingering close.
+        taken && !misbehaved && !activity.upgraded.load(Ordering::Relaxed)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: HeaderValue, activity: Arc<Activity>) -> Response<ProxyBody> {
@@ -517,6 +569,11 @@ fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// Whether a connection's error is one of hyper's timeouts (for HTTP/2, its PING unanswered).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout)
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<ProxyBody> {

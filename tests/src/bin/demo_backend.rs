@@ -7,7 +7,8 @@
 //! (method, target, headers, peer, body length), to check what a proxy added; `/abort` closes
 //! the connection without an answer, as a crashing handler would (`/abort?except=<name>`: the
 //! instance named answers as `/echo` instead); `/upgrade` with `Upgrade:
-//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them.
+//! echo` switches protocols (101) and echoes every byte back, like a WebSocket would carry them;
+//! `/bytes?n=N` answers N bytes (≤ 64 MiB), a large response for flow-control tests.
 use std::{
     net::SocketAddr,
     sync::{
@@ -35,6 +36,7 @@ use tokio::{
 };
 
 const MAX_SLOW: Duration = Duration::from_secs(60);
+const MAX_BYTES: usize = 64 << 20;
 
 #[derive(Parser)]
 #[command(about = "Demo HTTP backend that names the instance answering")]
@@ -185,6 +187,7 @@ async fn handle(
         req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_owned)
     };
     let slow_ms = param("ms").and_then(|ms| ms.parse::<u64>().ok());
+    let bytes = param("n").and_then(|n| n.parse::<u64>().ok());
     let spared = param("except").is_some_and(|name| name == state.name);
     // Read the whole body (POSTs from the tests) so that the connection stays reusable.
     let body_len = req
@@ -212,6 +215,15 @@ async fn handle(
                 })
             ),
         ),
+        "/bytes" => {
+            // Slices of one buffer made once: many large answers at a time cost no copies.
+            static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+            let big = BIG.get_or_init(|| Bytes::from(vec![b'x'; MAX_BYTES]));
+            let n = (bytes.unwrap_or(0) as usize).min(MAX_BYTES);
+            let mut response = Response::new(Full::new(big.slice(..n)));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response
+        }
         "/slow" => {
             let wait = Duration::from_millis(slow_ms.unwrap_or(1000)).min(MAX_SLOW);
             tokio::time::sleep(wait).await;
