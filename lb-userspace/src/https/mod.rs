@@ -9,6 +9,7 @@
 //! requests in flight to the data path (see `Backplane`).
 
 pub mod body;
+pub mod framing;
 pub mod proxy;
 pub mod redirect;
 pub mod tls;

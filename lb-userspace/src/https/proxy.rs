@@ -310,10 +310,20 @@ impl Proxy {
         activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.served.store(true, Ordering::Relaxed);
         let done = RequestDone(activity);
-        let mut response = match self.forward(req, peer).await {
+        // A request a backend could read differently is answered here, and its connection
+        // closed: what follows it on the connection cannot be trusted either.
+        let refused = super::framing::refusal(req.version(), req.headers());
+        let result = match refused {
+            Some(answer) => Err(answer),
+            None => self.forward(req, peer).await,
+        };
+        let mut response = match result {
             Ok(r) => r,
             Err((status, message)) => local(status, message),
         };
+        if refused.is_some() {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         self.stats.count_response(response.status().as_u16());
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             done.0.upgraded.store(true, Ordering::Relaxed);
