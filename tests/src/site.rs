@@ -197,9 +197,14 @@ pub fn spawn_app(lb: &Lb, i: usize) -> Proc {
     lb.spawn_app_with(i, &["--log-requests"])
 }
 
+/// Writes the config `site_config` makes.
+pub fn write_config(lb: &Lb, pki: &Pki, https: impl FnOnce(Service) -> Service) {
+    lb.write(&site_config(lb, pki, https));
+}
+
 /// The config: the L4 service, the HTTPS service as `https` makes it from the one with this
 /// module's timeouts and limits, and the redirect service.
-pub fn write_config(lb: &Lb, pki: &Pki, https: impl FnOnce(Service) -> Service) {
+pub fn site_config(lb: &Lb, pki: &Pki, https: impl FnOnce(Service) -> Service) -> XlbConfig {
     let health = probes(HEALTH_INTERVAL, HEALTH_TIMEOUT);
     let ip = lb.vip.ip();
     let site = Service::https("site", SocketAddr::new(ip, HTTPS_PORT))
@@ -220,10 +225,9 @@ pub fn write_config(lb: &Lb, pki: &Pki, https: impl FnOnce(Service) -> Service) 
             max_body_bytes: Some(MAX_BODY as u64),
         })
         .health(health.clone());
-    let config = XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
+    XlbConfig::new([&lb.topo.lb_if], &lb.topo.pin_path)
         .admin(ADMIN)
         .service(Service::l4("web", lb.vip).backends(&lb.backends).health(health))
         .service(https(site))
-        .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)));
-    lb.write(&config);
+        .service(Service::redirect("site-http", SocketAddr::new(ip, HTTP_PORT)))
 }

@@ -888,15 +888,22 @@ fn daemon_issues_serves_and_renews_through_its_own_listeners() {
     assert_eq!(renewed["domain"], DOMAIN, "{renewed:#}");
     assert_eq!(hook.names(), ["certificate_renewal_failed", "certificate_renewed"]);
 
-    // The ACME settings are read at start: a reload that changes them is refused, naming the
-    // restart it takes, and the running config stays.
+    // A reload that changes the ACME settings starts the service's manager again with them:
+    // it serves the stored certificate at once, and the site goes on serving it.
     let mut renew_sooner = daemon.xlb_toml.clone();
     let acme = renew_sooner.services[0].tls.as_mut().and_then(|tls| tls.acme.as_mut()).expect("service site has ACME");
     acme.renew_before = Some(Dur(Duration::from_secs(10 * 86_400)));
     renew_sooner.write(&daemon.config);
     let (status, out) = daemon.xlb(&world, &["reload"]);
-    assert!(!status.success() && out.contains("that takes a restart"), "{out}");
+    assert!(status.success() && out.contains("service site: certificates ([service.tls]) changed"), "{out}");
+    let site = daemon.site(&world);
+    assert_eq!(rfc3339_unix(&site["acme"]["not_after"]), not_after(&third), "the restarted manager serves the stored certificate: {site:#}");
+    let roots = world.issuing_roots();
+    let served = world.on_client(async move { tls_http1_leaf(https_addr(), DOMAIN, roots).await.unwrap().1 });
+    assert_eq!(serial(&served), serial(&third), "the certificate served after the reload");
     daemon.xlb_toml.write(&daemon.config);
+    let (status, out) = daemon.xlb(&world, &["reload"]);
+    assert!(status.success(), "{out}");
 
     // A restarted daemon serves the stored certificate at once and orders nothing.
     daemon.restart(&world);

@@ -128,17 +128,46 @@ impl Service {
 
 /// Whether each backend of each `https` service may get new requests (up, not drained), as the
 /// HTTPS proxy reads it for every request: written by `Backends` only, read without a lock.
-/// Indexed `[service][backend]`; the `https` services are fixed for the daemon's life.
+/// Indexed `[service][backend]` of one config: a reload makes a new one with the new
+/// `Backends`, and each proxy takes its service's row (`row`) with the config it serves.
 #[derive(Clone)]
-pub struct ProxyView(Arc<Vec<Vec<AtomicBool>>>);
+pub struct ProxyView(Arc<Vec<Usable>>);
+
+/// One service's row of the `ProxyView`: indexed by its backends.
+#[derive(Clone)]
+pub struct Usable(Arc<[AtomicBool]>);
+
+impl Usable {
+    pub fn get(&self, backend: usize) -> bool {
+        self.0.get(backend).is_some_and(|u| u.load(Ordering::Relaxed))
+    }
+}
 
 impl ProxyView {
+    /// `states` by `[service][backend]`: only backends of `https` services that are up may be
+    /// used.
+    fn new(config: &Config, states: &[Vec<BackendState>]) -> ProxyView {
+        ProxyView(Arc::new(
+            config
+                .services
+                .iter()
+                .zip(states)
+                .map(|(svc, st)| Usable(st.iter().map(|&st| AtomicBool::new(svc.mode != ServiceMode::L4 && st == BackendState::Up)).collect()))
+                .collect(),
+        ))
+    }
+
     pub fn usable(&self, service: usize, backend: usize) -> bool {
-        self.0.get(service).and_then(|s| s.get(backend)).is_some_and(|u| u.load(Ordering::Relaxed))
+        self.0.get(service).is_some_and(|s| s.get(backend))
+    }
+
+    /// Service `service`'s row.
+    pub fn row(&self, service: usize) -> Usable {
+        self.0.get(service).cloned().unwrap_or_else(|| Usable(Arc::new([])))
     }
 
     fn set(&self, service: usize, backend: usize, state: BackendState) {
-        if let Some(u) = self.0.get(service).and_then(|s| s.get(backend)) {
+        if let Some(u) = self.0.get(service).and_then(|s| s.0.get(backend)) {
             u.store(state == BackendState::Up, Ordering::Relaxed);
         }
     }
@@ -151,7 +180,8 @@ pub enum Event {
     Health { generation: u64, service: usize, backend: usize, up: bool },
     /// A request of the HTTPS proxy failed at the backend (connect error or timeout, error or
     /// timeout before the response head), at `now_ns` (CLOCK_MONOTONIC).
-    ProxyFailed { service: usize, backend: usize, now_ns: u64 },
+    /// `generation` is that of the config the request was sent under.
+    ProxyFailed { generation: u64, service: usize, backend: usize, now_ns: u64 },
     /// `xlb drain` (true) or `xlb undrain` (false).
     Drain { service: usize, backend: usize, drained: bool },
 }
@@ -186,16 +216,7 @@ impl Backends {
     /// read at start: a restart keeps drains and failures). What is down already was reported
     /// by the daemon before this one: only its recovery is news.
     pub fn adopt(config: &Config, layout: &Layout, states: &[Vec<BackendState>], alerts: Arc<dyn AlertSink>) -> Backends {
-        let view = ProxyView(Arc::new(
-            config
-                .services
-                .iter()
-                .zip(states)
-                .map(|(svc, st)| {
-                    st.iter().map(|&st| AtomicBool::new(svc.mode != ServiceMode::L4 && st == BackendState::Up)).collect()
-                })
-                .collect(),
-        ));
+        let view = ProxyView::new(config, states);
         let mut services = build(config, layout, |s, b| Some((Control::from_state(states[s][b]), Probe::default())));
         for svc in &mut services {
             for b in &mut svc.backends {
@@ -235,11 +256,12 @@ impl Backends {
             }
             svc.alerted_down = config_vip(self, new.listen).is_some_and(|s| self.services[s].alerted_down);
         }
+        let states: Vec<Vec<BackendState>> = services.iter().map(|s| s.backends.iter().map(|b| b.control.state()).collect()).collect();
         Backends {
             generation: self.generation + 1,
             passive_failed: PassiveFailed::new(&config.services),
+            view: ProxyView::new(config, &states),
             services,
-            view: self.view.clone(),
             alerts: self.alerts.clone(),
         }
     }
@@ -291,8 +313,10 @@ impl Backends {
                 }
                 Ok(None)
             }
-            Event::ProxyFailed { service, backend, now_ns } => {
-                self.proxy_failed(maps, service, backend, now_ns)?;
+            Event::ProxyFailed { generation, service, backend, now_ns } => {
+                if generation == self.generation {
+                    self.proxy_failed(maps, service, backend, now_ns)?;
+                }
                 Ok(None)
             }
             Event::Drain { service, backend, drained } => self.drain(maps, service, backend, drained).map(Some),

@@ -60,7 +60,7 @@ impl World {
         self.backends.apply(&mut self.maps, Event::Drain { service: 0, backend: b, drained }).unwrap().unwrap()
     }
     fn proxy_failed(&mut self, b: usize, now_ns: u64) {
-        self.backends.apply(&mut self.maps, Event::ProxyFailed { service: 0, backend: b, now_ns }).unwrap();
+        self.backends.apply(&mut self.maps, Event::ProxyFailed { generation: self.backends.generation(), service: 0, backend: b, now_ns }).unwrap();
     }
     fn state(&self, b: usize) -> BackendState {
         self.backends.get(0, b).unwrap().0

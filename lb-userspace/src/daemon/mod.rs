@@ -2,7 +2,8 @@
 //! HTTPS listeners and the admin API. Stopping the daemon leaves the data path running (see
 //! `dataplane`).
 //!
-//! One module per job: `startup` binds the listeners and opens the data path; `probes` feeds
+//! One module per job: `startup` binds the admin API and opens the data path; `sites` runs the
+//! `https` and `redirect` services (their sockets, certificates and proxies); `probes` feeds
 //! the health checks into the backend state machine (`crate::backends`); `backplane` is what the
 //! HTTPS proxy shares with the data path; `reconcile` keeps live counts equal to the kernel's
 //! socket table; `reload` applies a changed config file; `source` answers the admin API;
@@ -12,6 +13,7 @@ mod backplane;
 mod probes;
 mod reconcile;
 mod reload;
+mod sites;
 mod source;
 mod startup;
 mod tasks;
@@ -65,7 +67,8 @@ struct Shared {
     /// Flows tracked at the last reconcile.
     flows: AtomicU64,
     backplane: Arc<backplane::Backplane>,
-    https: startup::HttpsServices,
+    /// The `https` and `redirect` services; a reload changes them after `backends`.
+    sites: sites::Sites,
     /// The health probers of the current config and the tasks reading their reports.
     probers: Mutex<Vec<JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
@@ -90,13 +93,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(Arc::new);
     // Bound before anything is attached, so that a taken address leaves no data path behind.
     let admin = startup::bind_admin(&config).await?;
-    let (https, listeners) = startup::https_services(&config)?;
+    let sites = sites::Sites::new();
+    let plan = sites.prepare(&config)?;
     let (mut dp, layout, states) = startup::open_dataplane(&config)?;
     let logger = dp.take_logger();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let alerts = Arc::new(Alerts::start(config.alerts.clone()));
     let backends = Backends::adopt(&config, &layout, &states, alerts.clone());
-    let (backplane, failures) = backplane::Backplane::new(&config, &layout, dp.conns_reader()?, backends.view());
+    let (backplane, failures) = backplane::Backplane::new(&config, &layout, dp.conns_reader()?);
+    let backplane = Arc::new(backplane);
+    let proxies: Arc<dyn crate::https::Backplane> = backplane.clone();
+    sites.commit(plan, backends.generation(), &backends.view(), &proxies);
     let shared = Arc::new(Shared {
         reloading: Mutex::new(()),
         backends: Mutex::new(backends),
@@ -104,8 +111,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retiring: Mutex::new(layout.retiring.clone()),
         current: Mutex::new(Arc::new(Current { config, layout })),
         flows: AtomicU64::new(0),
-        backplane: Arc::new(backplane),
-        https,
+        backplane,
+        sites,
         probers: Mutex::new(Vec::new()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: shutdown_rx.clone(),
@@ -116,14 +123,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     probes::start(&shared);
     tasks.spawn(backplane::forward_failures(shared.clone(), failures, shutdown_rx.clone()));
     tasks.spawn(backplane::publish(shared.clone(), shutdown_rx.clone()));
-    startup::serve_https(&shared, listeners, &mut tasks);
     tasks.spawn(reconcile::run(shared.clone(), shutdown_rx.clone()));
     if let Some(logger) = logger {
         tasks.spawn(tasks::drain_log(logger, shutdown_rx.clone()));
     }
-    if shared.https.acme.iter().any(Option::is_some) {
-        tasks.spawn(tasks::acme_alerts(shared.clone(), shutdown_rx.clone()));
-    }
+    tasks.spawn(tasks::acme_alerts(shared.clone(), shutdown_rx.clone()));
     let listen = shared.current().config.admin.listen;
     tasks.spawn(source::serve(shared.clone(), admin, shutdown_rx.clone()));
 
@@ -148,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT received"); break }
             _ = sighup.recv() => {
                 info!("SIGHUP received: reloading the config and the certificates");
-                shared.https.certificates.notify_waiters();
+                shared.sites.certificates.notify_waiters();
                 let sh = shared.clone();
                 // The outcome is logged by `reload` itself.
                 let _ = tokio::task::spawn_blocking(move || reload::reload(&sh)).await;
@@ -166,6 +170,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p.abort();
     }
     let _ = tokio::time::timeout(Duration::from_secs(6), async {
+        shared.sites.stop().await;
         while tasks.join_next().await.is_some() {}
     })
     .await;

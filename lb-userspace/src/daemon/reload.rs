@@ -2,6 +2,8 @@
 //! applies it whole, or not at all: services and backends that stay keep their slots
 //! (`layout`), so their flows and counts are untouched; new ones take free slots; removed
 //! backends are drained and their slots cleared once no flow refers to them (`reconcile`).
+//! The `https` and `redirect` services are added, changed and removed with it (`sites`): what
+//! can fail for them (binding, certificates, ACME managers) is done before anything changes.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use tracing::{error, info};
 
 use super::{Current, Shared, probes};
 use crate::{
-    config::{Config, ServiceMode},
+    config::Config,
     layout::Layout,
     status::ReloadResult,
 };
@@ -54,23 +56,14 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     if new.admin != old.config.admin {
         return Err(restart("admin.listen"));
     }
-    if new.acme != old.config.acme {
-        return Err(restart("[acme]"));
-    }
-    // The proxy and its listeners are set up once: an `https` or `redirect` service that is
-    // added, removed, moved in the file or changed takes a restart (the listening sockets are
-    // handed over through xlb.socket, so it refuses no connection). Certificates reload anyway.
-    let proxied = |c: &Config| -> Vec<(usize, crate::config::Service)> {
-        c.services.iter().cloned().enumerate().filter(|(_, s)| s.mode != ServiceMode::L4).collect()
-    };
-    if proxied(&new) != proxied(&old.config) {
-        return Err(restart("an https or redirect service (or its position in the file)"));
-    }
-    sh.https.certificates.notify_waiters();
+    // Certificate files are read again on every reload, changed or not.
+    sh.sites.certificates.notify_waiters();
     let changes = describe_changes(&old.config, &new);
     if changes.is_empty() {
         return Ok(ReloadResult { config: path.display().to_string(), changes });
     }
+    // Dropped unused (the reload fails below), it closes what it bound and stops what it started.
+    let sites = sh.sites.prepare(&new).map_err(|e| ReloadError::Rejected(format!("{}: {e:#}", path.display())))?;
     let mut backends = sh.backends.lock().unwrap();
     let mut dp = sh.dp.lock().unwrap();
     let layout = Layout::plan(&new.services, &dp.occupancy()?).map_err(|e| ReloadError::Rejected(format!("{}: {e}", path.display())))?;
@@ -97,6 +90,8 @@ fn try_reload(sh: &Arc<Shared>) -> Result<ReloadResult, ReloadError> {
     let current = Arc::new(Current { config: new, layout });
     *sh.current.lock().unwrap() = current.clone();
     sh.backplane.relayout(&current.config, &current.layout);
+    let proxies: Arc<dyn crate::https::Backplane> = sh.backplane.clone();
+    sh.sites.commit(sites, backends.generation(), &backends.view(), &proxies);
     drop(dp);
     drop(backends);
     for p in sh.probers.lock().unwrap().drain(..) {
@@ -134,6 +129,16 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         if before.health != svc.health {
             changes.push(format!("service {}: health checks changed", svc.name));
         }
+        if before.mode != svc.mode {
+            changes.push(format!("service {}: mode {} -> {}", svc.name, before.mode.as_str(), svc.mode.as_str()));
+        } else if before.https != svc.https {
+            let tls = |s: &crate::config::Service| s.https.as_ref().map(|h| h.tls.clone());
+            changes.push(format!(
+                "service {}: {}",
+                svc.name,
+                if tls(before) != tls(svc) { "certificates ([service.tls]) changed" } else { "HTTP settings changed" }
+            ));
+        }
         if before.backends != svc.backends && changes.iter().all(|c| !c.starts_with(&format!("service {}: backend", svc.name))) {
             changes.push(format!("service {}: backends reordered", svc.name));
         }
@@ -143,6 +148,9 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.alerts != new.alerts {
         changes.push("[alerts] changed".into());
+    }
+    if old.acme != new.acme {
+        changes.push("[acme] changed (the ACME managers start again from the new state_dir)".into());
     }
     changes
 }

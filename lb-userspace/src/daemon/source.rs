@@ -12,7 +12,6 @@ use tracing::{error, info};
 use super::{
     Shared,
     reload::{self, ReloadError},
-    startup::AcmeManaged,
 };
 use crate::{
     admin::{self, ControlError, StatusSource},
@@ -73,8 +72,8 @@ impl StatusSource for Source {
                 mode: svc.mode.as_str().into(),
                 rise: svc.health.rise,
                 backends,
-                https: sh.https.stats.get(s).and_then(|st| st.as_ref()).map(|st| st.snapshot()),
-                acme: sh.https.acme.get(s).and_then(Option::as_ref).map(AcmeManaged::status),
+                https: if svc.mode == ServiceMode::L4 { None } else { sh.sites.stats(svc.listen) },
+                acme: sh.sites.acme_status(svc.listen),
             });
         }
         Ok(Status {
@@ -141,17 +140,19 @@ impl StatusSource for Source {
         let current = sh.current();
         let services = &current.config.services;
         let s = service_index(services, service)?;
-        let Some(m) = sh.https.acme.get(s).and_then(Option::as_ref) else {
-            let with: Vec<&str> =
-                services.iter().zip(&sh.https.acme).filter(|(_, m)| m.is_some()).map(|(s, _)| s.name.as_str()).collect();
+        // Read first: the renewal is done once `attempts` moves past this.
+        let before = sh.sites.with_acme(services[s].listen, |m| {
+            let before = m.status();
+            m.handle.renew_now();
+            before
+        });
+        let Some(before) = before else {
+            let with: Vec<&str> = services.iter().filter(|s| sh.sites.acme_status(s.listen).is_some()).map(|s| s.name.as_str()).collect();
             return Err(ControlError::Rejected(format!(
                 "service {service:?} does not get its certificate from ACME (no `acme` in its [service.tls]); {}",
                 if with.is_empty() { "no service does".to_owned() } else { format!("these do: {}", with.join(", ")) }
             )));
         };
-        // Read first: the renewal is done once `attempts` moves past this.
-        let before = m.status();
-        m.handle.renew_now();
         info!(service, "acme: renewal asked for through the admin API");
         Ok(RenewResult { service: service.into(), acme: before })
     }

@@ -1,7 +1,7 @@
 //! The daemon's small periodic jobs: ticks, systemd's readiness and watchdog, ACME alerts, and
 //! the data path's log messages.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{error, warn};
@@ -65,17 +65,20 @@ pub(super) async fn drain_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>
 /// (the alerts task sends only the first of a run), each success its recovery (sent only after
 /// a failure).
 pub(super) async fn acme_alerts(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut seen: Vec<u64> = vec![0; sh.https.acme.len()];
+    // Attempts seen, per manager (a reload that changes a service's ACME settings starts a new
+    // one, from 0).
+    let mut seen: HashMap<u64, u64> = HashMap::new();
     let mut ticks = Ticks::new(ACME_ALERT_POLL);
     while ticks.next(&mut stop).await {
-        for (m, seen) in sh.https.acme.iter().zip(&mut seen) {
-            let Some(m) = m else { continue };
-            let status = m.handle.status();
+        let managers = sh.sites.acme_managers();
+        seen.retain(|number, _| managers.iter().any(|m| m.0 == *number));
+        for (number, domains, status) in managers {
+            let seen = seen.entry(number).or_default();
             if status.attempts == *seen {
                 continue;
             }
             *seen = status.attempts;
-            let domain = m.domains.join(", ");
+            let domain = domains.join(", ");
             match status.last_error {
                 Some(error) if status.failures > 0 => sh.alerts.notify(Event::CertificateRenewalFailed { domain, error }),
                 _ => sh.alerts.notify(Event::CertificateRenewed { domain }),

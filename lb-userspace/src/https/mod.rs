@@ -29,12 +29,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What the proxy needs from the rest of the daemon: backend states, the data path's live
-/// counts, and somewhere to report its own load and its failures.
+/// What the proxy needs from the rest of the daemon: the data path's live counts, and
+/// somewhere to report its own load and its failures. (Backend states come with each `Site`.)
 pub trait Backplane: Send + Sync + 'static {
-    /// Whether backend `backend` of service `service` may get new requests: up (by its probes
-    /// and passive health) and not drained.
-    fn usable(&self, service: usize, backend: usize) -> bool;
     /// Connections open to `addr` through the data path (every L4 backend slot with that
     /// address), as read at most a few milliseconds ago.
     fn l4_live(&self, addr: SocketAddr) -> i64;
@@ -42,9 +39,10 @@ pub trait Backplane: Send + Sync + 'static {
     fn in_flight(&self, addr: SocketAddr) -> i64;
     /// A request to `addr` started (+1) or ended (-1).
     fn add_in_flight(&self, addr: SocketAddr, delta: i64);
-    /// A request to backend `backend` of `service` failed at the backend (connect error or
-    /// timeout, error or timeout before the response head): passive health.
-    fn failed(&self, service: usize, backend: usize);
+    /// A request to backend `backend` of `service` (their indices in config `generation`)
+    /// failed at the backend (connect error or timeout, error or timeout before the response
+    /// head): passive health.
+    fn failed(&self, generation: u64, service: usize, backend: usize);
 }
 
 /// Counts a request in flight to a backend for as long as it lives.

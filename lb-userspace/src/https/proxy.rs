@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -46,7 +46,7 @@ use super::{
     body::{self, RequestBody},
     watch::{Misbehaviour, Watch},
 };
-use crate::{challenges::ACME_TLS_ALPN, config};
+use crate::{backends::Usable, challenges::ACME_TLS_ALPN, config};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -68,19 +68,58 @@ static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-t
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// One `https` service's proxy.
+/// One `https` service's proxy. What it serves with (`Site`) is replaced whole by a reload
+/// (`update`): a connection takes its timeouts and limits from the site it was accepted under,
+/// a request its backends and headers from the site in force when it starts. The listener,
+/// the counters and the open connections stay.
 pub struct Proxy {
-    pub service: usize,
-    pub name: String,
+    site: RwLock<Arc<Site>>,
+    backplane: Arc<dyn Backplane>,
+    pub stats: Arc<Stats>,
+    /// One permit per open connection: `limits.max_connections` in all.
+    limit: Arc<Semaphore>,
+    /// Where the round-robin among equally loaded backends starts next.
+    next: AtomicUsize,
+}
+
+/// An `https` service as one config has it.
+pub struct Site {
+    /// The config's generation and the service's index in it: a failure is reported against
+    /// the backend it names in that config only.
+    generation: u64,
+    service: usize,
+    name: String,
     backends: Vec<SocketAddr>,
     /// `X-Backend-Server` of each backend, written once.
     backend_header: Vec<HeaderValue>,
+    /// Which backends are up and not drained, as the backend state machine has them.
+    usable: Usable,
+    /// The TLS side: the service's certificates.
+    acceptor: TlsAcceptor,
     options: config::Https,
-    backplane: Arc<dyn Backplane>,
-    pub stats: Arc<Stats>,
     pool: Arc<Pool>,
-    /// Where the round-robin among equally loaded backends starts next.
-    next: AtomicUsize,
+}
+
+impl Site {
+    /// Service `service` of config `generation`; the idle backend connections of `earlier`
+    /// (the site it replaces) to backends that stay are kept.
+    pub fn new(generation: u64, service: usize, svc: &config::Service, usable: Usable, acceptor: TlsAcceptor, earlier: Option<&Site>) -> Site {
+        let pool = Pool::new(svc.backends.len());
+        if let Some(earlier) = earlier {
+            pool.carry_over(&earlier.pool, &earlier.backends, &svc.backends);
+        }
+        Site {
+            generation,
+            service,
+            name: svc.name.clone(),
+            backends: svc.backends.clone(),
+            backend_header: svc.backends.iter().map(|&a| header_value(a)).collect(),
+            usable,
+            acceptor,
+            options: svc.https.clone().expect("an https service has https options"),
+            pool: Arc::new(pool),
+        }
+    }
 }
 
 /// The most response data queued per HTTP/2 stream before the client's flow-control window
@@ -96,34 +135,52 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 impl Proxy {
-    pub fn new(
-        service: usize,
-        svc: &config::Service,
-        backplane: Arc<dyn Backplane>,
-        stats: Arc<Stats>,
-    ) -> Arc<Proxy> {
+    pub fn new(site: Site, backplane: Arc<dyn Backplane>, stats: Arc<Stats>) -> Arc<Proxy> {
         Arc::new(Proxy {
-            service,
-            name: svc.name.clone(),
-            backends: svc.backends.clone(),
-            backend_header: svc.backends.iter().map(|&a| header_value(a)).collect(),
-            options: svc.https.clone().expect("an https service has https options"),
+            limit: Arc::new(Semaphore::new(site.options.limits.max_connections)),
+            site: RwLock::new(Arc::new(site)),
             backplane,
             stats,
-            pool: Arc::new(Pool::new(svc.backends.len())),
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// The site in force.
+    pub fn site(&self) -> Arc<Site> {
+        self.site.read().unwrap().clone()
+    }
+
+    /// Serves `site` from now on: new connections and new requests get it; requests under way
+    /// finish with the one they started with.
+    pub fn update(&self, site: Site) {
+        let mut current = self.site.write().unwrap();
+        let (before, after) = (current.options.limits.max_connections, site.options.limits.max_connections);
+        if after > before {
+            self.limit.add_permits(after - before);
+        } else if after < before {
+            // Permits in use are taken back as their connections end.
+            let owed = (before - after) - self.limit.forget_permits(before - after);
+            if owed > 0 {
+                let limit = self.limit.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = limit.acquire_many(u32::try_from(owed).unwrap_or(u32::MAX)).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *current = Arc::new(site);
     }
 
     /// Accepts connections on `listener` until `stop` fires; then waits (at most the backend
     /// response timeout) for the open connections to finish their requests. Connections not
     /// yet accepted stay in the socket's queue: with socket activation the socket outlives the
     /// daemon, and the next one serves them, so a restart refuses and resets nothing.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) {
-        let max = self.options.limits.max_connections;
-        let limit = Arc::new(Semaphore::new(max));
-        let drained = |limit: Arc<Semaphore>, name: String, wait: Duration| async move {
+    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, mut stop: watch::Receiver<bool>) {
+        let limit = self.limit.clone();
+        let drained = |limit: Arc<Semaphore>, site: Arc<Site>| async move {
             // Every connection holds a permit until it ends.
+            let (max, name, wait) = (site.options.limits.max_connections, &site.name, site.options.timeouts.backend_response);
             let all = u32::try_from(max).unwrap_or(u32::MAX);
             if tokio::time::timeout(wait, limit.acquire_many(all)).await.is_err() {
                 warn!(service = %name, open = max - limit.available_permits(), "stopping with connections still open after {wait:?}");
@@ -135,7 +192,7 @@ impl Proxy {
                 p = limit.clone().acquire_owned() => p.expect("never closed"),
                 _ = stop.changed() => {
                     drop(listener);
-                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                    return drained(limit, self.site()).await;
                 }
             };
             let (tcp, peer) = tokio::select! {
@@ -143,22 +200,21 @@ impl Proxy {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        warn!(service = %self.name, "accept: {e}");
+                        warn!(service = %self.site().name, "accept: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = stop.changed() => {
                     drop((listener, permit));
-                    return drained(limit, self.name.clone(), self.options.timeouts.backend_response).await;
+                    return drained(limit, self.site()).await;
                 }
             };
             let proxy = self.clone();
-            let acceptor = acceptor.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let linger = super::linger_handle(&tcp);
-                let lingering = proxy.connection(tcp, peer, acceptor, stop).await;
+                let lingering = proxy.connection(tcp, peer, stop).await;
                 // Served: a lingering close neither counts against `max_connections` nor holds
                 // up a stopping daemon.
                 drop(permit);
@@ -172,19 +228,20 @@ impl Proxy {
     /// Serves one client connection; true when its socket is to be closed lingering: not when
     /// it became a tunnel (an upgrade), which lives on in its own task, nor when the client
     /// misbehaved or stopped answering.
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> bool {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, mut stop: watch::Receiver<bool>) -> bool {
         let _ = tcp.set_nodelay(true);
-        let t = &self.options.timeouts;
-        let tls = match tokio::time::timeout(t.handshake, acceptor.accept(tcp)).await {
+        let site = self.site();
+        let t = &site.options.timeouts;
+        let tls = match tokio::time::timeout(t.handshake, site.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                debug!(service = %self.name, %peer, "TLS handshake failed: {e}");
+                debug!(service = %site.name, %peer, "TLS handshake failed: {e}");
                 return true;
             }
             Err(_) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-                debug!(service = %self.name, %peer, "TLS handshake timed out");
+                debug!(service = %site.name, %peer, "TLS handshake timed out");
                 return true;
             }
         };
@@ -200,7 +257,7 @@ impl Proxy {
         }
         let activity = Activity::new();
         let io = TokioIo::new(Tracked::new(tls, activity.clone()));
-        let l = &self.options.limits;
+        let l = &site.options.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -254,7 +311,7 @@ impl Proxy {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    debug!(service = %self.name, %peer, "connection ended: {e}");
+                    debug!(service = %site.name, %peer, "connection ended: {e}");
                     if h2 && is_timeout(&*e) {
                         // Its PING went unanswered: nothing is owed to a client that reads
                         // nothing, not even a lingering close.
@@ -265,7 +322,7 @@ impl Proxy {
             }
             () = activity.idle(t.idle) => {}
             m = watch.misbehaving(t.idle) => {
-                debug!(service = %self.name, %peer, "ending the connection: {}", match m {
+                debug!(service = %site.name, %peer, "ending the connection: {}", match m {
                     Misbehaviour::Resets => "the client reset too many requests before their response",
                     Misbehaviour::Stalled => "the client took nothing of a response for the idle timeout",
                 });
@@ -282,7 +339,7 @@ impl Proxy {
                 tokio::select! {
                     r = conn.as_mut() => {
                         if let Err(e) = r {
-                            debug!(service = %self.name, %peer, "connection ended: {e}");
+                            debug!(service = %site.name, %peer, "connection ended: {e}");
                         }
                         return !activity.upgraded.load(Ordering::Relaxed);
                     }
@@ -313,9 +370,10 @@ impl Proxy {
         // A request a backend could read differently is answered here, and its connection
         // closed: what follows it on the connection cannot be trusted either.
         let refused = super::framing::refusal(req.version(), req.headers());
+        let site = self.site();
         let result = match refused {
             Some(answer) => Err(answer),
-            None => self.forward(req, peer).await,
+            None => self.forward(&site, req, peer).await,
         };
         let mut response = match result {
             Ok(r) => r,
@@ -328,7 +386,7 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             done.0.upgraded.store(true, Ordering::Relaxed);
         }
-        let h = &self.options.http;
+        let h = &site.options.http;
         let headers = response.headers_mut();
         for (name, value) in [
             (&header::STRICT_TRANSPORT_SECURITY, &h.hsts),
@@ -347,7 +405,7 @@ impl Proxy {
         response.map(|body| BoxBody::new(Guarded { inner: body, _guard: Box::new(done) }))
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: HeaderValue) -> Result<Response<ProxyBody>, (StatusCode, &'static str)> {
+    async fn forward(&self, site: &Site, mut req: Request<Incoming>, peer: HeaderValue) -> Result<Response<ProxyBody>, (StatusCode, &'static str)> {
         let host = req
             .uri()
             .authority()
@@ -356,7 +414,7 @@ impl Proxy {
             .ok_or((StatusCode::BAD_REQUEST, "no Host header\n"))?;
         let host_value = HeaderValue::from_str(&host).map_err(|_| (StatusCode::BAD_REQUEST, "bad Host header\n"))?;
         let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if let (Some(max), Some(len)) = (self.options.limits.max_body_bytes, length)
+        if let (Some(max), Some(len)) = (site.options.limits.max_body_bytes, length)
             && len > max
         {
             return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"));
@@ -365,14 +423,14 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let head = backend_head(&parts, peer, host_value, upgrade);
-        let limits = &self.options.limits;
+        let limits = &site.options.limits;
         let buffer = !upgrade && (body.is_end_stream() || length.is_none_or(|len| len <= limits.request_buffer_bytes as u64));
         let body: ProxyBody = match limits.max_body_bytes {
             Some(max) => BoxBody::new(Limited::new(body, max as usize)),
             None => BoxBody::new(body.map_err(BoxError::from)),
         };
         let mut body = if buffer {
-            match tokio::time::timeout(self.options.timeouts.request_header, body::read(body, limits.request_buffer_bytes)).await {
+            match tokio::time::timeout(site.options.timeouts.request_header, body::read(body, limits.request_buffer_bytes)).await {
                 Ok(Ok(body)) => body,
                 Ok(Err(e)) => return Err(body_error(&*e)),
                 Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")),
@@ -381,11 +439,11 @@ impl Proxy {
             RequestBody::Streamed(Some(body))
         };
         let replayable = is_idempotent(&parts.method) && body.is_buffered();
-        let mut tried = vec![false; self.backends.len()];
+        let mut tried = vec![false; site.backends.len()];
         let mut stale_retries = 0;
         let mut failed_backends = 0;
         loop {
-            let Some(b) = self.pick(&tried) else {
+            let Some(b) = self.pick(site, &tried) else {
                 return Err(if tried.iter().any(|&t| t) {
                     (StatusCode::BAD_GATEWAY, "no backend could answer\n")
                 } else {
@@ -399,17 +457,17 @@ impl Proxy {
                 failed_backends = failed_now;
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let addr = self.backends[b];
+            let addr = site.backends[b];
             let guard = InFlight::new(self.backplane.clone(), addr);
-            let t = &self.options.timeouts;
-            let (mut sender, pooled) = match self.pool.take(b) {
+            let t = &site.options.timeouts;
+            let (mut sender, pooled) = match site.pool.take(b) {
                 Some(s) => (s, true),
                 None => match connect(addr, t.backend_connect).await {
                     Ok(s) => (s, false),
                     Err(e) => {
                         // Nothing was sent: any request may go elsewhere.
-                        debug!(service = %self.name, backend = %addr, "{e}");
-                        self.fail(b, &mut tried);
+                        debug!(service = %site.name, backend = %addr, "{e}");
+                        self.fail(site, b, &mut tried);
                         continue;
                     }
                 },
@@ -428,8 +486,8 @@ impl Proxy {
                             stale_retries += 1;
                             continue;
                         }
-                        debug!(service = %self.name, backend = %addr, "{}", e.error());
-                        self.fail(b, &mut tried);
+                        debug!(service = %site.name, backend = %addr, "{}", e.error());
+                        self.fail(site, b, &mut tried);
                         continue;
                     }
                     if let Some(answer) = client_side(e.error()) {
@@ -437,8 +495,8 @@ impl Proxy {
                         // backend did, and nothing that can be sent again.
                         return Err(answer);
                     }
-                    debug!(service = %self.name, backend = %addr, "request failed: {}", e.error());
-                    self.backplane.failed(self.service, b);
+                    debug!(service = %site.name, backend = %addr, "request failed: {}", e.error());
+                    self.backplane.failed(site.generation, site.service, b);
                     if replayable {
                         self.retry(b, &mut tried);
                         continue;
@@ -446,8 +504,8 @@ impl Proxy {
                     return Err((StatusCode::BAD_GATEWAY, "the backend failed before answering\n"));
                 }
                 Err(_) => {
-                    debug!(service = %self.name, backend = %addr, "no response within {:?}", t.backend_response);
-                    self.backplane.failed(self.service, b);
+                    debug!(service = %site.name, backend = %addr, "no response within {:?}", t.backend_response);
+                    self.backplane.failed(site.generation, site.service, b);
                     if replayable {
                         self.retry(b, &mut tried);
                         continue;
@@ -461,7 +519,7 @@ impl Proxy {
                     return Err((StatusCode::BAD_GATEWAY, "the backend switched protocols unasked\n"));
                 };
                 let backend_upgrade = hyper::upgrade::on(&mut response);
-                let name = self.name.clone();
+                let name = site.name.clone();
                 tokio::spawn(async move {
                     // The tunnel counts as in flight to the backend while it is open.
                     let _guard = guard;
@@ -476,24 +534,24 @@ impl Proxy {
                 });
                 let (mut parts, _) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, true);
-                if self.options.http.backend_header {
-                    parts.headers.insert(X_BACKEND_SERVER.clone(), self.backend_header[b].clone());
+                if site.options.http.backend_header {
+                    parts.headers.insert(X_BACKEND_SERVER.clone(), site.backend_header[b].clone());
                 }
                 return Ok(Response::from_parts(parts, BoxBody::new(Empty::new().map_err(|e| match e {}))));
             }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
-            if self.options.http.backend_header {
-                parts.headers.insert(X_BACKEND_SERVER.clone(), self.backend_header[b].clone());
+            if site.options.http.backend_header {
+                parts.headers.insert(X_BACKEND_SERVER.clone(), site.backend_header[b].clone());
             }
-            let returned = GiveBack { pool: self.pool.clone(), backend: b, sender: Some(sender) };
+            let returned = GiveBack { pool: site.pool.clone(), backend: b, sender: Some(sender) };
             let body = Guarded { inner: body.map_err(BoxError::from), _guard: Box::new((returned, guard)) };
             return Ok(Response::from_parts(parts, BoxBody::new(body)));
         }
     }
 
-    fn fail(&self, b: usize, tried: &mut [bool]) {
-        self.backplane.failed(self.service, b);
+    fn fail(&self, site: &Site, b: usize, tried: &mut [bool]) {
+        self.backplane.failed(site.generation, site.service, b);
         self.retry(b, tried);
     }
 
@@ -503,16 +561,16 @@ impl Proxy {
 
     /// The usable backend not yet tried with the fewest live connections over both paths;
     /// round-robin among equals.
-    fn pick(&self, tried: &[bool]) -> Option<usize> {
-        let n = self.backends.len();
+    fn pick(&self, site: &Site, tried: &[bool]) -> Option<usize> {
+        let n = site.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(i64, usize)> = None;
         for i in 0..n {
             let b = (start + i) % n;
-            if tried[b] || !self.backplane.usable(self.service, b) {
+            if tried[b] || !site.usable.get(b) {
                 continue;
             }
-            let addr = self.backends[b];
+            let addr = site.backends[b];
             let load = self.backplane.l4_live(addr).max(0) + self.backplane.in_flight(addr);
             if best.is_none_or(|(l, _)| load < l) {
                 best = Some((load, b));
@@ -717,6 +775,17 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Moves the idle connections of `earlier` (a pool for `before`) to the same backends here
+    /// (a pool for `after`).
+    fn carry_over(&self, earlier: &Pool, before: &[SocketAddr], after: &[SocketAddr]) {
+        for (b, addr) in after.iter().enumerate() {
+            if let Some(old) = before.iter().position(|a| a == addr) {
+                let idle = std::mem::take(&mut *earlier.idle[old].lock().unwrap());
+                *self.idle[b].lock().unwrap() = idle;
+            }
+        }
     }
 
     fn put(&self, backend: usize, sender: client_http1::SendRequest<ProxyBody>) {

@@ -19,7 +19,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS: usize = 10_000;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-pub async fn serve(name: String, listener: TcpListener, challenges: Arc<Challenges>, stats: Arc<Stats>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(name: String, listener: Arc<TcpListener>, challenges: Arc<Challenges>, stats: Arc<Stats>, mut stop: watch::Receiver<bool>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
