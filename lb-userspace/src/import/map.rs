@@ -206,6 +206,9 @@ struct Listen {
     at: Origin,
 }
 
+/// The servers listening on one address: (address, ssl, (server's index, its listen)…).
+type Group<'s> = (SocketAddr, bool, Vec<(usize, &'s Listen)>);
+
 /// Where a proxying location sends requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
@@ -648,7 +651,7 @@ impl<'a> Mapper<'a> {
                 "server_name" => s.names.extend(c.args.iter().filter(|n| n.as_str() != "_" && !n.is_empty()).cloned()),
                 "location" => {
                     handlers += 1;
-                    self.location(c, &settings, upstreams, &mut proxies, &mut statuses)?;
+                    self.location(c, &settings, upstreams, &mut proxies, &mut statuses, &mut s.redirect)?;
                 }
                 "return" => {
                     arity(c, 1..=2)?;
@@ -659,8 +662,14 @@ impl<'a> Mapper<'a> {
                         self.dropped(&c.at, format!("`{}`: xlb answers no request itself but for the redirect to https; have the app answer it", c.text()));
                     }
                 }
+                "client_max_body_size" => {
+                    arity(c, 1..=1)?;
+                    if nginx_size(&c.args[0]).is_none() {
+                        return Err(error(c, format!("\"{}\" directive invalid value", c.name)));
+                    }
+                }
                 "http2" | "add_header" | "proxy_set_header" | "ssl_certificate" | "ssl_certificate_key" | "ssl_protocols" | "ssl_ciphers"
-                | "client_max_body_size" | "keepalive_timeout" | "client_header_timeout" | "proxy_connect_timeout" | "proxy_read_timeout"
+                | "keepalive_timeout" | "client_header_timeout" | "proxy_connect_timeout" | "proxy_read_timeout"
                 | "proxy_send_timeout" | "ssl" => {}
                 _ => self.other(c),
             }
@@ -709,6 +718,7 @@ impl<'a> Mapper<'a> {
         upstreams: &HashMap<String, Upstream>,
         proxies: &mut Vec<(String, Target, Settings<'a>, &'a Directive)>,
         statuses: &mut usize,
+        redirect: &mut Option<&'a Directive>,
     ) -> Result<(), ParseError> {
         arity(d, 1..=2)?;
         if d.block.is_none() {
@@ -737,11 +747,12 @@ impl<'a> Mapper<'a> {
                     ));
                     self.status = Some(c.at.clone());
                 }
-                "location" => self.location(c, &settings, upstreams, proxies, statuses)?,
+                "location" => self.location(c, &settings, upstreams, proxies, statuses, redirect)?,
                 "return" => {
                     handled = true;
-                    if path == "/" && is_https_redirect(c) {
-                        self.dropped(&c.at, "`return` to https inside location / of a proxying server is not carried over; put the redirect in its own port-80 server");
+                    if path == "/" && !exact && is_https_redirect(c) {
+                        // The whole server redirects, as with a `return` beside the locations.
+                        *redirect = Some(c);
                     } else {
                         self.dropped(&c.at, format!("`{}` in location {path}: xlb answers no request itself; have the app answer it", c.text()));
                     }
@@ -831,7 +842,7 @@ impl<'a> Mapper<'a> {
             }
         }
         // One service per address: servers on the same address are its SNI names.
-        let mut groups: Vec<(SocketAddr, bool, Vec<(usize, &Listen)>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for (i, s) in servers.iter().enumerate() {
             for l in &s.listens {
                 match groups.iter_mut().find(|g| g.0 == l.addr) {
@@ -1176,8 +1187,7 @@ impl<'a> Mapper<'a> {
     }
 
     fn limits(&mut self, set: &Settings<'a>) -> Result<Limits, ParseError> {
-        let mut l = Limits::default();
-        l.max_body_bytes = match set.last("client_max_body_size") {
+        let max_body_bytes = match set.last("client_max_body_size") {
             None => Some(NGINX_DEFAULT_BODY),
             Some(d) => {
                 arity(d, 1..=1)?;
@@ -1188,7 +1198,7 @@ impl<'a> Mapper<'a> {
                 }
             }
         };
-        Ok(l)
+        Ok(Limits { max_body_bytes, ..Limits::default() })
     }
 
     fn tls_versions(&mut self, set: &Settings<'a>) {

@@ -75,3 +75,6 @@ pub fn from_tree(main: &Path, tree: &[Directive], opts: &Options) -> Result<Outc
     let completeness = if import.complete() { Completeness::Complete } else { Completeness::Partial };
     Ok(Outcome { toml, import, completeness })
 }
+
+#[cfg(test)]
+mod tests;

@@ -78,6 +78,7 @@ pub struct ParseError {
 }
 
 /// Where the files come from: the file system, or the sections of an `nginx -T` dump.
+#[derive(Debug)]
 pub enum Files {
     Disk,
     /// Path → text, in the dump's order.
@@ -224,7 +225,12 @@ impl Reader<'_> {
             let mut words = words.into_iter().map(|w| w.0);
             let name = words.next().expect("not empty");
             let args: Vec<String> = words.collect();
-            if term == Token::Open {
+            if term == Token::Open && name.ends_with("lua_block") {
+                // Lua, not nginx's grammar, up to the brace that closes it (as lua-nginx-module
+                // reads it); kept as an empty block.
+                lx.skip_lua(line)?;
+                list.push(Directive { name, args, block: Some(Vec::new()), at });
+            } else if term == Token::Open {
                 self.nesting += 1;
                 if self.nesting > MAX_NESTING {
                     return Err(lx.error(line, format!("blocks nested more than {MAX_NESTING} deep")));
@@ -416,6 +422,35 @@ impl Lexer<'_> {
         }
     }
 
+    /// Skips a Lua block's body and its closing brace: braces are counted outside strings and
+    /// `--` comments.
+    fn skip_lua(&mut self, line: usize) -> Result<(), ParseError> {
+        let mut depth = 1;
+        while let Some(c) = self.bump() {
+            match c {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                }
+                b'"' | b'\'' => {
+                    while let Some(d) = self.bump() {
+                        if d == b'\\' {
+                            self.bump();
+                        } else if d == c || d == b'\n' {
+                            break;
+                        }
+                    }
+                }
+                b'-' if self.text.get(self.pos) == Some(&b'-') => while self.bump().is_some_and(|c| c != b'\n') {},
+                _ => {}
+            }
+        }
+        Err(self.error(line, "the Lua block opened here has no closing \"}\" before the end of the file; add it"))
+    }
+
     fn quoted(&mut self, quote: u8) -> Result<Token, ParseError> {
         let line = self.line;
         self.bump();
@@ -516,7 +551,7 @@ mod tests {
     fn blocks_quotes_comments_and_variables() {
         let tree = parse(
             "# top\nhttp {\n  add_header X-A \"a b; c\" always; # trailing\n  set $x ${host}x;\n  \
-             log 'it''s';\n  map $a $b { default 0; }\n}\n",
+             log 'it s';\n  map $a $b { default 0; }\n}\n",
         );
         let tree = tree.unwrap();
         assert_eq!(tree.len(), 1);
@@ -526,7 +561,7 @@ mod tests {
         assert_eq!(names, [("add_header", 3), ("set", 4), ("log", 5), ("map", 6)]);
         assert_eq!(http.children()[0].args, ["X-A", "a b; c", "always"]);
         assert_eq!(http.children()[1].args, ["$x", "${host}x"]);
-        assert_eq!(http.children()[2].args, ["it", "s"]);
+        assert_eq!(http.children()[2].args, ["it s"]);
         assert_eq!(http.children()[3].children()[0].args, ["0"]);
     }
 
