@@ -941,17 +941,7 @@ impl<'a> Mapper<'a> {
         let wanted = first.names.first().map(|n| format!("{n}-http")).unwrap_or_else(|| format!("redirect-{}", addr.port()));
         let name = self.unique_name(&wanted);
         Imported {
-            service: Service {
-                name,
-                listen: addr,
-                mode: ServiceMode::Redirect,
-                backends: Vec::new(),
-                health: Health::default(),
-                max_fails: DEFAULT_MAX_FAILS,
-                fail_timeout: DEFAULT_FAIL_TIMEOUT,
-                slow_start: Duration::ZERO,
-                https: None,
-            },
+            service: Service::redirect(name, addr),
             origin: vec![format!("from server at {} (listen {addr}, {})", first.d.at, first.redirect.map(Directive::text).unwrap_or_default())],
             acme: None,
         }
