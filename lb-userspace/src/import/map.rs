@@ -158,6 +158,19 @@ fn advice(name: &str) -> Option<&'static str> {
     })
 }
 
+/// How many arguments nginx takes for the settings the mapping reads.
+fn setting_arity(name: &str) -> Option<std::ops::RangeInclusive<usize>> {
+    Some(match name {
+        "add_header" => 2..=3,
+        "proxy_set_header" => 2..=2,
+        "ssl_protocols" => 1..=6,
+        "keepalive_timeout" => 1..=2,
+        "ssl_certificate" | "ssl_certificate_key" | "ssl_ciphers" | "client_max_body_size" | "client_header_timeout"
+        | "proxy_connect_timeout" | "proxy_read_timeout" | "proxy_send_timeout" | "http2" => 1..=1,
+        _ => return None,
+    })
+}
+
 /// Directives kept through the levels for the mapping.
 #[derive(Clone, Default)]
 struct Settings<'a> {
@@ -165,15 +178,22 @@ struct Settings<'a> {
 }
 
 impl<'a> Settings<'a> {
-    fn inherit(&self, children: &'a [Directive]) -> Settings<'a> {
+    /// The settings of a level inside this one; the directives it reads are checked for the
+    /// arguments nginx requires of them.
+    fn inherit(&self, children: &'a [Directive]) -> Result<Settings<'a>, ParseError> {
         let mut next = self.clone();
         for &name in INHERITED {
             let here: Vec<&Directive> = children.iter().filter(|d| d.name == name).collect();
+            for d in &here {
+                if let Some(range) = setting_arity(name) {
+                    arity(d, range)?;
+                }
+            }
             if !here.is_empty() {
                 next.by_name.insert(name, here);
             }
         }
-        next
+        Ok(next)
     }
 
     fn all(&self, name: &str) -> &[&'a Directive] {
@@ -636,7 +656,7 @@ struct Server<'a> {
 
 impl<'a> Mapper<'a> {
     fn server(&mut self, d: &'a Directive, http: &Settings<'a>, upstreams: &HashMap<String, Upstream>) -> Result<Server<'a>, ParseError> {
-        let settings = http.inherit(d.children());
+        let settings = http.inherit(d.children())?;
         let mut s = Server { d, names: Vec::new(), listens: Vec::new(), proxy: None, redirect: None, settings: settings.clone(), status_only: false };
         let mut proxies: Vec<(String, Target, Settings<'a>, &'a Directive)> = Vec::new();
         let mut handlers = 0;
@@ -726,7 +746,7 @@ impl<'a> Mapper<'a> {
         }
         let path = d.args.last().expect("checked").clone();
         let exact = d.args.len() == 2;
-        let settings = outer.inherit(d.children());
+        let settings = outer.inherit(d.children())?;
         let mut handled = false;
         let mut status = false;
         for c in d.children() {
@@ -828,7 +848,7 @@ impl<'a> Mapper<'a> {
 
     fn http(&mut self, http: &'a Directive) -> Result<Vec<Imported>, ParseError> {
         let upstreams = self.upstreams(http)?;
-        let settings = Settings::default().inherit(http.children());
+        let settings = Settings::default().inherit(http.children())?;
         let mut servers = Vec::new();
         for d in http.children() {
             match d.name.as_str() {
@@ -1131,7 +1151,7 @@ impl<'a> Mapper<'a> {
                 ));
             }
         }
-        if set.all("proxy_set_header").iter().all(|d| !d.args[0].eq_ignore_ascii_case("x-forwarded-for")) {
+        if !set.all("proxy_set_header").iter().any(|d| d.args[0].eq_ignore_ascii_case("x-forwarded-for")) {
             self.note(at, "xlb sends X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and X-Real-IP to the backends even where nginx did not set them");
         }
     }
