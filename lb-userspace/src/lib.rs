@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod https;
+pub mod import;
 pub mod layout;
 pub mod listeners;
 pub mod notify;

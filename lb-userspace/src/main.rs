@@ -116,11 +116,81 @@ enum Command {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Write an xlb.toml from another load balancer's configuration, listing on stderr what it
+    /// does not carry over. Exit status 0: complete; 3: partial; 1: nothing to import or bad input
+    /// (then nothing is written).
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Detach the programs and remove every pinned map and link (drops all tracked flows).
     Detach {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// nginx.conf and the files it includes (as `nginx -T` shows them), or `nginx -T` output on
+    /// standard input with PATH `-`.
+    Nginx {
+        /// The main configuration file, or `-` for `nginx -T` output on standard input.
+        #[arg(default_value = "/etc/nginx/nginx.conf")]
+        path: PathBuf,
+        /// Write the config here instead of to standard output (only when something was
+        /// imported).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// This host's address, for the services of servers that nginx listens on every address
+        /// with (`listen 443`): an xlb service listens on one.
+        #[arg(long, value_name = "IP")]
+        address: Option<std::net::IpAddr>,
+        /// The interface clients' packets arrive on (`dataplane.interfaces`).
+        #[arg(long, value_name = "NAME", default_value = "eth0")]
+        interface: String,
+    },
+}
+
+/// `xlb import nginx`: the diagnostics on stderr, the file on stdout or `output`.
+fn import_nginx(path: &std::path::Path, output: Option<PathBuf>, address: Option<std::net::IpAddr>, interface: String) -> anyhow::Result<u8> {
+    use std::io::Read as _;
+    use xlb::import::{self, Completeness, Files};
+    let (main, files) = if path == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading nginx -T output from standard input")?;
+        import::nginx::split_dump(&text)?
+    } else {
+        (path.to_owned(), Files::Disk)
+    };
+    let opts = import::Options { address, interface, base: import::map::base_of(&main) };
+    let outcome = import::nginx(&main, &files, &opts)?;
+    for d in &outcome.import.diagnostics {
+        eprintln!("xlb import: {d}");
+    }
+    let dropped = outcome.import.diagnostics.iter().filter(|d| d.level == import::Level::Dropped).count();
+    let services = outcome.import.services.len();
+    match outcome.completeness {
+        Completeness::Impossible => {
+            eprintln!("xlb import: nothing to import: no server in {} proxies to backends or redirects to https; nothing written", main.display());
+            return Ok(outcome.completeness.exit_code());
+        }
+        Completeness::Partial => eprintln!(
+            "xlb import: partial: {services} service(s); {dropped} thing(s) not carried over, listed above"
+        ),
+        Completeness::Complete => eprintln!("xlb import: complete: {services} service(s)"),
+    }
+    match output {
+        Some(file) => {
+            // Written whole or not at all: a new name, then renamed over the target.
+            let tmp = file.with_extension("xlb-import-tmp");
+            std::fs::write(&tmp, &outcome.toml).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &file).with_context(|| format!("renaming {} to {}", tmp.display(), file.display()))?;
+            eprintln!("xlb import: wrote {}; check it with `xlb check --config {}`", file.display(), file.display());
+        }
+        None => print!("{}", outcome.toml),
+    }
+    Ok(outcome.completeness.exit_code())
 }
 
 /// `xlb renew`: asks for the renewal, then follows the service's `acme.attempts` in the status
@@ -210,6 +280,15 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Import { from: ImportFrom::Nginx { path, output, address, interface } } = cli.command {
+        return match import_nginx(&path, output, address, interface) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("xlb: {e:#}; nothing written");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -306,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(rollout::run(addr, &plan))
         }
+        Command::Import { .. } => unreachable!("handled in main, for its exit status"),
         Command::Detach { config } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let config = Config::parse(&config, &text)?;

@@ -1,5 +1,5 @@
 //! The cargo-fuzz targets in lb-userspace/fuzz (the config parser, the admin API's request
-//! handling, the health checks' response parsing), each run for a bounded time.
+//! handling, the health checks' response parsing, the nginx importer), each run for a bounded time.
 //!
 //! The corpus in the repository (`lb-userspace/fuzz/corpus/<target>`) is only read: new inputs
 //! libFuzzer finds go to a scratch directory, so a run leaves the work tree as it was. A crash
@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{Totals, run, workspace_root};
 
-pub const TARGETS: &[&str] = &["config", "admin_request", "health_response"];
+pub const TARGETS: &[&str] = &["config", "admin_request", "health_response", "nginx_import"];
 
 fn fuzz_cargo(dir: &std::path::Path) -> Command {
     // The rustup proxy (not `$CARGO`, which is stable's own cargo) understands `+nightly`:

@@ -33,6 +33,23 @@ pub struct Service {
     pub https: Option<Https>,
 }
 
+impl Service {
+    /// A `redirect` service: no backends, and the defaults for what it does not use.
+    pub fn redirect(name: String, listen: SocketAddr) -> Service {
+        Service {
+            name,
+            listen,
+            mode: ServiceMode::Redirect,
+            backends: Vec::new(),
+            health: Health::default(),
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            slow_start: Duration::ZERO,
+            https: None,
+        }
+    }
+}
+
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `fail_timeout` and `slow_start` (the data path's arithmetic is sized for it).
@@ -418,18 +435,7 @@ fn parse_service(
                 format!("{what}: [service.health] is not for a \"redirect\" service, which has no backends; remove it"),
             ));
         }
-        let name = raw.name.into_inner();
-        return Ok(Service {
-            name,
-            listen,
-            mode,
-            backends: Vec::new(),
-            health: Health::default(),
-            max_fails: DEFAULT_MAX_FAILS,
-            fail_timeout: DEFAULT_FAIL_TIMEOUT,
-            slow_start: Duration::ZERO,
-            https: None,
-        });
+        return Ok(Service::redirect(raw.name.into_inner(), listen));
     }
     let Some(raw_backends) = &raw.backends else {
         return Err(src.at(
