@@ -39,7 +39,10 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     cargo_fuzz()?;
     if nix::unistd::geteuid().is_root() {
-        debian_packages()
+        debian_packages()?;
+        // nginx for the import test (`tests/import.rs` runs it beside xlb), installed as the
+        // bench installs it: the system's own nginx service is kept from starting.
+        crate::bench::peers::provision()
     } else {
         println!(
             "setup: not root, not checking Debian packages ({})",

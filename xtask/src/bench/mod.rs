@@ -13,7 +13,7 @@
 //!
 //! Arms are a list (`ARMS`); a new arm is an entry there plus whatever starts its server.
 mod measure;
-mod peers;
+pub(crate) mod peers;
 mod profile;
 mod report;
 mod tls;
