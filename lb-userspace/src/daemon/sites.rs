@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
-    task::{AbortHandle, JoinSet},
+    task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info};
@@ -65,8 +65,8 @@ impl Drop for Running {
 /// An `https` service's certificates and what keeps them current.
 struct Certificates {
     acceptor: TlsAcceptor,
-    /// Certificate files: the task that reloads them when they change.
-    watcher: Option<AbortHandle>,
+    /// Certificate files: stops the task that reloads them when they change.
+    watcher: Option<watch::Sender<bool>>,
     /// Or the ACME manager; dropping it stops it.
     acme: Option<AcmeManaged>,
 }
@@ -74,7 +74,7 @@ struct Certificates {
 impl Drop for Certificates {
     fn drop(&mut self) {
         if let Some(w) = &self.watcher {
-            w.abort();
+            let _ = w.send(true);
         }
     }
 }
@@ -269,14 +269,9 @@ impl Sites {
     /// Starts watching prepared certificate files.
     fn watch(&self, tasks: &mut JoinSet<()>, svc: &Service, prepared: Prepared) -> Certificates {
         let watcher = prepared.files.map(|(files, resolver)| {
-            // The watcher is stopped by aborting it, with its service's certificates.
-            let (_keep, never) = watch::channel(false);
-            let hup = self.certificates.clone();
-            let name = svc.name.clone();
-            tasks.spawn(async move {
-                let _keep = _keep;
-                https::tls::watch_files(name, files, resolver, hup, never).await
-            })
+            let (stop, stopped) = watch::channel(false);
+            tasks.spawn(https::tls::watch_files(svc.name.clone(), files, resolver, self.certificates.clone(), stopped));
+            stop
         });
         Certificates { acceptor: prepared.acceptor, watcher, acme: prepared.acme }
     }
@@ -285,7 +280,7 @@ impl Sites {
     /// their connections within their own bounds.
     pub async fn stop(&self) {
         let running = std::mem::take(&mut *self.running.lock().unwrap());
-        // Dropped: the loops are told to stop, the certificate watchers aborted.
+        // Dropped: the loops and the certificate watchers are told to stop.
         drop(running);
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
         while tasks.join_next().await.is_some() {}

@@ -72,7 +72,7 @@ impl StatusSource for Source {
                 mode: svc.mode.as_str().into(),
                 rise: svc.health.rise,
                 backends,
-                https: if svc.mode == ServiceMode::L4 { None } else { sh.sites.stats(svc.listen) },
+                https: sh.sites.stats(svc.listen),
                 acme: sh.sites.acme_status(svc.listen),
             });
         }

@@ -424,19 +424,24 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let head = backend_head(&parts, peer, host_value, upgrade);
         let limits = &site.options.limits;
-        let buffer = !upgrade && (body.is_end_stream() || length.is_none_or(|len| len <= limits.request_buffer_bytes as u64));
-        let body: ProxyBody = match limits.max_body_bytes {
-            Some(max) => BoxBody::new(Limited::new(body, max as usize)),
-            None => BoxBody::new(body.map_err(BoxError::from)),
-        };
-        let mut body = if buffer {
-            match tokio::time::timeout(site.options.timeouts.request_header, body::read(body, limits.request_buffer_bytes)).await {
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) => return Err(body_error(&*e)),
-                Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")),
-            }
+        let mut body = if !upgrade && body.is_end_stream() {
+            // No body, as most requests: nothing to read or wait for.
+            RequestBody::Buffered(body::Buffered::default())
         } else {
-            RequestBody::Streamed(Some(body))
+            let buffer = !upgrade && length.is_none_or(|len| len <= limits.request_buffer_bytes as u64);
+            let body: ProxyBody = match limits.max_body_bytes {
+                Some(max) => BoxBody::new(Limited::new(body, max as usize)),
+                None => BoxBody::new(body.map_err(BoxError::from)),
+            };
+            if buffer {
+                match tokio::time::timeout(site.options.timeouts.request_header, body::read(body, limits.request_buffer_bytes)).await {
+                    Ok(Ok(body)) => body,
+                    Ok(Err(e)) => return Err(body_error(&*e)),
+                    Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")),
+                }
+            } else {
+                RequestBody::Streamed(Some(body))
+            }
         };
         let replayable = is_idempotent(&parts.method) && body.is_buffered();
         let mut tried = vec![false; site.backends.len()];
